@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests that need Ray share one two-node local cluster per test session."""
+from __future__ import annotations
+
+import pytest
+
+from launch.env import set_runtime_defaults
+
+set_runtime_defaults()
+
+# Custom resources that pin actors to a node in multi-node tests.
+HEAD_NODE = "test_head_node"
+SECOND_NODE = "test_second_node"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node Ray cluster on this machine (ray.cluster_utils.Cluster), shared by all tests.
+
+    CPU slots are logical: the head has 4, the second node 4, so small actor groups fit on
+    a 2-core machine. Pin an actor with `resources={SECOND_NODE: 0.01}`.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "resources": {HEAD_NODE: 100}, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=4, resources={SECOND_NODE: 100})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -1,0 +1,234 @@
+"""Final weights out as a directory another program can load.
+
+- `export_hf_directory`: an HF model's weights as a `save_pretrained` directory (config.json,
+  generation_config.json, model.safetensors — sharded by transformers when large — tied weights
+  stored once as transformers expects, tokenizer files copied) that
+  `AutoModelForCausalLM.from_pretrained(out_dir)` loads.
+- `export_gpt_directory` / `load_gpt_directory`: the built-in GPT as model.safetensors plus a
+  config.json holding its GPTConfig.
+
+Both write `sparsity.json` when given sparsity info:
+
+    {"format": "sparsetrain-sparsity/1",
+     "tensors": {"model.layers.0.self_attn.q_proj.weight": {"pattern": "2:4", "dim": 1,
+                                                            "nonzero_fraction": 0.5}, ...}}
+
+Per tensor, the caller says what it claims ({"pattern": "N:M", "dim": d}: at most N nonzeros in
+every group of M consecutive entries along axis d; or {"density": x}); the export checks N:M
+claims against the weights (ExportError when violated) and adds the measured nonzero fraction.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+SPARSITY_FILE = "sparsity.json"
+SPARSITY_FORMAT = "sparsetrain-sparsity/1"
+GPT_MODEL_TYPE = "sparsetrain-gpt"
+# Tokenizer files copied beside an HF export (whatever of these the source directory has).
+TOKENIZER_FILE_GLOBS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+    "chat_template.*", "*.tiktoken", "spiece.model", "sentencepiece*.model",
+)
+
+
+class ExportError(ValueError):
+    pass
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise ExportError(f"sparsity pattern {pattern!r} is not of the form 'N:M'") from None
+    if not 0 < n <= m:
+        raise ExportError(f"sparsity pattern {pattern!r} needs 0 < N <= M")
+    return n, m
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int, dim: int) -> int:
+    """Number of groups of M consecutive entries along `dim` holding more than N nonzeros."""
+    w = weight.detach().movedim(dim, -1)
+    if w.shape[-1] % m:
+        raise ExportError(f"M={m} does not divide dimension {dim} (size {w.shape[-1]}) of a {tuple(weight.shape)} tensor")
+    groups = (w != 0).reshape(-1, m).sum(-1)
+    return int((groups > n).sum())
+
+
+def _checked_sparsity_info(state: dict[str, torch.Tensor], info: dict[str, dict]) -> dict:
+    tensors = {}
+    for name, claim in info.items():
+        if name not in state:
+            raise ExportError(f"sparsity info names tensor {name!r}, which is not in the exported weights")
+        t = state[name]
+        entry = dict(claim)
+        if "pattern" in claim:
+            n, m = parse_nm(str(claim["pattern"]))
+            if "dim" not in claim:
+                raise ExportError(f"sparsity info for {name!r}: an N:M pattern needs 'dim' (the input axis)")
+            bad = nm_violations(t, n, m, int(claim["dim"]))
+            if bad:
+                raise ExportError(
+                    f"tensor {name!r} is not {n}:{m} sparse along dim {claim['dim']}: {bad} groups have more than {n} nonzeros"
+                )
+        elif "density" not in claim:
+            raise ExportError(f"sparsity info for {name!r} needs 'pattern' (with 'dim') or 'density'")
+        entry["nonzero_fraction"] = float((t != 0).float().mean())
+        tensors[name] = entry
+    return {"format": SPARSITY_FORMAT, "tensors": tensors}
+
+
+def _write_sparsity(out: Path, state: dict[str, torch.Tensor], info: dict[str, dict] | None) -> None:
+    if info:
+        (out / SPARSITY_FILE).write_text(json.dumps(_checked_sparsity_info(state, info), indent=1))
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias name: kept name} for state_dict entries sharing storage with an earlier entry
+    (e.g. GPT-2's lm_head.weight -> transformer.wte.weight; the first name is the one
+    transformers keeps, and the one named_parameters() lists)."""
+    first_of_storage: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in first_of_storage:
+            aliases[name] = first_of_storage[key]
+        else:
+            first_of_storage[key] = name
+    return aliases
+
+
+def _canonical_state(model: nn.Module, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The tensors to save under the model's own names: every entry of model.state_dict(), taken
+    from `state` when given (tied aliases may be absent from it: they are the same tensor).
+    Tied aliases are dropped, keeping the first name (the one transformers keeps)."""
+    own = model.state_dict(keep_vars=True)
+    alias_of = tied_aliases(model)
+    kept: dict[str, torch.Tensor] = {}
+    if state is not None:
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ExportError(f"exported state has tensors the model does not: {unknown[:6]}")
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for name, t in own.items():
+        if name in alias_of:
+            if state is not None and name in state and alias_of[name] in state:
+                if not torch.equal(state[name].cpu(), state[alias_of[name]].cpu()):
+                    raise ExportError(f"tied tensors {name!r} and {alias_of[name]!r} differ in the exported state")
+            continue
+        if state is None:
+            value = t
+        elif name in state:
+            value = state[name]
+        elif any(a in state for a, k in alias_of.items() if k == name):  # given under its tied alias
+            value = state[next(a for a, k in alias_of.items() if k == name and a in state)]
+        elif name not in params:
+            value = t  # a persistent buffer the trainer does not track
+        else:
+            raise ExportError(f"exported state is missing parameter {name!r}")
+        if tuple(value.shape) != tuple(t.shape):
+            raise ExportError(f"exported tensor {name!r} has shape {tuple(value.shape)}, the model expects {tuple(t.shape)}")
+        # Fresh CPU copies: safetensors refuses tensors that share storage (e.g. flat buffers).
+        kept[name] = value.detach().to("cpu", copy=True).contiguous()
+    return kept
+
+
+def _floating_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def export_hf_directory(
+    model: nn.Module,
+    tokenizer_source_dir: str | Path | None,
+    out_dir: str | Path,
+    state: dict[str, torch.Tensor] | None = None,
+    sparsity_info: dict[str, dict] | None = None,
+) -> Path:
+    """Write `state` (HF names, already masked; None: the model's own weights) as a
+    save_pretrained directory of `model`'s architecture. The model itself is not modified.
+    Tokenizer files are copied from `tokenizer_source_dir` (None: none, the byte tokenizer)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _canonical_state(model, state)
+    # save_pretrained writes config.json from model.config (dtype taken from the module): keep
+    # the live model's config untouched and record the dtype actually written.
+    saved_config = model.config
+    model.config = copy.deepcopy(saved_config)
+    try:
+        model.save_pretrained(str(out), state_dict=tensors)
+    finally:
+        model.config = saved_config
+    dtype = _floating_dtype(tensors)
+    if dtype is not None:
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if tokenizer_source_dir is not None:
+        src = Path(tokenizer_source_dir)
+        copied = [f for g in TOKENIZER_FILE_GLOBS for f in src.glob(g) if f.is_file()]
+        if not copied:
+            raise ExportError(f"tokenizer source {str(src)!r} has no tokenizer files")
+        for f in copied:
+            shutil.copy2(f, out / f.name)
+    _write_sparsity(out, tensors, sparsity_info)
+    return out
+
+
+def export_gpt_directory(
+    model: nn.Module,
+    out_dir: str | Path,
+    state: dict[str, torch.Tensor] | None = None,
+    sparsity_info: dict[str, dict] | None = None,
+) -> Path:
+    """Write the built-in GPT as model.safetensors + config.json ({"model_type": "sparsetrain-gpt",
+    "gpt_config": GPTConfig}); a tied lm_head is stored once (as wte.weight)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _canonical_state(model, state)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {"model_type": GPT_MODEL_TYPE, "gpt_config": asdict(model.config)}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_sparsity(out, tensors, sparsity_info)
+    return out
+
+
+def load_gpt_directory(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a directory written by export_gpt_directory back into a GPT (strict: every
+    parameter present with its shape, nothing unknown)."""
+    from safetensors.torch import load_file
+
+    from models.gpt import GPT, GPTConfig
+
+    p = Path(path)
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{str(p)!r}: config.json could not be read: {e}") from e
+    if config.get("model_type") != GPT_MODEL_TYPE:
+        raise ExportError(f"{str(p)!r}: config.json model_type={config.get('model_type')!r}, expected {GPT_MODEL_TYPE!r}")
+    model = GPT(GPTConfig(**config["gpt_config"]))
+    try:
+        tensors = load_file(str(p / "model.safetensors"), device=str(device))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{str(p)!r}: model.safetensors could not be read: {e}") from e
+    expected = set(model.state_dict()) - set(tied_aliases(model))
+    if set(tensors) != expected:
+        raise ExportError(
+            f"{str(p)!r}: weights do not match gpt_config: missing {sorted(expected - set(tensors))[:6]}, "
+            f"unexpected {sorted(set(tensors) - expected)[:6]}"
+        )
+    try:
+        model.load_state_dict(tensors, strict=False)  # tied aliases are absent: they share storage
+    except RuntimeError as e:  # shape mismatches
+        raise ExportError(f"{str(p)!r}: weights do not match gpt_config: {e}") from e
+    return model.to(device)

@@ -1,0 +1,58 @@
+"""Process-group plumbing for one data-parallel rank: addresses, ports, env vars, device."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this host (for MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    """This node's IP as Ray sees it (so other nodes can reach rank 0), else loopback."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return "127.0.0.1"
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:  # pragma: no cover
+        pass
+    return None
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible to this process, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but this process sees no CUDA device "
+                           "(on Ray, give trainers a GPU: cluster.gpus_per_trainer=1)")
+    return device
+
+
+def set_distributed_env(rank: int, world_size: int, master_addr: str, master_port: int, device: str) -> None:
+    """The variables torch.distributed's env:// init and DeepSpeed read. LOCAL_RANK is 0: Ray
+    gives each GPU actor its own CUDA_VISIBLE_DEVICES, so every rank sees its GPU as device 0."""
+    os.environ.update({
+        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
+        "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
+        "DS_ACCELERATOR": "cuda" if device == "cuda" else "cpu",
+    })

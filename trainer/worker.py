@@ -1,0 +1,282 @@
+"""One data-parallel trainer rank: model, sparsifier, DeepSpeed engine, step, eval, checkpoint.
+
+A plain class: launch/trainer_group.py wraps it with `ray.remote` (one actor per rank), and unit
+tests use it directly (world_size 1). Call order: `TrainerWorker(...)`, `setup(master_addr,
+master_port)` on every rank at once (it joins the process group), then the coarse methods. Under
+ZeRO, `published_state`, `export`, `save_checkpoint` and `load_checkpoint` are collective: call
+them on every rank.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import ModelConfig, build_model
+from trainer.checkpoint import CheckpointError, rank_file, rng_state, set_rng_state
+from trainer.config import OptimizerConfig, TrainerConfig
+from trainer.distributed import free_port, node_id, node_ip, resolve_device, set_distributed_env
+from trainer.lr_schedule import lr_at
+from trainer.objectives import LanguageModelingObjective, Objective
+
+DS_TAG = "ds"  # DeepSpeed's sub-directory inside one checkpoint directory
+
+
+class TrainerWorker:
+    def __init__(self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, optimizer_cfg: OptimizerConfig,
+                 sparsity_cfg=None, objective: Objective | None = None, rank: int = 0, world_size: int = 1):
+        self.model_cfg = model_cfg
+        self.cfg = trainer_cfg
+        self.opt_cfg = optimizer_cfg
+        self.sparsity_cfg = sparsity_cfg
+        self.objective = objective or LanguageModelingObjective()
+        self.rank = rank
+        self.world_size = world_size
+        self.step = 0  # optimizer steps taken
+        self.engine = None
+        self.sparsifier = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(this node's IP, a free port): rank 0's answer becomes MASTER_ADDR/PORT for all."""
+        return node_ip(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the process group and build model, sparsifier, optimizer and DeepSpeed engine."""
+        from launch.env import set_runtime_defaults
+
+        set_runtime_defaults()
+        self.device = resolve_device(self.cfg.device)
+        set_distributed_env(self.rank, self.world_size, master_addr, master_port, self.device)
+        torch.set_num_threads(self.cfg.num_threads)
+        import warnings
+
+        # DeepSpeed's ZeRO calls a torch.distributed function torch marks as deprecated, every step.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo")
+        # Same seed on every rank: identical initial weights (DeepSpeed also broadcasts rank 0's).
+        _seed_everything(self.cfg.seed)
+        model, self.tokenizer = build_model(self.model_cfg)
+        if self.sparsity_cfg is not None:  # dense too: its sparsifier reports density 1
+            from trainer.sparsity import build_sparsifier
+
+            self.sparsifier = build_sparsifier(model, self.sparsity_cfg, self.cfg.max_steps)
+            self.sparsifier.attach()
+        self.optimizer = torch.optim.AdamW(  # a torch optimizer: DeepSpeed's fused ones JIT-compile on CPU
+            _param_groups(model, self.opt_cfg.weight_decay), lr=lr_at(0, self.opt_cfg, self.cfg.max_steps),
+            betas=tuple(self.opt_cfg.betas), eps=self.opt_cfg.eps,
+        )
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self._ds_config())
+        self.module = self.engine.module
+        from trainer.param_access import DeepSpeedParamAccess
+
+        self.param_access = DeepSpeedParamAccess(self.module, self.optimizer)
+        _seed_everything(self.cfg.seed + 1000 * (self.rank + 1))  # per-rank stream (dropout, sampling)
+        return {"rank": self.rank, "device": self.device, "node_ip": node_ip(), "node_id": node_id(),
+                "parameters": sum(p.numel() for p in self.module.parameters())}
+
+    def _ds_config(self) -> dict:
+        c = self.cfg
+        return {
+            "train_micro_batch_size_per_gpu": c.micro_batch_size,
+            "gradient_accumulation_steps": c.grad_accum,
+            "train_batch_size": c.micro_batch_size * c.grad_accum * self.world_size,
+            "gradient_clipping": c.grad_clip,
+            "zero_optimization": {"stage": c.zero_stage},
+            "bf16": {"enabled": c.precision == "bf16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+    # -- training ----------------------------------------------------------------------------
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro batches of this rank's share of the batch."""
+        started = time.perf_counter()
+        lr = lr_at(self.step, self.opt_cfg, self.cfg.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.train()
+        sums = _MetricSums()
+        for micro in self._micro_batches(batch):
+            if self.sparsifier is not None:
+                self.sparsifier.before_forward(self.step)
+            loss, metrics = self.objective(self.engine, micro)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            sums.add(metrics)
+        if self.sparsifier is not None:
+            self.sparsifier.after_optimizer_step(self.step, self.param_access)
+        self.step += 1
+        metrics = sums.result()
+        seconds = time.perf_counter() - started
+        metrics.update({"lr": lr, "step": self.step, "step_s": seconds})
+        if "sum/tokens" in metrics:
+            metrics["tokens_per_s"] = metrics["sum/tokens"] / seconds
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        metrics.update(self.sparsity_metrics())
+        return metrics
+
+    def sparsity_metrics(self) -> dict[str, float]:
+        if self.sparsifier is None:
+            return {}
+        return {k if k.startswith("sparsity/") else f"sparsity/{k}": float(v) for k, v in self.sparsifier.metrics().items()}
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict]) -> dict[str, float]:
+        """Mean objective metrics over `batches` (no gradient, eval mode)."""
+        self.engine.eval()
+        sums = _MetricSums()
+        for batch in batches:
+            _, metrics = self.objective(self.engine, self._to_device(batch))
+            sums.add(metrics)
+        self.engine.train()
+        return sums.result()
+
+    def _to_device(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {k: (v if torch.is_tensor(v) else torch.from_numpy(np.array(v))).to(self.device) for k, v in batch.items()}
+
+    def _micro_batches(self, batch: dict) -> list[dict[str, torch.Tensor]]:
+        batch = self._to_device(batch)
+        size = next(iter(batch.values())).shape[0]
+        if size != self.cfg.micro_batch_size * self.cfg.grad_accum:
+            raise ValueError(f"rank {self.rank} got a batch of {size} rows; expected trainer.micro_batch_size "
+                             f"x trainer.grad_accum = {self.cfg.micro_batch_size * self.cfg.grad_accum}")
+        m = self.cfg.micro_batch_size
+        return [{k: v[i:i + m] for k, v in batch.items()} for i in range(0, size, m)]
+
+    # -- weights out -------------------------------------------------------------------------
+
+    def published_state(self, dtype: str = "bfloat16") -> dict[str, torch.Tensor]:
+        """Full weights by `named_parameters` name (tied weights once), from the fp32 masters,
+        masked by the sparsifier (pruned entries exactly 0), cast to `dtype`, on CPU. Collective
+        under ZeRO; only rank 0 returns the tensors (others return {})."""
+        state = {name: self.param_access.get(name).detach().to("cpu", torch.float32).clone()
+                 for name in self.param_access.names()}
+        if self.sparsifier is not None:
+            state = self.sparsifier.masked_state_dict(state)
+        if self.rank != 0:
+            return {}
+        return {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}
+
+    def export(self, path: str) -> dict:
+        """Write `model.safetensors` (fp32, masked) + `config.json` (+ `sparsity.json` when
+        sparse) into `path`. Collective; rank 0 writes. Returns what was written."""
+        state = self.published_state(dtype="float32")
+        if self.rank != 0:
+            return {}
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(self.step)})
+        (out / "config.json").write_text(json.dumps({"model_type": f"sparsetrain-{self.model_cfg.kind}",
+                                                      **asdict(self.model_cfg)}, indent=1))
+        written = {"model.safetensors": len(state), "config.json": 1}
+        if self.sparsifier is not None:
+            self.sparsifier.check_pattern(state)
+            sparsified = self.sparsifier.sparsified
+            (out / "sparsity.json").write_text(json.dumps(
+                {"method": self.sparsity_cfg.method, "config": _plain(self.sparsity_cfg),
+                 "tensors": _plain(sparsified)}, indent=1))
+            written["sparsity.json"] = 1
+        return written
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
+        """Write this rank's part of a checkpoint into `path` (a staging directory; see
+        trainer/checkpoint.py for the atomic commit). Collective."""
+        self.engine.save_checkpoint(path, tag=DS_TAG, save_latest=False)
+        torch.save({"step": self.step, "rank": self.rank, "world_size": self.world_size, "rng": rng_state(),
+                    "sparsity": None if self.sparsifier is None else self.sparsifier.state_dict(),
+                    "extra": extra or {}}, rank_file(path, self.rank))
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore model, optimizer, sparsity state, RNG and step from `path`; return `extra`.
+        Raises CheckpointError naming the checkpoint when anything does not load."""
+        try:
+            state = torch.load(rank_file(path, self.rank), map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: cannot read {rank_file(path, self.rank).name}: {e}") from e
+        if state.get("world_size") != self.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size')} ranks; this run has {self.world_size}")
+        try:
+            loaded, _ = self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it: {type(e).__name__}: {e}") from e
+        if loaded is None:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state under {DS_TAG}/")
+        if (state["sparsity"] is None) != (self.sparsifier is None):
+            raise CheckpointError(f"checkpoint {path}: sparsity state {'missing' if state['sparsity'] is None else 'present'}, "
+                                  f"but this run is {'sparse' if self.sparsifier is not None else 'dense'}")
+        if self.sparsifier is not None:
+            self.sparsifier.load_state_dict(state["sparsity"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        return state["extra"]
+
+    def get_step(self) -> int:
+        return self.step
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _MetricSums:
+    """Accumulate objective metrics over micro batches: `sum/*` keys add up, others average."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.count += 1
+        for k, v in metrics.items():
+            self.totals[k] = self.totals.get(k, 0.0) + float(v)
+
+    def result(self) -> dict[str, float]:
+        return {k: (v if k.startswith("sum/") else v / max(1, self.count)) for k, v in self.totals.items()}
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on biases, norms): the usual GPT recipe."""
+    decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _plain(x):
+    """A JSON-ready copy of a config/mapping (dataclasses, tuples, tensors of names)."""
+    from dataclasses import is_dataclass
+
+    if is_dataclass(x):
+        return _plain(asdict(x))
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)

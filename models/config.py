@@ -14,7 +14,7 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    dropout: float = 0.0
+    dropout: float = 0.0  # kind=hf too: sets every *dropout/*pdrop of its config.json
     bias: bool = True
     tie_embeddings: bool = True
     # Hugging Face

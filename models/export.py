@@ -14,8 +14,13 @@ Both write `sparsity.json` when given sparsity info:
                                                             "nonzero_fraction": 0.5}, ...}}
 
 Per tensor, the caller says what it claims ({"pattern": "N:M", "dim": d}: at most N nonzeros in
-every group of M consecutive entries along axis d; or {"density": x}); the export checks N:M
-claims against the weights (ExportError when violated) and adds the measured nonzero fraction.
+every group of M consecutive entries along axis d; or {"density": x}; trainer/sparsity's
+`Sparsifier.sparsified()` entries are accepted as they are); the export checks N:M claims
+against the weights (ExportError when violated) and adds the measured nonzero fraction.
+`sparsity_meta` adds top-level keys (e.g. {"method": "nm", "config": {...}}).
+
+`model` may be a weightless skeleton (`with torch.device("meta"): build_model(cfg)`): only its
+config, names and shapes are used, so a run's masked state can be exported after the fact.
 """
 from __future__ import annotations
 
@@ -61,12 +66,25 @@ def nm_violations(weight: torch.Tensor, n: int, m: int, dim: int) -> int:
     return int((groups > n).sum())
 
 
+def normalize_claim(claim: dict) -> dict:
+    """Accept trainer/sparsity's `Sparsifier.sparsified()` entries too:
+    {"kind": "nm", "n": 2, "m": 4, "input_dim": 1} -> {"pattern": "2:4", "dim": 1};
+    {"kind": "unstructured", "density": 0.1} -> {"density": 0.1}."""
+    if claim.get("kind") == "nm":
+        rest = {k: v for k, v in claim.items() if k not in ("kind", "n", "m", "input_dim")}
+        return {"pattern": f"{int(claim['n'])}:{int(claim['m'])}", "dim": int(claim["input_dim"]), **rest}
+    if claim.get("kind") == "unstructured":
+        return {k: v for k, v in claim.items() if k != "kind"}
+    return dict(claim)
+
+
 def _checked_sparsity_info(state: dict[str, torch.Tensor], info: dict[str, dict]) -> dict:
     tensors = {}
     for name, claim in info.items():
         if name not in state:
             raise ExportError(f"sparsity info names tensor {name!r}, which is not in the exported weights")
         t = state[name]
+        claim = normalize_claim(claim)
         entry = dict(claim)
         if "pattern" in claim:
             n, m = parse_nm(str(claim["pattern"]))
@@ -84,23 +102,26 @@ def _checked_sparsity_info(state: dict[str, torch.Tensor], info: dict[str, dict]
     return {"format": SPARSITY_FORMAT, "tensors": tensors}
 
 
-def _write_sparsity(out: Path, state: dict[str, torch.Tensor], info: dict[str, dict] | None) -> None:
+def _write_sparsity(out: Path, state: dict[str, torch.Tensor], info: dict[str, dict] | None,
+                    meta: dict | None = None) -> None:
     if info:
-        (out / SPARSITY_FILE).write_text(json.dumps(_checked_sparsity_info(state, info), indent=1))
+        doc = _checked_sparsity_info(state, info)
+        for key, value in (meta or {}).items():  # e.g. the method and its config, for readers
+            doc.setdefault(key, value)
+        (out / SPARSITY_FILE).write_text(json.dumps(doc, indent=1))
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """{alias name: kept name} for state_dict entries sharing storage with an earlier entry
-    (e.g. GPT-2's lm_head.weight -> transformer.wte.weight; the first name is the one
-    transformers keeps, and the one named_parameters() lists)."""
-    first_of_storage: dict[tuple, str] = {}
+    """{alias name: kept name} for parameters that are the same Parameter object as an earlier
+    one (e.g. GPT-2's lm_head.weight -> transformer.wte.weight; the first name is the one
+    transformers keeps, and the one named_parameters() lists). Works on the meta device."""
+    first_of: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in first_of_storage:
-            aliases[name] = first_of_storage[key]
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first_of:
+            aliases[name] = first_of[id(p)]
         else:
-            first_of_storage[key] = name
+            first_of[id(p)] = name
     return aliases
 
 
@@ -132,6 +153,8 @@ def _canonical_state(model: nn.Module, state: dict[str, torch.Tensor] | None) ->
             value = t  # a persistent buffer the trainer does not track
         else:
             raise ExportError(f"exported state is missing parameter {name!r}")
+        if value.device.type == "meta":
+            raise ExportError(f"tensor {name!r} has no data (a meta-device skeleton): pass it in `state`")
         if tuple(value.shape) != tuple(t.shape):
             raise ExportError(f"exported tensor {name!r} has shape {tuple(value.shape)}, the model expects {tuple(t.shape)}")
         # Fresh CPU copies: safetensors refuses tensors that share storage (e.g. flat buffers).
@@ -150,6 +173,7 @@ def export_hf_directory(
     out_dir: str | Path,
     state: dict[str, torch.Tensor] | None = None,
     sparsity_info: dict[str, dict] | None = None,
+    sparsity_meta: dict | None = None,
 ) -> Path:
     """Write `state` (HF names, already masked; None: the model's own weights) as a
     save_pretrained directory of `model`'s architecture. The model itself is not modified.
@@ -162,7 +186,7 @@ def export_hf_directory(
     saved_config = model.config
     model.config = copy.deepcopy(saved_config)
     try:
-        model.save_pretrained(str(out), state_dict=tensors)
+        model.save_pretrained(str(out), state_dict=dict(tensors))  # it may consume the dict
     finally:
         model.config = saved_config
     dtype = _floating_dtype(tensors)
@@ -178,7 +202,7 @@ def export_hf_directory(
             raise ExportError(f"tokenizer source {str(src)!r} has no tokenizer files")
         for f in copied:
             shutil.copy2(f, out / f.name)
-    _write_sparsity(out, tensors, sparsity_info)
+    _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
     return out
 
 
@@ -187,6 +211,7 @@ def export_gpt_directory(
     out_dir: str | Path,
     state: dict[str, torch.Tensor] | None = None,
     sparsity_info: dict[str, dict] | None = None,
+    sparsity_meta: dict | None = None,
 ) -> Path:
     """Write the built-in GPT as model.safetensors + config.json ({"model_type": "sparsetrain-gpt",
     "gpt_config": GPTConfig}); a tied lm_head is stored once (as wte.weight)."""
@@ -198,7 +223,7 @@ def export_gpt_directory(
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = {"model_type": GPT_MODEL_TYPE, "gpt_config": asdict(model.config)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_sparsity(out, tensors, sparsity_info)
+    _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
     return out
 
 
@@ -232,3 +257,85 @@ def load_gpt_directory(path: str | Path, device: str | torch.device = "cpu"):
     except RuntimeError as e:  # shape mismatches
         raise ExportError(f"{str(p)!r}: weights do not match gpt_config: {e}") from e
     return model.to(device)
+
+
+def gpt_to_gpt2_config(cfg):
+    """The transformers GPT2Config computing exactly what a built-in GPTConfig computes (exact
+    GELU, LayerNorm eps 1e-5, no dropout; byte-tokenizer special ids)."""
+    from transformers import GPT2Config
+
+    from models.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    return GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function="gelu", layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+    )
+
+
+def gpt_state_to_gpt2(model: nn.Module, state: dict[str, torch.Tensor] | None = None):
+    """Map built-in GPT tensors to GPT-2 names: ({gpt2 name: tensor}, {gpt name: (gpt2 name,
+    transposed)}). Linear weights become Conv1D weights ([out, in] -> [in, out]); a GPT built
+    with bias=False gets zero biases (the same function)."""
+    own = dict(model.named_parameters())
+    state = own if state is None else state
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ExportError(f"exported state is missing parameter {missing[0]!r}")
+    out: dict[str, torch.Tensor] = {}
+    names: dict[str, tuple[str, bool]] = {}
+    for name, t in state.items():
+        if name not in own:
+            raise ExportError(f"exported state has tensor {name!r}, which the GPT does not")
+        if name == "lm_head.weight":
+            new, transposed = "lm_head.weight", False
+        else:
+            parts = name.split(".")
+            transposed = len(parts) == 5 and parts[2] in ("attn", "mlp") and parts[-1] == "weight"
+            new = "transformer." + name
+        out[new] = t.detach().T.contiguous() if transposed else t.detach()
+        names[name] = (new, transposed)
+    cfg = model.config
+    if not cfg.bias:  # GPT-2 always has biases: zeros compute the same function
+        for i in range(cfg.n_layer):
+            for sub, width in (("ln_1", cfg.n_embd), ("ln_2", cfg.n_embd), ("attn.c_attn", 3 * cfg.n_embd),
+                               ("attn.c_proj", cfg.n_embd), ("mlp.c_fc", 4 * cfg.n_embd), ("mlp.c_proj", cfg.n_embd)):
+                out[f"transformer.h.{i}.{sub}.bias"] = torch.zeros(width, dtype=out["transformer.wte.weight"].dtype)
+        out["transformer.ln_f.bias"] = torch.zeros(cfg.n_embd, dtype=out["transformer.wte.weight"].dtype)
+    return out, names
+
+
+def export_gpt_as_hf_directory(
+    model: nn.Module,
+    out_dir: str | Path,
+    state: dict[str, torch.Tensor] | None = None,
+    sparsity_info: dict[str, dict] | None = None,
+    sparsity_meta: dict | None = None,
+) -> Path:
+    """Write the built-in GPT as a transformers GPT-2 directory (GPT2LMHeadModel, same logits)
+    with the byte tokenizer as HF tokenizer files, so AutoModelForCausalLM and AutoTokenizer
+    load it. sparsity_info uses built-in names and dims; sparsity.json gets GPT-2 names and
+    dims (a transposed weight's input axis becomes 0)."""
+    from transformers import GPT2LMHeadModel
+
+    from models.hf_tokenizer import save_byte_tokenizer_as_hf
+
+    hf_state, names = gpt_state_to_gpt2(model, state)
+    with torch.device("meta"):  # only names, shapes and config are needed from it
+        hf_model = GPT2LMHeadModel(gpt_to_gpt2_config(model.config))
+    hf_info = None
+    if sparsity_info:
+        hf_info = {}
+        for name, claim in sparsity_info.items():
+            if name not in names:
+                raise ExportError(f"sparsity info names tensor {name!r}, which is not in the exported weights")
+            new, transposed = names[name]
+            entry = normalize_claim(claim)
+            if transposed and "dim" in entry:
+                entry["dim"] = 1 - int(entry["dim"])
+            hf_info[new] = entry
+    out = export_hf_directory(hf_model, None, out_dir, state=hf_state, sparsity_info=hf_info, sparsity_meta=sparsity_meta)
+    save_byte_tokenizer_as_hf(out)
+    return out

@@ -25,9 +25,9 @@ wrapper, so `named_parameters()` / `state_dict()` names are exactly the checkpoi
 - Dropout: every `*dropout` / `*pdrop` probability in config.json is set to `model.dropout`
   (default 0.0, as RL fine-tuning wants: trainer and rollout logprobs must agree). The model
   comes back in eval mode (transformers' choice).
-- Casting: use `cast_parameters(model, dtype)`, not `model.to(dtype)`, for a bf16 copy: it keeps
-  derived non-persistent buffers (RoPE `inv_freq`) in float32 as transformers' own bf16 loading
-  does; `.to(bf16)` would round the rotary frequencies and shift positions.
+- Casting: `cast_parameters(model, dtype)` gives the same module as transformers' own bf16
+  loading (bit for bit): derived non-persistent buffers (RoPE `inv_freq`) stay float32, where
+  `model.to(bf16)` would round the rotary frequencies (an error that grows with position).
 """
 from __future__ import annotations
 
@@ -190,11 +190,38 @@ def follow_call_convention(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_hf_model(cfg: ModelConfig):
-    """Return (transformers causal LM following the call convention, Tokenizer) for a local
-    save_pretrained directory `cfg.path`, in `cfg.dtype`. Raises ModelConfigError on bad input."""
+def load_hf_skeleton(cfg: ModelConfig):
+    """(model on the meta device, Tokenizer): every check of load_hf_model except reading the
+    weights, in well under a second even for a large model. For drivers: validate the path,
+    config, tokenizer, sparsity patterns and N:M shapes before any actor starts. Module and
+    parameter names are those of the loaded model."""
+    from transformers import AutoModelForCausalLM
+
     from models.hf_tokenizer import load_tokenizer
 
+    dtype = torch_dtype(cfg.dtype)
+    path = check_hf_directory(cfg.path)
+    config = load_hf_config(path)
+    tokenizer = load_tokenizer(path, config.vocab_size)
+    set_dropout(config, cfg.dropout)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        except Exception as e:  # inconsistent config values (e.g. heads not dividing hidden size)
+            raise ModelConfigError(f"model.path={str(path)!r}: config.json does not build a model: {e}") from e
+    return model, tokenizer
+
+
+def load_hf_model(cfg: ModelConfig):
+    """Return (transformers causal LM following the call convention, Tokenizer) for a local
+    save_pretrained directory `cfg.path`, in `cfg.dtype`. Raises ModelConfigError on bad input.
+    Under a meta default device (`with torch.device("meta"): build_model(cfg)`, as drivers do
+    to check shapes) it returns the weightless skeleton, like the built-in GPT would."""
+    from models.hf_tokenizer import load_tokenizer
+
+    if torch.empty(0).device.type == "meta":
+        model, tokenizer = load_hf_skeleton(cfg)
+        return follow_call_convention(model), tokenizer
     torch_dtype(cfg.dtype)  # fail on a bad dtype before reading anything
     path = check_hf_directory(cfg.path)
     config = load_hf_config(path)
@@ -202,4 +229,3 @@ def load_hf_model(cfg: ModelConfig):
     set_dropout(config, cfg.dropout)
     model = load_hf_weights(path, cfg.dtype, config)
     return follow_call_convention(model), tokenizer
-

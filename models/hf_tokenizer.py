@@ -91,3 +91,40 @@ def load_tokenizer(path: str | Path, model_vocab_size: int) -> Tokenizer:
             f"is {model_vocab_size}; token ids would fall outside the embedding table"
         )
     return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the one the `tokenizers` ByteLevel steps use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+BYTE_SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")  # ids 256, 257, 258 as in ByteTokenizer
+
+
+def save_byte_tokenizer_as_hf(out_dir: str | Path):
+    """Write the byte tokenizer as HF tokenizer files (a byte-level BPE without merges: byte b
+    is id b, then <|bos|>=256, <|eos|>=257, <|pad|>=258), so an exported built-in model loads
+    with AutoTokenizer and encodes exactly as ByteTokenizer. Returns the PreTrainedTokenizerFast."""
+    from tokenizers import AddedToken, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    base = ByteTokenizer()
+    for tok_id, text in zip((base.bos_id, base.eos_id, base.pad_id), BYTE_SPECIAL_TOKENS):
+        vocab[text] = tok_id
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BYTE_SPECIAL_TOKENS])
+    bos, eos, pad = BYTE_SPECIAL_TOKENS
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=bos, eos_token=eos, pad_token=pad)
+    fast.save_pretrained(str(out_dir))
+    return fast

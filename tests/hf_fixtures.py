@@ -10,6 +10,7 @@ Import from any test as a plain module (tests/ is on sys.path through tests/conf
   RMSNorm, SwiGLU MLP, untied lm_head. ~0.1 M parameters.
 - `save_tiny_gpt2`: GPT-2 style, tied embeddings (lm_head.weight is transformer.wte.weight),
   Conv1D projections (weight [in, out]). ~0.1 M parameters.
+- `save_tiny_qwen2`: Qwen2-style: grouped-query attention AND tied embeddings, q/k/v biases.
 - `save_tiny_tokenizer`: a byte-level BPE trained offline on generated text, with BOS/EOS/PAD
   and (optionally) a small chat template, saved as a PreTrainedTokenizerFast.
 
@@ -119,4 +120,25 @@ def save_tiny_gpt2(
     model.save_pretrained(str(out_dir))
     if with_tokenizer:
         save_tiny_tokenizer(out_dir, chat_template=chat_template)
+    return out_dir
+
+
+def save_tiny_qwen2(out_dir: str | Path, with_tokenizer: bool = True, seed: int = 0) -> Path:
+    """A Qwen2-style causal LM (GQA, tied embeddings, q/k/v biases), saved into `out_dir`.
+    Its vocabulary is padded beyond the tokenizer (as Qwen's is): transformers' Qwen2Tokenizer
+    adds one token of its own to the trained ones."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = Path(out_dir)
+    config = Qwen2Config(
+        vocab_size=TINY_VOCAB + 16 if with_tokenizer else BYTE_VOCAB, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=0 if with_tokenizer else 256,
+        eos_token_id=1 if with_tokenizer else 257, pad_token_id=2 if with_tokenizer else 258,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(str(out_dir))
+    if with_tokenizer:
+        save_tiny_tokenizer(out_dir, chat_template=True)
     return out_dir

@@ -6,17 +6,17 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300  # optimizer steps
+    max_steps: int = 500  # optimizer steps
     device: str = "auto"  # auto | cpu | cuda  (auto: cuda when available)
     precision: str = "fp32"  # fp32 | bf16 (bf16 weights/activations, fp32 master weights)
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     grad_accum: int = 1  # micro batches per optimizer step, per rank
     micro_batch_size: int = 8  # sequences per micro batch, per rank
     seq_len: int = 128
     seed: int = 0
     checkpoint_every: int = 100  # steps; 0 = only at the end
     keep_checkpoints: int = 2  # newest k kept; 0 = keep all
-    eval_every: int = 100  # steps; 0 = only at the start and the end
+    eval_every: int = 50  # steps; 0 = only at the start and the end
     eval_batches: int = 8  # per rank
     log_every: int = 10
     grad_clip: float = 1.0  # 0 = off
@@ -26,12 +26,12 @@ class TrainerConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 2e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
     warmup_steps: int = 30
-    min_lr: float = 1e-4  # cosine decays from lr to min_lr at trainer.max_steps
+    min_lr: float = 2e-4  # cosine decays from lr to min_lr at trainer.max_steps
 
 
 class TrainerConfigError(ValueError):

@@ -148,3 +148,43 @@ def test_broken_tokenizer_files_do_not_fall_back_to_bytes(tmp_path, llama_dir):
     (d / "tokenizer.json").write_text("{broken")
     with pytest.raises(ModelConfigError, match="tokenizer files could not be loaded"):
         _build(d)
+
+
+def test_skeleton_has_the_real_names_and_shapes_without_weights(llama_dir, gpt2_dir):
+    from models.hf import load_hf_skeleton
+
+    for path in (llama_dir, gpt2_dir):
+        cfg = ModelConfig(kind="hf", path=str(path))
+        skeleton, tok = load_hf_skeleton(cfg)
+        real, real_tok = _build(path)
+        assert all(p.device.type == "meta" for p in skeleton.parameters())
+        assert [(n, p.shape) for n, p in skeleton.named_parameters()] == [(n, p.shape) for n, p in real.named_parameters()]
+        assert tok.vocab_size == real_tok.vocab_size
+
+
+def test_skeleton_catches_bad_input_without_weights(tmp_path, llama_dir):
+    from models.hf import load_hf_skeleton
+
+    d = tmp_path / "m"
+    shutil.copytree(llama_dir, d)
+    (d / "model.safetensors").unlink()  # not needed for a skeleton
+    load_hf_skeleton(ModelConfig(kind="hf", path=str(d)))
+    with pytest.raises(ModelConfigError, match="does not exist"):
+        load_hf_skeleton(ModelConfig(kind="hf", path=str(tmp_path / "nowhere")))
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert"
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(bert)
+    with pytest.raises(ModelConfigError, match="bidirectional encoder"):
+        load_hf_skeleton(ModelConfig(kind="hf", path=str(bert)))
+
+
+def test_build_model_under_meta_device_gives_the_skeleton(llama_dir):
+    """Drivers build models under `torch.device("meta")` to check shapes before actors start."""
+    with torch.device("meta"):
+        model, tok = _build(llama_dir)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    real, _ = _build(llama_dir)
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in real.named_parameters()]
+    with torch.device("meta"), pytest.raises(ModelConfigError, match="does not exist"):
+        _build(llama_dir / "nowhere")

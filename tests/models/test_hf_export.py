@@ -142,3 +142,62 @@ def test_builtin_gpt_loader_refuses_mismatched_weights(tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="weights do not match gpt_config"):
         load_gpt_directory(out)
+
+
+@pytest.mark.parametrize("bias_and_tie", [True, False])
+def test_builtin_gpt_exports_as_transformers_gpt2(bias_and_tie, tmp_path):
+    from models.export import export_gpt_as_hf_directory
+    from models.hf import follow_call_convention
+    from models.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=32, bias=bias_and_tie, tie_embeddings=bias_and_tie))
+    names = [f"h.{i}.{p}.weight" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    state = _masked_state(model, names, dim=1)
+    model.load_state_dict(state, strict=False)
+    out = export_gpt_as_hf_directory(model, tmp_path / "gpt2", state=state,
+                                     sparsity_info={n: {"pattern": "2:4", "dim": 1} for n in names})
+
+    hf = follow_call_convention(AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True))
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    assert (hf.lm_head.weight is hf.transformer.wte.weight) == bias_and_tie
+    # same function, also with left padding through the call convention
+    ids = torch.randint(0, 259, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        got = hf(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1, 4:], ref[1, 4:], atol=1e-5, rtol=0)
+
+    sp = json.loads((out / "sparsity.json").read_text())["tensors"]
+    assert sp["transformer.h.0.attn.c_attn.weight"]["dim"] == 0  # Conv1D: input axis first
+    for n in names:
+        w = dict(hf.named_parameters())["transformer." + n]
+        assert int((w != 0).reshape(-1, 4, w.shape[1]).sum(1).max()) <= 2  # 2:4 along dim 0
+
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    text = "bytes \x00 ünï ✓ 🙂"
+    assert tok.encode(text, add_special_tokens=False) == ByteTokenizer().encode(text)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (256, 257, 258)
+
+
+def test_export_from_a_weightless_skeleton(llama_dir, tmp_path):
+    """A run's masked state exported after the fact: only config, names and shapes come from
+    the (meta-device) model; sparsity.json takes trainer/sparsity's own entries and metadata."""
+    names, dim = TARGETS["llama"]
+    real, _ = build_model(ModelConfig(kind="hf", path=str(llama_dir)))
+    state = _masked_state(real, names, dim)
+    with torch.device("meta"):
+        skeleton, _ = build_model(ModelConfig(kind="hf", path=str(llama_dir)))
+    with pytest.raises(ExportError, match="no data"):
+        export_hf_directory(skeleton, llama_dir, tmp_path / "none")
+    info = {n: {"kind": "nm", "n": 2, "m": 4, "input_dim": dim} for n in names}
+    out = export_hf_directory(skeleton, llama_dir, tmp_path / "out", state=state, sparsity_info=info,
+                              sparsity_meta={"method": "nm"})
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    got = dict(loaded.named_parameters())
+    assert all(torch.equal(got[n], t) for n, t in state.items())
+    sp = json.loads((out / "sparsity.json").read_text())
+    assert sp["method"] == "nm" and sp["tensors"][names[0]]["pattern"] == "2:4" and sp["tensors"][names[0]]["dim"] == 1

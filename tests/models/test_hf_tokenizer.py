@@ -78,3 +78,23 @@ def test_tokenizer_without_eos_is_refused(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ModelConfigError, match="no eos_token"):
         _tok(d)
+
+
+def test_byte_tokenizer_written_as_hf_files_encodes_like_byte_tokenizer(tmp_path):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from models.hf_tokenizer import save_byte_tokenizer_as_hf
+
+    save_byte_tokenizer_as_hf(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    tok, ref = HFTokenizer(hf), ByteTokenizer()
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (259, 256, 257, 258)
+    rng = random.Random(0)
+    texts = ["", "a", "hello  world\n\t", "\x00\x01 ünïcödé ✓ 日本語 🙂",
+             "".join(chr(rng.randint(0, 0x2FFF)) for _ in range(500))]
+    for text in texts:
+        assert tok.encode(text) == ref.encode(text) == list(text.encode("utf-8"))
+        assert tok.decode(ref.encode(text)) == text
+    assert tok.decode([256, 104, 105, 257, 258]) == "hi"

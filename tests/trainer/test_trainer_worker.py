@@ -120,3 +120,18 @@ def test_export_writes_masked_safetensors_and_config(tmp_path):
     logits = model(tokens[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     assert loss.item() == pytest.approx(w.evaluate([batch(7)])["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("stage, precision, method", [(2, "fp32", "nm"), (0, "bf16", "nm"), (3, "fp32", "dense")])
+def test_other_zero_stages_and_bf16_train_and_publish(stage, precision, method):
+    cfg = TrainerConfig(max_steps=20, seq_len=SEQ, micro_batch_size=4, zero_stage=stage, precision=precision, device="cpu")
+    w = TrainerWorker(MODEL, cfg, OptimizerConfig(lr=3e-3, warmup_steps=4), SparsityConfig(method=method))
+    w.setup("127.0.0.1", free_port())
+    first = w.train_step(batch(0))["loss"]
+    for _ in range(8):
+        last = w.train_step(batch(0))["loss"]
+    assert last < first - 1.0
+    state = w.published_state()
+    assert state["h.0.mlp.c_fc.weight"].shape == (256, 64)  # full tensors, also when ZeRO-3 partitions them
+    if method == "nm":
+        assert is_2_of_4(state["h.0.mlp.c_fc.weight"])

@@ -1,0 +1,79 @@
+"""Typed job configs for Hydra: each component's dataclass, composed here and registered in the
+ConfigStore, so a config is checked when it is loaded (unknown keys, wrong types and unknown group
+options are Hydra errors), then `validate_pretrain_config` checks values against each other and
+against the model (built on the meta device: no memory, no weights), all before Ray starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from data.config import DataConfig
+from launch.cluster import ClusterConfig, validate_cluster_config
+from launch.loggers import LoggerConfig, validate_logger_config
+from models import ModelConfig
+from trainer.config import OptimizerConfig, TrainerConfig, TrainerConfigError, validate_trainer_config
+from trainer.sparsity.config import SparsityConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # null: start fresh (refused if the run dir already holds checkpoints); auto: continue the
+    # latest checkpoint in the run dir, or start fresh when there is none; a path: that checkpoint.
+    resume: str | None = None
+    export: bool = True  # write model.safetensors + config.json into the run dir at the end
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+
+
+def to_pretrain_config(cfg: DictConfig | PretrainConfig) -> PretrainConfig:
+    if isinstance(cfg, PretrainConfig):
+        return cfg
+    return OmegaConf.to_object(cfg)
+
+
+def compose_pretrain_config(overrides: list[str] | None = None) -> PretrainConfig:
+    """The config `python -m launch.pretrain <overrides>` would run with (for tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_pretrain_config(compose(config_name="pretrain", overrides=list(overrides or [])))
+
+
+def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
+    """Check everything that can be checked without data or Ray; return the model's parameter
+    shapes (the fingerprint checkpoints are matched against)."""
+    import torch
+
+    from models import build_model
+    from trainer.sparsity import check_zero_stage, module_shapes, validate_sparsity_config
+
+    validate_trainer_config(cfg.trainer, cfg.optimizer)
+    validate_cluster_config(cfg.cluster)
+    validate_logger_config(cfg.logger)
+    with torch.device("meta"):
+        model, _ = build_model(cfg.model)
+    limit = getattr(getattr(model, "config", None), "block_size", None) or \
+        getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and cfg.trainer.seq_len > limit:
+        raise TrainerConfigError(f"trainer.seq_len={cfg.trainer.seq_len} exceeds the model's context of {limit} (model.block_size)")
+    validate_sparsity_config(cfg.sparsity, module_shapes(model))
+    check_zero_stage(cfg.sparsity, cfg.trainer.zero_stage)
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+        raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint directory (use null, auto or a step_XXXXXXXX path)")
+    return {name: list(p.shape) for name, p in model.named_parameters()}

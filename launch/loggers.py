@@ -1,0 +1,130 @@
+"""Where metrics go: wandb (offline by default), a console progress bar, and summary.json.
+
+`MetricsLogger` is the one object a driver talks to:
+
+    logger = MetricsLogger(cfg.logger, run_dir, config=plain_config_dict, total_steps=N, start_step=s)
+    logger.log({"train/loss": 2.3, ...}, step)     # every backend
+    logger.summary({"eval/loss_final": ...})        # summary.json in run_dir (+ wandb summary)
+    logger.close()
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "sparsetrain"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None  # run name (null: wandb's default)
+    console: bool = True  # tqdm progress bar on stderr
+    summary_file: str = "summary.json"
+
+
+class LoggerConfigError(ValueError):
+    pass
+
+
+def validate_logger_config(cfg: LoggerConfig) -> None:
+    if cfg.mode not in ("offline", "online", "disabled"):
+        raise LoggerConfigError(f"logger.mode={cfg.mode!r}: expected offline, online or disabled")
+    if not cfg.summary_file:
+        raise LoggerConfigError("logger.summary_file must name a file")
+
+
+class WandbBackend:
+    """A wandb run in `run_dir/wandb`. A resumed job reuses the run id kept in run_dir."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict):
+        os.environ["WANDB_MODE"] = cfg.mode  # the env var set by set_runtime_defaults must not win
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, tags=list(cfg.tags), name=cfg.name, config=config,
+            dir=str(run_dir), mode=cfg.mode, id=run_id, resume="allow", reinit="finish_previous",
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def summary(self, final: dict) -> None:
+        for k, v in final.items():
+            self.run.summary[k] = v
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class ConsoleBackend:
+    """tqdm bar over optimizer steps, with the latest loss, lr and throughput as its postfix."""
+
+    SHOWN = ("train/loss", "eval/loss", "lr", "tokens_per_s", "sparsity/density")
+
+    def __init__(self, total_steps: int, start_step: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.last_step = start_step
+        self.shown: dict[str, str] = {}
+
+    def log(self, metrics: dict, step: int) -> None:
+        for k in self.SHOWN:
+            if k in metrics:
+                self.shown[k.split("/")[-1] if k != "eval/loss" else "eval"] = f"{metrics[k]:.4g}"
+        if step > self.last_step:
+            self.bar.update(step - self.last_step)
+            self.last_step = step
+        self.bar.set_postfix(self.shown, refresh=False)
+
+    def summary(self, final: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MetricsLogger:
+    def __init__(self, cfg: LoggerConfig, run_dir: str | Path, config: dict | None = None,
+                 total_steps: int = 0, start_step: int = 0):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.backends = []
+        if cfg.wandb and cfg.mode != "disabled":
+            self.backends.append(WandbBackend(cfg, self.run_dir, config or {}))
+        if cfg.console:
+            self.backends.append(ConsoleBackend(total_steps, start_step))
+        self.history: dict[str, list[tuple[int, float]]] = {}  # what summary() may draw on
+
+    def log(self, metrics: dict, step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        for k, v in clean.items():
+            self.history.setdefault(k, []).append((step, v))
+        for b in self.backends:
+            b.log(clean, step)
+
+    def summary(self, final: dict) -> Path:
+        """Write `final` to run_dir/summary.json (and the wandb run's summary); returns the path."""
+        path = self.run_dir / self.cfg.summary_file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(final, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, path)
+        for b in self.backends:
+            b.summary(final)
+        return path
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()
+        self.backends = []

@@ -1,0 +1,545 @@
+"""Lossless sparse-delta codec: encode(old, new) -> buckets, apply(state, buckets) -> new state.
+
+Pure functions on tensors and bytes (no Ray). The wire format is in FORMAT.md; in short:
+- every tensor of `new` is split into element-range chunks (at most one bucket of dense bytes);
+- a chunk of a tensor that exists in `old` with the same dtype and shape is coded as a delta of
+  bit patterns ("gap" at level fast, "ctx" at level best, see delta_kernels.py), or as its dense
+  bytes when that is smaller (so a payload is never larger than the dense snapshot, give or take
+  headers); new, reshaped or dtype-changed tensors, and every tensor of a snapshot, go in whole;
+- chunks are packed into buckets of about `bucket_bytes`; bucket 0 also carries the manifest:
+  every target tensor with its checksum, and the checksum of the base tensor it was computed
+  against, so a receiver can prove it holds the right base and that its result is bit-exact.
+
+apply() checks everything before it returns, and never writes into `state`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import xxhash
+import zstandard
+
+from sync import delta_kernels as K
+from sync.config import LEVELS
+from sync.dtypes import DtypeInfo, bits_of, info_by_name, info_for
+from sync.errors import CorruptBucketError, NotADeltaError, SyncError, TensorMismatchError, VersionMismatchError
+from sync.format import Bucket, digest, pack_bucket, parse_bucket
+
+DENSE_ZSTD_LEVEL = {"fast": 1, "best": 9}
+MAX_CHUNK_ELEMS = 1 << 24  # bounds decoder memory and gives threads work units
+ENTRY_HEADER_BYTES = 256  # rough JSON cost of one entry, for bucket packing
+PARALLEL_MIN_ELEMS = 1 << 20
+DELTA_ENCODINGS = ("none", "gap", "ctx")
+DENSE_ENCODINGS = ("planes", "raw")
+_INT_NUMPY = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}
+
+
+def _workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _kernel_params(info: DtypeInfo) -> tuple:
+    mask = np.uint64((1 << info.width) - 1)
+    return (info.ctx_kind, info.mant_bits, info.exp_mask, info.exp_drop, info.width, mask)
+
+
+def chunk_ranges(numel: int, info: DtypeInfo, bucket_bytes: int) -> list[tuple[int, int]]:
+    if numel == 0:
+        return [(0, 0)]
+    per = max(64, min(MAX_CHUNK_ELEMS, bucket_bytes // (info.width // 8)) // 64 * 64)
+    return [(s, min(s + per, numel)) for s in range(0, numel, per)]
+
+
+# ---------------------------------------------------------------- chunk encoders
+
+
+def _encode_dense(n: np.ndarray, level: str) -> tuple[str, bytes]:
+    isz = n.itemsize
+    raw = n.view(np.uint8)
+    planes = raw.reshape(-1, isz).T.tobytes() if isz > 1 else raw.tobytes()
+    z = zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL[level]).compress(planes)
+    if len(z) < raw.nbytes:
+        return "planes", z
+    return "raw", raw.tobytes()
+
+
+def _encode_delta(o: np.ndarray, n: np.ndarray, info: DtypeInfo, level: str) -> tuple[str, bytes, int]:
+    raw_len = n.nbytes
+    out = np.empty(raw_len + 256, np.uint8)
+    params = _kernel_params(info)
+    if level == "fast":
+        per = 8 // o.itemsize
+        nw = o.shape[0] // per
+        nbytes, changed = K.encode_gap(o, n, o[: nw * per].view(np.uint64), n[: nw * per].view(np.uint64), per, *params, out)
+        enc = "gap"
+    else:
+        nbytes, changed = K.encode_ctx(o, n, *params, out)
+        enc = "ctx"
+    if nbytes >= 0 and changed == 0:
+        return "none", b"", 0
+    if nbytes < 0:
+        changed = int(np.count_nonzero(o != n))
+    if nbytes >= 0 and nbytes <= raw_len // 4:
+        return enc, out[:nbytes].tobytes(), int(changed)
+    dense_enc, dense = _encode_dense(n, level)
+    if nbytes >= 0 and nbytes <= len(dense):
+        return enc, out[:nbytes].tobytes(), int(changed)
+    return dense_enc, dense, int(changed)
+
+
+@dataclass
+class _Job:
+    name: str
+    kind: str  # "delta" | "whole"
+    info: DtypeInfo
+    shape: list
+    start: int
+    stop: int
+    old: np.ndarray | None
+    new: np.ndarray
+
+
+def _run_job(job: _Job, level: str) -> tuple[dict, bytes]:
+    n = job.new[job.start : job.stop]
+    entry = {
+        "name": job.name, "dtype": job.info.name, "shape": job.shape, "kind": job.kind,
+        "start": job.start, "stop": job.stop, "xxh": digest(n),
+    }
+    if job.kind == "delta":
+        enc, body, changed = _encode_delta(job.old[job.start : job.stop], n, job.info, level)
+    else:
+        enc, body = _encode_dense(n, level)
+        changed = job.stop - job.start
+    entry["enc"] = enc
+    entry["changed"] = changed
+    return entry, body
+
+
+def encode(
+    old: dict[str, torch.Tensor] | None,
+    new: dict[str, torch.Tensor],
+    *,
+    base_version: int | None,
+    target_version: int,
+    level: str = "best",
+    bucket_bytes: int = 32 << 20,
+    metadata: dict[str, str] | None = None,
+) -> list[bytes]:
+    """Encode `new` as a delta against `old` (or a full snapshot when old is None) into
+    self-describing buckets. Tensors are compared by bit pattern; the result is lossless.
+    `metadata` (str -> str, e.g. a safetensors header's) travels in bucket 0."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if not isinstance(target_version, int):
+        raise ValueError(f"target_version must be an int, got {target_version!r}")
+    if old is not None and not isinstance(base_version, int):
+        raise ValueError("a delta (old is not None) needs an integer base_version")
+    if old is None:
+        base_version = None
+    if bucket_bytes < 4096:
+        raise ValueError(f"bucket_bytes must be >= 4096, got {bucket_bytes}")
+    manifest, removed, jobs = [], [], []
+    for name, t in new.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"state entries must be str -> Tensor, got {type(name).__name__} -> {type(t).__name__}")
+        info = info_for(t.dtype, name)
+        nbits = bits_of(t)
+        shape = list(t.shape)
+        item = {"name": name, "dtype": info.name, "shape": shape, "xxh": digest(nbits), "base": None}
+        kind, obits = "whole", None
+        if old is not None and name in old:
+            o = old[name]
+            oinfo = info_for(o.dtype, name)
+            ob = bits_of(o)
+            item["base"] = {"dtype": oinfo.name, "shape": list(o.shape), "xxh": digest(ob)}
+            if o.dtype == t.dtype and tuple(o.shape) == tuple(t.shape):
+                kind, obits = "delta", ob
+        item["kind"] = kind
+        manifest.append(item)
+        for start, stop in chunk_ranges(nbits.shape[0], info, bucket_bytes):
+            jobs.append(_Job(name, kind, info, shape, start, stop, obits, nbits))
+    if old is not None:
+        for name, o in old.items():
+            if name not in new:
+                oinfo = info_for(o.dtype, name)
+                removed.append({"name": name, "dtype": oinfo.name, "shape": list(o.shape), "xxh": digest(bits_of(o))})
+    total = sum(j.stop - j.start for j in jobs)
+    if total >= PARALLEL_MIN_ELEMS and len(jobs) > 1 and _workers() > 1:
+        with ThreadPoolExecutor(_workers()) as pool:
+            results = list(pool.map(lambda j: _run_job(j, level), jobs))
+    else:
+        results = [_run_job(j, level) for j in jobs]
+    return _pack(results, manifest, removed, base_version, target_version, level, bucket_bytes, metadata)
+
+
+def _pack(results, manifest, removed, base_version, target_version, level, bucket_bytes, metadata) -> list[bytes]:
+    groups, cur, size = [], [], 0
+    for entry, body in results:
+        cost = len(body) + ENTRY_HEADER_BYTES
+        if cur and size + cost > bucket_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append((entry, body))
+        size += cost
+    groups.append(cur)
+    common = {"base": base_version, "target": target_version, "level": level}
+    ident = json.dumps([common, manifest, removed], sort_keys=True, separators=(",", ":")).encode()
+    payload_id = xxhash.xxh3_64_hexdigest(ident)
+    buckets = []
+    for i, group in enumerate(groups):
+        entries, bodies, off = [], [], 0
+        for entry, body in group:
+            entries.append(dict(entry, off=off, len=len(body)))
+            bodies.append(body)
+            off += len(body)
+        header = dict(common, payload=payload_id, index=i, count=len(groups), entries=entries)
+        if i == 0:
+            header["manifest"] = manifest
+            header["removed"] = removed
+            if metadata:
+                header["metadata"] = {str(k): str(v) for k, v in metadata.items()}
+        buckets.append(pack_bucket(header, b"".join(bodies)))
+    return buckets
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _decode_dense(enc: str, body: memoryview, count: int, info: DtypeInfo, where: str) -> np.ndarray:
+    isz = info.width // 8
+    nbytes = count * isz
+    if enc == "raw":
+        if len(body) != nbytes:
+            raise CorruptBucketError(f"{where}: raw body has {len(body)} bytes, expected {nbytes}")
+        return np.frombuffer(body, dtype=info.uint).copy()
+    try:
+        size = zstandard.frame_content_size(body)
+        if size != nbytes:
+            raise CorruptBucketError(f"{where}: compressed body holds {size} bytes, expected {nbytes}")
+        data = zstandard.ZstdDecompressor().decompress(body)
+    except zstandard.ZstdError as e:
+        raise CorruptBucketError(f"{where}: compressed body is corrupt ({e})") from None
+    if len(data) != nbytes:
+        raise CorruptBucketError(f"{where}: decompressed {len(data)} bytes, expected {nbytes}")
+    planes = np.frombuffer(data, dtype=np.uint8)
+    if isz > 1:
+        planes = planes.reshape(isz, count).T
+    return np.ascontiguousarray(planes).view(info.uint).reshape(-1)
+
+
+def _decode_delta(enc: str, body: memoryview, changed: int, old: np.ndarray, info: DtypeInfo, where: str):
+    """Positions (relative to the chunk) and new bit patterns of the changed elements."""
+    if changed < 1 or changed > old.shape[0]:
+        raise CorruptBucketError(f"{where}: {changed} changes in a chunk of {old.shape[0]} elements")
+    buf = np.frombuffer(body, dtype=np.uint8)
+    pos = np.empty(changed, np.int64)
+    vals = np.empty(changed, info.uint)
+    params = _kernel_params(info)
+    if enc == "gap":
+        u = np.empty(changed, np.uint64)
+        status = K.decode_gap(old.shape[0], buf, changed, info.width, pos, u)
+        if status == 0:
+            K.gather_apply(old, pos, u, params[-1], vals)
+    else:
+        status = K.decode_ctx(old, buf, changed, *params, pos, vals)
+    if status != 0:
+        raise CorruptBucketError(f"{where}: {enc} stream is corrupt (decoder status {status})")
+    return pos, vals
+
+
+@dataclass
+class DecodedPayload:
+    """What decoding one payload produced. `arrays` maps each tensor whose bits changed to its
+    new bit array; `ops` replays the same change onto another copy of the base state."""
+    base_version: int | None
+    target_version: int
+    level: str
+    order: list[str]
+    meta: dict  # name -> (DtypeInfo, shape)
+    arrays: dict  # name -> np.ndarray (uint bits, flat)
+    whole: set  # names whose arrays are new tensors (not edits of a base tensor)
+    removed: list[str]
+    ops: list = field(default_factory=list)  # (name, "scatter", positions, values) | (name, "range", start, values)
+    undo: list = field(default_factory=list)  # in-place mode: (array, positions or slice, old values)
+    payload_bytes: int = 0
+    dense_bytes: int = 0
+    changed: int = 0
+
+    def rollback(self) -> None:
+        for arr, where, vals in reversed(self.undo):
+            arr[where] = vals
+        self.undo.clear()
+
+
+def _need(h: dict, key: str, types, where: str):
+    v = h.get(key) if isinstance(h, dict) else None
+    if not isinstance(v, types) or (isinstance(v, bool) and types is int):
+        raise CorruptBucketError(f"{where}: header field {key!r} is missing or malformed ({v!r})")
+    return v
+
+
+def _shape(v, where: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v):
+        raise CorruptBucketError(f"{where}: malformed shape {v!r}")
+    return tuple(v)
+
+
+def _check_sequence(parsed: list[Bucket]) -> dict:
+    h0 = parsed[0].header
+    common = {
+        "payload": _need(h0, "payload", str, "bucket 0"),
+        "base": h0.get("base"),
+        "target": _need(h0, "target", int, "bucket 0"),
+        "level": _need(h0, "level", str, "bucket 0"),
+    }
+    if common["base"] is not None and not isinstance(common["base"], int):
+        raise CorruptBucketError(f"bucket 0: malformed base version {common['base']!r}")
+    for i, b in enumerate(parsed):
+        h = b.header
+        where = f"bucket at position {i}"
+        if h.get("payload") != common["payload"]:
+            raise CorruptBucketError(f"{where} belongs to payload {h.get('payload')!r}, not {common['payload']!r} (buckets of different payloads mixed)")
+        for key in ("base", "target", "level"):
+            if h.get(key) != common[key]:
+                raise CorruptBucketError(f"{where}: {key} {h.get(key)!r} differs from bucket 0's {common[key]!r}")
+        if h.get("count") != len(parsed):
+            raise CorruptBucketError(f"{where}: payload has {h.get('count')!r} buckets, {len(parsed)} were given (dropped or duplicated bucket)")
+        if h.get("index") != i:
+            raise CorruptBucketError(f"{where} has index {h.get('index')!r} (buckets reordered, dropped or duplicated)")
+        if (i == 0) != ("manifest" in h):
+            raise CorruptBucketError(f"{where}: the manifest must be in bucket 0 and only there")
+        _need(h, "entries", list, where)
+    return common
+
+
+def decode_into(
+    state: dict[str, torch.Tensor], version: int | None, buckets: list, *, in_place: bool
+) -> DecodedPayload:
+    """Decode and verify a payload against `state`. With in_place=False, changed tensors are
+    copied first (state untouched). With in_place=True the CPU tensors of `state` are edited
+    directly and every edit is logged in `undo`; on any error the edits are rolled back before
+    the error propagates. Raises SyncError subclasses only."""
+    if not isinstance(buckets, (list, tuple)) or not buckets:
+        raise NotADeltaError("payload has no buckets")
+    parsed = [parse_bucket(b, i) for i, b in enumerate(buckets)]
+    result = None
+    try:
+        common = _check_sequence(parsed)
+        result = _decode_checked(state, version, parsed, common, in_place)
+        return result
+    except SyncError:
+        if result is not None:
+            result.rollback()
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
+        raise CorruptBucketError(f"malformed payload header: {type(e).__name__}: {e}") from None
+
+
+def _decode_checked(state, version, parsed, common, in_place) -> DecodedPayload:
+    h0 = parsed[0].header
+    base, target = common["base"], common["target"]
+    if base is not None and version != base:
+        raise VersionMismatchError(f"payload is a delta {base} -> {target}; it needs a receiver at version {base}, this one is at {version}")
+    manifest = _need(h0, "manifest", list, "bucket 0")
+    removed = _need(h0, "removed", list, "bucket 0")
+    meta, order, base_xxh = {}, [], {}
+    for m in manifest:
+        where = "bucket 0 manifest"
+        name = _need(m, "name", str, where)
+        if name in meta:
+            raise CorruptBucketError(f"{where}: tensor {name!r} listed twice")
+        meta[name] = (info_by_name(_need(m, "dtype", str, where), name), _shape(m.get("shape"), where))
+        order.append(name)
+        if m.get("kind") not in ("delta", "whole"):
+            raise CorruptBucketError(f"{where}: tensor {name!r} has kind {m.get('kind')!r}")
+    # The base the sender diffed against must be exactly what the receiver holds.
+    expected_base = {}
+    for m in manifest:
+        if m.get("base") is not None:
+            expected_base[m["name"]] = m["base"]
+        elif m["kind"] == "delta":
+            raise CorruptBucketError(f"bucket 0 manifest: delta tensor {m['name']!r} has no base")
+    for r in removed:
+        expected_base[_need(r, "name", str, "bucket 0 removed")] = r
+    if base is None:
+        if expected_base:
+            raise CorruptBucketError("bucket 0: a snapshot must not name base tensors")
+    else:
+        missing = sorted(set(expected_base) - set(state))
+        extra = sorted(set(state) - set(expected_base))
+        if missing or extra:
+            raise TensorMismatchError(
+                f"receiver state does not match the delta's base: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        for name, b in expected_base.items():
+            t = state[name]
+            info = info_for(t.dtype, name)
+            if info.name != b.get("dtype") or list(t.shape) != b.get("shape"):
+                raise TensorMismatchError(
+                    f"tensor {name!r}: receiver has {info.name}{list(t.shape)}, the delta's base is {b.get('dtype')}{b.get('shape')}"
+                )
+            h = digest(bits_of(t))
+            if h != b.get("xxh"):
+                raise TensorMismatchError(f"tensor {name!r}: receiver's values differ from the delta's base (checksum {h} != {b.get('xxh')})")
+            base_xxh[name] = h
+    out = DecodedPayload(
+        base_version=base, target_version=target, level=common["level"], order=order, meta=meta,
+        arrays={}, whole=set(), removed=[r["name"] for r in removed],
+        payload_bytes=sum(b.nbytes for b in parsed),
+    )
+    try:
+        _decode_entries(state, parsed, manifest, meta, out, in_place)
+        for m in manifest:
+            name = m["name"]
+            h = digest(out.arrays[name]) if name in out.arrays else base_xxh.get(name)
+            if h != m.get("xxh"):
+                raise CorruptBucketError(f"tensor {name!r}: decoded result checksum {h} != sender's {m.get('xxh')}")
+    except BaseException:
+        out.rollback()
+        raise
+    return out
+
+
+def _decode_entries(state, parsed, manifest, meta, out: DecodedPayload, in_place: bool) -> None:
+    kinds = {m["name"]: m["kind"] for m in manifest}
+    next_start = {name: 0 for name in meta}
+    seen = set()
+    for bi, b in enumerate(parsed):
+        body = b.body
+        for ei, e in enumerate(b.header["entries"]):
+            where = f"bucket {bi} entry {ei}"
+            name = _need(e, "name", str, where)
+            if name not in meta:
+                raise CorruptBucketError(f"{where}: tensor {name!r} is not in the manifest")
+            info, shape = meta[name]
+            where = f"bucket {bi} entry {ei} ({name!r})"
+            if e.get("dtype") != info.name or _shape(e.get("shape"), where) != shape or e.get("kind") != kinds[name]:
+                raise CorruptBucketError(f"{where}: dtype/shape/kind differ from the manifest")
+            numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            start, stop = _need(e, "start", int, where), _need(e, "stop", int, where)
+            if start != next_start[name] or stop > numel or (stop <= start and not (numel == 0 and stop == start == 0)):
+                raise CorruptBucketError(f"{where}: element range [{start}, {stop}) is out of order or out of bounds (tensor has {numel})")
+            next_start[name] = stop
+            seen.add(name)
+            off, ln = _need(e, "off", int, where), _need(e, "len", int, where)
+            if off < 0 or ln < 0 or off + ln > len(body):
+                raise CorruptBucketError(f"{where}: body slice [{off}, {off + ln}) outside a body of {len(body)} bytes")
+            chunk = body[off : off + ln]
+            enc = _need(e, "enc", str, where)
+            changed = _need(e, "changed", int, where)
+            out.dense_bytes += (stop - start) * info.width // 8
+            if kinds[name] == "whole":
+                if enc not in DENSE_ENCODINGS:
+                    raise CorruptBucketError(f"{where}: encoding {enc!r} is not valid for a whole tensor")
+                arr = out.arrays.get(name)
+                if arr is None:
+                    arr = out.arrays[name] = np.empty(numel, info.uint)
+                    out.whole.add(name)
+                arr[start:stop] = _decode_dense(enc, chunk, stop - start, info, where)
+                region = arr[start:stop]
+            else:
+                arr = out.arrays.get(name)
+                if arr is None:
+                    arr = bits_of(state[name])
+                    if in_place and enc != "none" and arr.ctypes.data != state[name].data_ptr():
+                        raise RuntimeError(f"in-place decode needs CPU contiguous tensors ({name!r})")
+                    elif enc != "none":
+                        arr = arr.copy()
+                if enc == "none":
+                    if ln != 0 or changed != 0:
+                        raise CorruptBucketError(f"{where}: 'none' entry with a body or changes")
+                elif enc in ("gap", "ctx"):
+                    pos, vals = _decode_delta(enc, chunk, changed, arr[start:stop], info, where)
+                    pos += start
+                    if in_place:
+                        out.undo.append((arr, pos, arr[pos]))
+                    arr[pos] = vals
+                    out.ops.append((name, "scatter", pos, vals))
+                    out.arrays[name] = arr
+                    out.changed += changed
+                elif enc in DENSE_ENCODINGS:
+                    vals = _decode_dense(enc, chunk, stop - start, info, where)
+                    if in_place:
+                        out.undo.append((arr, slice(start, stop), arr[start:stop].copy()))
+                    arr[start:stop] = vals
+                    out.ops.append((name, "range", start, vals))
+                    out.arrays[name] = arr
+                    out.changed += changed
+                else:
+                    raise CorruptBucketError(f"{where}: unknown encoding {enc!r}")
+                region = arr[start:stop]
+            if digest(region) != e.get("xxh"):
+                raise CorruptBucketError(f"{where}: decoded elements [{start}, {stop}) do not match the sender's checksum")
+    for name, (info, shape) in meta.items():
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if name not in seen or next_start[name] != numel:
+            raise CorruptBucketError(f"tensor {name!r}: payload covers elements [0, {next_start[name]}) of {numel} (missing bucket?)")
+
+
+def tensor_from_bits(arr: np.ndarray, info: DtypeInfo, shape) -> torch.Tensor:
+    """A torch tensor (sharing memory) holding the given bit patterns."""
+    t = torch.from_numpy(arr.view(_INT_NUMPY[info.width]))
+    return t.view(info.torch_dtype).reshape(shape)
+
+
+def apply(
+    state: dict[str, torch.Tensor], version: int | None, buckets: list[bytes]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Apply a payload to `state` (never mutated). Returns (new_state, new_version).
+    Tensors the payload leaves unchanged are shared with `state`, not copied."""
+    res = decode_into(state, version, buckets, in_place=False)
+    new_state = {}
+    for name in res.order:
+        info, shape = res.meta[name]
+        if name in res.arrays:
+            t = tensor_from_bits(res.arrays[name], info, shape)
+            if name in state and name not in res.whole and state[name].device.type != "cpu":
+                t = t.to(state[name].device)
+            new_state[name] = t
+        else:
+            new_state[name] = state[name]
+    return new_state, res.target_version
+
+
+def inspect_payload(buckets: list) -> dict:
+    """Describe a payload without applying it (checks structure and bucket checksums)."""
+    if not isinstance(buckets, (list, tuple)) or not buckets:
+        raise NotADeltaError("payload has no buckets")
+    parsed = [parse_bucket(b, i) for i, b in enumerate(buckets)]
+    try:
+        common = _check_sequence(parsed)
+        h0 = parsed[0].header
+        tensors = {}
+        for m in _need(h0, "manifest", list, "bucket 0"):
+            info = info_by_name(m["dtype"], m["name"])
+            shape = _shape(m["shape"], "bucket 0 manifest")
+            numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            tensors[m["name"]] = {
+                "dtype": info.name, "shape": list(shape), "kind": m["kind"], "numel": numel, "changed": 0,
+                "payload_bytes": 0, "dense_bytes": numel * info.width // 8, "encodings": [],
+            }
+        for b in parsed:
+            for e in b.header["entries"]:
+                t = tensors[e["name"]]
+                t["changed"] += int(e["changed"])
+                t["payload_bytes"] += int(e["len"])
+                if e["enc"] not in t["encodings"]:
+                    t["encodings"].append(e["enc"])
+        removed = [r["name"] for r in _need(h0, "removed", list, "bucket 0")]
+        metadata = h0.get("metadata") or {}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptBucketError(f"malformed payload header: {type(e).__name__}: {e}") from None
+    payload = sum(b.nbytes for b in parsed)
+    dense = sum(t["dense_bytes"] for t in tensors.values())
+    return {
+        "base_version": common["base"], "target_version": common["target"], "level": common["level"],
+        "kind": "snapshot" if common["base"] is None else "delta", "buckets": len(parsed),
+        "payload_bytes": payload, "dense_bytes": dense, "ratio": dense / max(1, payload),
+        "changed": sum(t["changed"] for t in tensors.values() if t["kind"] == "delta"),
+        "tensors": tensors, "removed": removed, "metadata": metadata,
+    }

@@ -1,0 +1,28 @@
+"""Typed errors of the weight synchronizer. Every bad payload raises a `SyncError` subclass whose
+message names what is wrong, so callers can catch one type and keep their weights untouched."""
+from __future__ import annotations
+
+
+class SyncError(Exception):
+    """Base class: a payload, file or state that the synchronizer cannot use."""
+
+
+class CorruptBucketError(SyncError):
+    """A bucket failed a check: magic, format version, length, checksum, order, or its decoded
+    result does not match the checksum the sender computed."""
+
+
+class VersionMismatchError(SyncError):
+    """The receiver's version is not the delta's base version."""
+
+
+class TensorMismatchError(SyncError):
+    """A tensor's name, shape, dtype or base content does not match the receiver's state."""
+
+
+class NotADeltaError(SyncError):
+    """The bytes or file are not a sync payload at all (wrong magic, not a container)."""
+
+
+class BadInputError(SyncError):
+    """An input state file (e.g. a safetensors checkpoint) cannot be read."""

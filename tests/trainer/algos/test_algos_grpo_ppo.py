@@ -1,0 +1,162 @@
+"""GRPO / PPO / SFT objectives against formulas computed here, element by element."""
+import math
+
+import pytest
+import torch
+
+from trainer.algos import PPO, SFT, AlgoConfig, AlgoConfigError, GRPO, build_objective, group_advantages
+from trainer.algos.ppo import baseline_advantages
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'policy' whose logits are a parameter [B, T, V]: logprobs are known in closed form."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        from models.gpt import CausalLMOutput
+
+        return CausalLMOutput(logits=self.logits)
+
+
+def _setup(seed=0, B=4, T=5, V=7):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1, 1, 0], [0, 0, 1, 0, 0]], dtype=torch.float)
+    old = torch.randn(B, T, generator=g) * 0.3 - 1.5
+    return FixedLogits(logits), ids, loss_mask, old
+
+
+def _ref_logp(logits, ids, temperature=1.0):
+    """logprob of token t under logits at t-1, by explicit loops."""
+    B, T, _ = logits.shape
+    out = torch.zeros(B, T)
+    for b in range(B):
+        for t in range(1, T):
+            row = logits[b, t - 1] / temperature
+            out[b, t] = row[ids[b, t]] - math.log(sum(math.exp(x) for x in row.tolist()))
+    return out
+
+
+def test_group_advantages_formula():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.2])
+    adv = group_advantages(r, 3)
+    for g in range(3):
+        x = r[3 * g:3 * g + 3].tolist()
+        mean = sum(x) / 3
+        std = math.sqrt(sum((v - mean) ** 2 for v in x) / 2)  # unbiased
+        for j in range(3):
+            assert adv[3 * g + j].item() == pytest.approx((x[j] - mean) / (std + 1e-4), abs=1e-5)
+    assert adv[3:6].abs().max() == 0  # equal rewards: no signal
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(r, 4)
+
+
+@pytest.mark.parametrize("kl_coef, temperature", [(0.0, 1.0), (0.1, 0.7)])
+def test_grpo_loss_matches_the_formula(kl_coef, temperature):
+    model, ids, mask, old = _setup()
+    adv = torch.tensor([1.5, -0.5, 0.8, -2.0])
+    ref = old + 0.2
+    eps = 0.2
+    algo = GRPO(AlgoConfig(clip_eps=eps, kl_coef=kl_coef, temperature=temperature))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask, "old_logprobs": old,
+             "advantages": adv, "ref_logprobs": ref}
+    loss, metrics = algo(model, batch)
+
+    logp = _ref_logp(model.logits.detach(), ids, temperature)
+    total, count, clipped = 0.0, 0, 0
+    for b in range(4):
+        for t in range(5):
+            if not mask[b, t]:
+                continue
+            ratio = math.exp(logp[b, t] - old[b, t])
+            a = adv[b].item()
+            term = -min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a)
+            d = ref[b, t].item() - logp[b, t].item()
+            term += kl_coef * (math.exp(d) - d - 1)
+            total += term
+            count += 1
+            clipped += abs(ratio - 1) > eps
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert metrics["clip_frac"] == pytest.approx(clipped / count)
+    assert 0 < metrics["clip_frac"] < 1  # the case exercises both branches of the clip
+    mismatch = sum(abs(logp[b, t] - old[b, t]) for b in range(4) for t in range(5) if mask[b, t]) / count
+    assert metrics["logprob_mismatch"] == pytest.approx(float(mismatch), rel=1e-5)
+    loss.backward()
+    assert model.logits.grad.abs().sum() > 0
+
+
+def test_clipping_stops_the_gradient_outside_the_trust_region():
+    """Ratio far above 1 + eps with a positive advantage: the clipped branch is the min, so no
+    gradient flows (d/dlogp of a constant)."""
+    model, ids, mask, old = _setup()
+    logp = _ref_logp(model.logits.detach(), ids)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask,
+             "old_logprobs": logp - 1.0, "advantages": torch.ones(4)}  # ratio = e > 1.2
+    loss, metrics = GRPO(AlgoConfig(clip_eps=0.2))(model, batch)
+    loss.backward()
+    assert metrics["clip_frac"] == 1.0
+    assert loss.item() == pytest.approx(-1.2, rel=1e-5)
+    assert model.logits.grad.abs().max() == 0
+
+
+def test_logprob_mismatch_only_counts_rows_of_the_current_version():
+    model, ids, mask, _ = _setup()
+    logp = _ref_logp(model.logits.detach(), ids)
+    old = logp.clone()
+    old[1] -= 0.5  # a stale row
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask, "old_logprobs": old,
+             "advantages": torch.zeros(4), "current_version": torch.tensor([True, False, True, True])}
+    _, metrics = GRPO(AlgoConfig())(model, batch)
+    assert metrics["logprob_mismatch"] < 1e-5
+
+
+def test_ppo_baseline_advantages_and_loss():
+    r1 = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    algo = PPO(AlgoConfig(name="ppo", baseline_decay=0.5, std_normalize=False))
+    a1 = algo.advantages(r1, 1)
+    assert a1.tolist() == pytest.approx([0.25, -0.75, 0.25, 0.25])  # baseline = first mean 0.75
+    r2 = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    a2 = algo.advantages(r2, 1)
+    assert a2.tolist() == pytest.approx([-0.75, -0.75, -0.75, 0.25])  # baseline still 0.75
+    assert algo.baseline == pytest.approx(0.5 * 0.75 + 0.5 * 0.25)
+    std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std().item()
+    assert baseline_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]), 0.5).tolist() == pytest.approx(
+        [0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 2)
+
+    model, ids, mask, old = _setup(1)
+    adv = torch.tensor([0.3, -1.0, 2.0, 0.0])
+    loss, _ = PPO(AlgoConfig(name="ppo", clip_eps=0.1))(model, {
+        "input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask, "old_logprobs": old,
+        "advantages": adv})
+    logp = _ref_logp(model.logits.detach(), ids)
+    terms = [-min(math.exp(logp[b, t] - old[b, t]) * adv[b].item(),
+                  min(max(math.exp(logp[b, t] - old[b, t]), 0.9), 1.1) * adv[b].item())
+             for b in range(4) for t in range(5) if mask[b, t]]
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_sft_is_mean_negative_logprob_of_the_answer_tokens():
+    model, ids, mask, _ = _setup(2)
+    loss, _ = SFT()(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask})
+    logp = _ref_logp(model.logits.detach(), ids)
+    assert loss.item() == pytest.approx(-(logp * mask).sum().item() / mask.sum().item(), rel=1e-5)
+
+
+def test_kl_needs_a_reference_and_bad_configs_are_named():
+    model, ids, mask, old = _setup()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask, "old_logprobs": old,
+             "advantages": torch.ones(4)}
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        GRPO(AlgoConfig(kl_coef=0.1))(model, batch)
+    algo = GRPO(AlgoConfig(kl_coef=0.1))
+    algo.set_reference(FixedLogits(model.logits.detach()))
+    _, metrics = algo(model, batch)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # same policy: KL 0
+    with pytest.raises(AlgoConfigError, match="algo.name='a2c'"):
+        build_objective(AlgoConfig(name="a2c"))
+    with pytest.raises(AlgoConfigError, match="algo.clip_eps"):
+        build_objective(AlgoConfig(clip_eps=1.5))

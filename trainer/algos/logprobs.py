@@ -1,0 +1,23 @@
+"""The trainer's view of the logprobs a rollout recorded (see rollout/generation.py)."""
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """[B, T] float32: log softmax(logits / temperature) of token t given tokens < t; column 0 is 0."""
+    logits = model(input_ids, attention_mask=attention_mask).logits
+    logp = (logits[:, :-1].float() / temperature).log_softmax(-1)
+    picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask == 1 (token-level: every completion token in the batch weighs the same)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)

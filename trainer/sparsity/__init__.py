@@ -1,0 +1,181 @@
+"""Sparse-training methods inside the trainer, behind one small interface (`Sparsifier`).
+
+    cfg = SparsityConfig(method="nm", n=2, m=4)            # or Hydra: sparsity=nm sparsity.n=2 ...
+    validate_sparsity_config(cfg, module_shapes(meta_model))  # at config load, before any actor
+    check_zero_stage(cfg, zero_stage)                      # ZeRO-3 is rejected
+    sparsifier = build_sparsifier(model, cfg, total_steps)
+    sparsifier.attach()                                    # before the optimizer / DeepSpeed
+    for step in range(start, total_steps):                 # step = optimizer steps already taken
+        sparsifier.before_forward(step)                    # every micro-batch (idempotent per step)
+        loss.backward(); optimizer.step()
+        sparsifier.after_optimizer_step(step, params)      # params: a ParamAccess over the masters
+    sparsifier.metrics(); sparsifier.state_dict(); sparsifier.masked_state_dict(model.state_dict())
+
+One file per family: nm.py (N:M, STE/SR-STE, progressive gradient flow), dynamic.py (SET, RigL,
+static, ERK), magnitude.py (gradual magnitude pruning), dense.py. masked_forward.py holds the
+autograd Function, layers.py which modules can be sparsified and how patterns select them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.nn as nn
+
+from trainer.sparsity.base import ParamAccess, Sparsifier, TorchParamAccess
+from trainer.sparsity.config import (
+    DISTRIBUTIONS, ESTIMATORS, GRADIENT_FLOWS, METHODS, SDGF_SCHEDULES, STATIC_INITS, SparsityConfig,
+)
+from trainer.sparsity.dense import DenseSparsifier
+from trainer.sparsity.dynamic import DynamicSparsifier, erk_densities
+from trainer.sparsity.errors import SparsityConfigError, SparsityPatternError, SparsityStateError
+from trainer.sparsity.layers import layer_override, module_kind, module_shapes, select_layers
+from trainer.sparsity.magnitude import MagnitudeSparsifier
+from trainer.sparsity.masked_forward import SparseLayer
+from trainer.sparsity.nm import NMSparsifier, sdgf_stages
+
+__all__ = [
+    "SparsityConfig", "SparsityConfigError", "SparsityPatternError", "SparsityStateError",
+    "Sparsifier", "ParamAccess", "TorchParamAccess", "validate_sparsity_config",
+    "build_sparsifier", "check_zero_stage", "module_shapes", "layer_densities",
+]
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise SparsityConfigError(f"sparsity.{key}={value!r}; expected one of {list(allowed)}")
+
+
+def _fraction(value: float, key: str, low_open: bool = False) -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok:
+        raise SparsityConfigError(
+            f"sparsity.{key}={value!r}; expected a value in {'(0, 1]' if low_open else '[0, 1]'}"
+        )
+
+
+def _check_nm(n: int, m: int, where: str, in_features: int | None = None) -> None:
+    if not (isinstance(n, int) and isinstance(m, int)) or isinstance(n, bool) or n < 1 or m < 2 or n >= m:
+        raise SparsityConfigError(f"{where}: N:M = {n}:{m}; expected integers with 1 <= N < M")
+    if in_features is not None and in_features % m:
+        raise SparsityConfigError(
+            f"{where}: M={m} does not divide the layer's input dimension {in_features}"
+        )
+
+
+def validate_sparsity_config(
+    cfg: SparsityConfig, module_shapes_or_model: Mapping[str, tuple[int, ...]] | nn.Module
+) -> None:
+    """Raise SparsityConfigError naming the field/layer for any config that cannot work on this
+    model. `module_shapes_or_model`: module name -> (out_features, in_features) of every
+    candidate (see `module_shapes`, works on a meta-device model), or the model itself."""
+    shapes = (
+        module_shapes(module_shapes_or_model) if isinstance(module_shapes_or_model, nn.Module)
+        else dict(module_shapes_or_model)
+    )
+    _choice(cfg.method, METHODS, "method")
+    _choice(cfg.estimator, ESTIMATORS, "estimator")
+    _choice(cfg.gradient_flow, GRADIENT_FLOWS, "gradient_flow")
+    _choice(cfg.sdgf_schedule, SDGF_SCHEDULES, "sdgf_schedule")
+    _choice(cfg.distribution, DISTRIBUTIONS, "distribution")
+    _choice(cfg.init, STATIC_INITS, "init")
+    if cfg.method == "dense":
+        return
+    for key in ("mask_interval", "update_interval", "prune_interval"):
+        if int(getattr(cfg, key)) < 1:
+            raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected an integer >= 1")
+    for key in ("sr_ste_lambda", "decay_coef"):
+        if getattr(cfg, key) < 0:
+            raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected a value >= 0")
+    for key in ("dense_fraction", "fine_tune_fraction", "drop_fraction", "end_fraction",
+                "prune_start_fraction", "prune_end_fraction", "initial_sparsity"):
+        _fraction(getattr(cfg, key), key)
+    _fraction(cfg.density, "density", low_open=True)
+    if cfg.dense_fraction + cfg.fine_tune_fraction >= 1.0:
+        raise SparsityConfigError(
+            f"sparsity.dense_fraction + fine_tune_fraction = {cfg.dense_fraction + cfg.fine_tune_fraction}; "
+            f"expected < 1 (no sparse phase left)"
+        )
+    if cfg.method == "magnitude":
+        if cfg.prune_start_fraction >= cfg.prune_end_fraction:
+            raise SparsityConfigError(
+                f"sparsity.prune_start_fraction={cfg.prune_start_fraction} must be < "
+                f"prune_end_fraction={cfg.prune_end_fraction}"
+            )
+        if cfg.initial_sparsity > 1.0 - cfg.density:
+            raise SparsityConfigError(
+                f"sparsity.initial_sparsity={cfg.initial_sparsity} exceeds the target sparsity "
+                f"1 - density = {1.0 - cfg.density}"
+            )
+    if cfg.gradient_flow != "none" and cfg.method != "nm":
+        raise SparsityConfigError(f"sparsity.gradient_flow={cfg.gradient_flow!r} applies to method=nm only")
+    if cfg.method == "nm":
+        _check_nm(cfg.n, cfg.m, "sparsity.n/m")
+    chosen = select_layers(cfg, list(shapes))
+    for name in chosen:
+        override = layer_override(cfg, name)
+        in_features = shapes[name][1]
+        if cfg.method == "nm":
+            n, m = override.get("n", cfg.n), override.get("m", cfg.m)
+            where = f"layer {name}" + (" (sparsity.overrides)" if override else "")
+            _check_nm(n, m, where, in_features)
+            if cfg.gradient_flow == "sdgf":
+                stages = sdgf_stages(n, m, cfg.sdgf_schedule, cfg.sdgf_stages)
+                if not stages:
+                    raise SparsityConfigError("sparsity.sdgf_schedule=custom needs sparsity.sdgf_stages, e.g. ['4:8', '1:8']")
+                for sn, sm in stages:
+                    _check_nm(sn, sm, f"layer {name}, SDGF stage {sn}:{sm} (sdgf_schedule={cfg.sdgf_schedule})", in_features)
+        elif "density" in override:
+            _fraction(override["density"], f"overrides[{name}].density", low_open=True)
+
+
+def layer_densities(cfg: SparsityConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
+    """Density of each sparsified layer: uniform or ERK over the layers without an override;
+    a `density` override fixes that layer's density (the ERK budget covers the others)."""
+    fixed = {n: layer_override(cfg, n)["density"] for n in shapes if "density" in layer_override(cfg, n)}
+    rest = {n: s for n, s in shapes.items() if n not in fixed}
+    if cfg.distribution == "erk" and rest:
+        densities = erk_densities(rest, cfg.density)
+    else:
+        densities = {n: cfg.density for n in rest}
+    densities.update(fixed)
+    return densities
+
+
+def check_zero_stage(cfg: SparsityConfig, stage: int) -> None:
+    """ZeRO-3 partitions each weight across ranks, so no rank can compute a mask over a whole
+    matrix or its N:M groups: rejected for every method except dense."""
+    if cfg.method != "dense" and int(stage) >= 3:
+        raise SparsityConfigError(
+            f"sparsity.method={cfg.method!r} does not support DeepSpeed ZeRO stage {stage} "
+            f"(weights partitioned across ranks); use ZeRO stage 0, 1 or 2"
+        )
+
+
+def build_sparsifier(model: nn.Module, cfg: SparsityConfig, total_steps: int) -> Sparsifier:
+    """Validate `cfg` against `model` and build its method's Sparsifier (call attach() next)."""
+    if int(total_steps) < 1:
+        raise SparsityConfigError(f"total_steps={total_steps!r}; expected >= 1")
+    validate_sparsity_config(cfg, model)
+    if cfg.method == "dense":
+        return DenseSparsifier(model, cfg, total_steps, [])
+    modules = dict(model.named_modules())
+    chosen = select_layers(cfg, list(module_shapes(model)))
+    layers = []
+    for module_name in chosen:
+        module = modules[module_name]
+        override = layer_override(cfg, module_name)
+        layer = SparseLayer(
+            name=f"{module_name}.weight" if module_name else "weight", module_name=module_name,
+            module=module, kind=module_kind(module), shape=tuple(module.weight.shape),
+        )
+        layer.extra["target_n"] = int(override.get("n", cfg.n))
+        layer.extra["target_m"] = int(override.get("m", cfg.m))
+        layers.append(layer)
+    if cfg.method == "nm":
+        return NMSparsifier(model, cfg, total_steps, layers)
+    # overrides match module names; the methods key densities by parameter name
+    module_densities = layer_densities(cfg, {layer.module_name: layer.shape for layer in layers})
+    densities = {layer.name: module_densities[layer.module_name] for layer in layers}
+    if cfg.method == "magnitude":
+        return MagnitudeSparsifier(model, cfg, total_steps, layers, densities)
+    return DynamicSparsifier(model, cfg, total_steps, layers, densities)

@@ -1,0 +1,115 @@
+"""The masked forward: a custom autograd Function applied to a weight inside the module's forward.
+
+The module keeps its class, its parameters and their names (no torch parametrize renaming), so
+state_dict, DeepSpeed and the optimizer see the same parameters as without sparsity. All
+gradient changes (STE, SR-STE, masking, RigL's dense-gradient capture) happen inside the
+autograd backward, so gradient hooks that fire during backward (DeepSpeed ZeRO 1/2 reduction)
+see the final gradient.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from trainer.sparsity.layers import ModuleKind
+
+
+@dataclass(eq=False)
+class SparseLayer:
+    """One sparsified weight: what the forward/backward of its module does, and its mask history."""
+
+    name: str  # parameter name, as in model.named_parameters() / state_dict
+    module_name: str
+    module: nn.Module
+    kind: ModuleKind
+    shape: tuple[int, ...]  # weight shape as stored
+    mask: torch.Tensor | None = None  # bool, shape as stored; None: the forward is dense
+    beta: float = 0.0  # forward uses W * (mask + (1 - mask) * beta) while training (MDGF)
+    mask_gradient: bool = False  # DST/pruning: inactive weights get no gradient
+    sr_ste_lambda: float = 0.0  # SR-STE: adds lambda * (1 - mask) * W to the gradient
+    capture_dense_grad: bool = False  # RigL update step: keep dL/d(W_eff) of the whole matrix
+    dense_grad: torch.Tensor | None = None
+    # mask history, for SAD and the ever-flipped fraction
+    initial_mask: torch.Tensor | None = None
+    ever_flipped: torch.Tensor | None = None
+    sad_last: torch.Tensor | None = None  # flips at the latest mask update
+    sad_total: torch.Tensor | None = None  # flips summed over all updates
+    extra: dict = field(default_factory=dict)  # family-specific per-layer values (n, m, density)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def input_dim(self) -> int:
+        return self.kind.input_dim
+
+    def record_mask(self, new_mask: torch.Tensor) -> None:
+        """Install a new mask and update SAD / ever-flipped (device tensors: no host sync)."""
+        if self.initial_mask is None:
+            self.initial_mask = new_mask.clone()
+            self.ever_flipped = torch.zeros_like(new_mask)
+            self.sad_last = torch.zeros((), dtype=torch.long, device=new_mask.device)
+            self.sad_total = torch.zeros((), dtype=torch.long, device=new_mask.device)
+        elif self.mask is not None:
+            flipped = new_mask ^ self.mask
+            self.sad_last = flipped.sum()
+            self.sad_total = self.sad_total + self.sad_last
+            self.ever_flipped |= flipped
+        self.mask = new_mask
+
+    def add_dense_grad(self, grad: torch.Tensor) -> None:
+        g = grad.detach().float()
+        self.dense_grad = g.clone() if self.dense_grad is None else self.dense_grad.add_(g)
+
+
+class MaskedWeight(torch.autograd.Function):
+    """forward: W * mask, or W * (mask + (1 - mask) * beta); backward: see SparseLayer flags."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, layer: SparseLayer, beta: float):
+        ctx.layer = layer
+        ctx.mask_gradient = layer.mask_gradient
+        ctx.sr_ste_lambda = layer.sr_ste_lambda
+        ctx.save_for_backward(weight if layer.sr_ste_lambda else None, mask)
+        if beta:
+            return torch.where(mask, weight, weight * beta)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mask = ctx.saved_tensors
+        layer: SparseLayer = ctx.layer
+        if layer.capture_dense_grad:
+            layer.add_dense_grad(grad)
+        if ctx.mask_gradient:
+            grad = grad * mask
+        # STE: the gradient of the sparse weights goes straight to all of W (no multiply by mask).
+        if ctx.sr_ste_lambda:
+            grad = torch.where(mask, grad, grad + ctx.sr_ste_lambda * weight)
+        return grad, None, None, None
+
+
+def _masked_module_forward(module: nn.Module, layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
+    weight = module.weight
+    if layer.mask is not None:
+        if layer.mask.device != weight.device:  # the model moved after attach
+            layer.mask = layer.mask.to(weight.device)
+        beta = layer.beta if module.training else 0.0  # eval sees the hard mask, as published
+        weight = MaskedWeight.apply(weight, layer.mask, layer, beta)
+    return layer.kind.forward(module, x, weight)
+
+
+def patch_forward(layer: SparseLayer) -> None:
+    # An instance attribute shadows the class's forward; parameters and their names are untouched.
+    layer.module.forward = functools.partial(_masked_module_forward, layer.module, layer)
+
+
+def unpatch_forward(layer: SparseLayer) -> None:
+    layer.module.__dict__.pop("forward", None)

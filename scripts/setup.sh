@@ -10,9 +10,13 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/python -m pip install -q --upgrade pip
 fi
 stamp=.venv/.sparsetrain-installed
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # -c pins torch to the CPU build (without it pip pulls a multi-GB CUDA build).
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+    # Put the repo root itself on sys.path, so every top-level package (sync, trainer, ...),
+    # including ones added after this install, imports from any directory and in Ray workers.
+    site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$root" > "$site/sparsetrain_root.pth"
     echo "$want" > "$stamp"
 fi

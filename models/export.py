@@ -177,7 +177,9 @@ def export_hf_directory(
 ) -> Path:
     """Write `state` (HF names, already masked; None: the model's own weights) as a
     save_pretrained directory of `model`'s architecture. The model itself is not modified.
-    Tokenizer files are copied from `tokenizer_source_dir` (None: none, the byte tokenizer)."""
+    Tokenizer files are copied from `tokenizer_source_dir` (the model's own directory); when it
+    has none, the model ran on the byte tokenizer, which is written as equivalent HF tokenizer
+    files. None: no tokenizer files at all."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = _canonical_state(model, state)
@@ -197,11 +199,15 @@ def export_hf_directory(
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if tokenizer_source_dir is not None:
         src = Path(tokenizer_source_dir)
+        if not src.is_dir():
+            raise ExportError(f"tokenizer source {str(src)!r} is not a directory")
         copied = [f for g in TOKENIZER_FILE_GLOBS for f in src.glob(g) if f.is_file()]
-        if not copied:
-            raise ExportError(f"tokenizer source {str(src)!r} has no tokenizer files")
         for f in copied:
             shutil.copy2(f, out / f.name)
+        if not copied:  # the model ran on the byte tokenizer (models/hf_tokenizer.py): write it out
+            from models.hf_tokenizer import save_byte_tokenizer_as_hf
+
+            save_byte_tokenizer_as_hf(out)
     _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
     return out
 

@@ -201,3 +201,18 @@ def test_export_from_a_weightless_skeleton(llama_dir, tmp_path):
     assert all(torch.equal(got[n], t) for n, t in state.items())
     sp = json.loads((out / "sparsity.json").read_text())
     assert sp["method"] == "nm" and sp["tensors"][names[0]]["pattern"] == "2:4" and sp["tensors"][names[0]]["dim"] == 1
+
+
+def test_model_without_tokenizer_exports_the_byte_tokenizer(tmp_path):
+    from hf_fixtures import save_tiny_gpt2
+
+    from models.tokenizer import ByteTokenizer
+
+    src = save_tiny_gpt2(tmp_path / "src", with_tokenizer=False)
+    model, tok = build_model(ModelConfig(kind="hf", path=str(src)))
+    assert isinstance(tok, ByteTokenizer)
+    out = export_hf_directory(model, src, tmp_path / "out")
+    hf_tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert hf_tok.encode("hé!", add_special_tokens=False) == ByteTokenizer().encode("hé!")
+    with pytest.raises(ExportError, match="not a directory"):
+        export_hf_directory(model, tmp_path / "nowhere", tmp_path / "out2")

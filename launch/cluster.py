@@ -64,7 +64,9 @@ def ray_cluster(cfg: ClusterConfig):
         if cfg.address:
             ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
         else:
-            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus,
+            # address="local": a new instance even when another Ray runs on this machine
+            # (plain ray.init() would join that one).
+            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus,
                      include_dashboard=False, log_to_driver=True)
         started = True
     try:

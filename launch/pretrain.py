@@ -192,6 +192,7 @@ def save_checkpoint(group, plan: RunPlan, state: dict) -> Path:
     staging = ckpt.new_staging_dir(root, step)
     group.save_checkpoint(str(staging), {"data": plan.sampler.state_dict(), "driver": dict(state)})
     path = ckpt.commit(staging, root, step, plan.fingerprint)
+    ckpt.remove_staging(root)  # leftovers of a killed earlier attempt
     ckpt.prune(root, plan.cfg.trainer.keep_checkpoints)
     return path
 

@@ -39,12 +39,16 @@ class TrainerGroup:
             ).remote(model_cfg, trainer_cfg, optimizer_cfg, sparsity_cfg, objective, rank, self.world_size)
             for rank in range(self.world_size)
         ]
-        master_addr, master_port = ray.get(self.workers[0].rendezvous_address.remote())
-        self.master = (master_addr, master_port)
-        self.info = ray.get([w.setup.remote(master_addr, master_port) for w in self.workers],
-                            timeout=cluster_cfg.setup_timeout_s)
+        try:
+            master_addr, master_port = ray.get(self.workers[0].rendezvous_address.remote())
+            self.master = (master_addr, master_port)
+            self.info = ray.get([w.setup.remote(master_addr, master_port) for w in self.workers],
+                                timeout=cluster_cfg.setup_timeout_s)
+        except BaseException:
+            self.shutdown()  # do not leave actors or the reservation behind
+            raise
 
-    def _all(self, method: str, *per_rank_args: list, **shared) -> list:
+    def call_per_rank(self, method: str, *per_rank_args: list, **shared) -> list:
         """Call `method` on every rank; positional args are lists with one entry per rank."""
         import ray
 
@@ -61,7 +65,7 @@ class TrainerGroup:
         """One optimizer step; `batches[r]` is rank r's share. `tokens_per_s` counts all ranks
         over the wall time of the whole step as the driver sees it."""
         started = time.perf_counter()
-        metrics = merge_metrics(self._all("train_step", batches))
+        metrics = merge_metrics(self.call_per_rank("train_step", batches))
         seconds = time.perf_counter() - started
         if "sum/tokens" in metrics:
             metrics["tokens_per_s"] = metrics["sum/tokens"] / seconds
@@ -70,7 +74,7 @@ class TrainerGroup:
 
     def evaluate(self, batches: list[list[dict]]) -> dict[str, float]:
         """`batches[r]` is rank r's list of eval batches; metrics averaged over ranks."""
-        return merge_metrics(self._all("evaluate", batches))
+        return merge_metrics(self.call_per_rank("evaluate", batches))
 
     def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
         self.call("save_checkpoint", str(path), extra or {})
@@ -81,7 +85,7 @@ class TrainerGroup:
     def published_state(self, dtype: str = "bfloat16") -> dict[str, Any]:
         return self.call("published_state", dtype)[0]
 
-    def export(self, path: str) -> dict:
+    def export(self, path: str) -> str:
         return self.call("export", str(path))[0]
 
     def shutdown(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from sync.errors import CorruptBucketError, NotADeltaError, SyncError, TensorMis
 from sync.format import Bucket, digest, pack_bucket, parse_bucket
 
 DENSE_ZSTD_LEVEL = {"fast": 1, "best": 9}
-MAX_CHUNK_ELEMS = 1 << 24  # bounds decoder memory and gives threads work units
+MAX_CHUNK_ELEMS = 1 << 22  # bounds decoder memory and gives the threads balanced work units
 ENTRY_HEADER_BYTES = 256  # rough JSON cost of one entry, for bucket packing
 PARALLEL_MIN_ELEMS = 1 << 20
 DELTA_ENCODINGS = ("none", "gap", "ctx")
@@ -68,27 +69,42 @@ def _encode_dense(n: np.ndarray, level: str) -> tuple[str, bytes]:
     return "raw", raw.tobytes()
 
 
+def _count_changes(o: np.ndarray, n: np.ndarray) -> int:
+    per = 8 // o.itemsize
+    nw = o.shape[0] // per
+    return int(K.count_changes(o, n, o[: nw * per].view(np.uint64), n[: nw * per].view(np.uint64), per))
+
+
 def _encode_delta(o: np.ndarray, n: np.ndarray, info: DtypeInfo, level: str) -> tuple[str, bytes, int]:
     raw_len = n.nbytes
     out = np.empty(raw_len + 256, np.uint8)
     params = _kernel_params(info)
+    body = None
     if level == "fast":
         per = 8 // o.itemsize
         nw = o.shape[0] // per
-        nbytes, changed = K.encode_gap(o, n, o[: nw * per].view(np.uint64), n[: nw * per].view(np.uint64), per, *params, out)
+        out2 = np.empty(raw_len + 256, np.uint8)
+        # one slot per element, but pages are only touched for actual changes
+        u_buf, e_buf = np.empty(o.shape[0], np.uint64), np.empty(o.shape[0], np.uint8)
+        n1, n2, changed = K.encode_gap(o, n, o[: nw * per].view(np.uint64), n[: nw * per].view(np.uint64), per,
+                                       *params, out, out2, u_buf, e_buf, K.gap_prior(_count_changes(o, n), o.shape[0]))
         enc = "gap"
+        if n1 >= 0 and n2 >= 0:
+            body = b"".join((struct.pack("<I", n1), out[:n1].tobytes(), out2[:n2].tobytes()))
     else:
-        nbytes, changed = K.encode_ctx(o, n, *params, out)
+        nbytes, changed = K.encode_ctx(o, n, *params, out, K.flag_prior(_count_changes(o, n), o.shape[0]))
         enc = "ctx"
-    if nbytes >= 0 and changed == 0:
+        if nbytes >= 0:
+            body = out[:nbytes].tobytes()
+    if body is not None and changed == 0:
         return "none", b"", 0
-    if nbytes < 0:
+    if body is None:
         changed = int(np.count_nonzero(o != n))
-    if nbytes >= 0 and nbytes <= raw_len // 4:
-        return enc, out[:nbytes].tobytes(), int(changed)
+    elif len(body) <= raw_len // 4:
+        return enc, body, int(changed)
     dense_enc, dense = _encode_dense(n, level)
-    if nbytes >= 0 and nbytes <= len(dense):
-        return enc, out[:nbytes].tobytes(), int(changed)
+    if body is not None and len(body) <= len(dense):
+        return enc, body, int(changed)
     return dense_enc, dense, int(changed)
 
 
@@ -241,12 +257,19 @@ def _decode_delta(enc: str, body: memoryview, changed: int, old: np.ndarray, inf
     vals = np.empty(changed, info.uint)
     params = _kernel_params(info)
     if enc == "gap":
-        u = np.empty(changed, np.uint64)
-        status = K.decode_gap(old.shape[0], buf, changed, info.width, pos, u)
+        n1 = struct.unpack_from("<I", buf, 0)[0] if len(buf) >= 4 else -1
+        if n1 < 0 or 4 + n1 > len(buf):
+            raise CorruptBucketError(f"{where}: gap stream length {n1} does not fit a body of {len(buf)} bytes")
+        status = K.decode_gap_positions(old.shape[0], buf[4 : 4 + n1], changed, pos, K.gap_prior(changed, old.shape[0]))
+        if status == 0:
+            e = np.empty(changed, np.uint8)
+            K.gather_ctx(old, pos, *params[:-1], e)
+            u = np.empty(changed, np.uint64)
+            status = K.decode_values(buf[4 + n1 :], e, info.width, u)
         if status == 0:
             K.gather_apply(old, pos, u, params[-1], vals)
     else:
-        status = K.decode_ctx(old, buf, changed, *params, pos, vals)
+        status = K.decode_ctx(old, buf, changed, *params, pos, vals, K.flag_prior(changed, old.shape[0]))
     if status != 0:
         raise CorruptBucketError(f"{where}: {enc} stream is corrupt (decoder status {status})")
     return pos, vals
@@ -409,76 +432,111 @@ def _decode_entries(state, parsed, manifest, meta, out: DecodedPayload, in_place
     kinds = {m["name"]: m["kind"] for m in manifest}
     next_start = {name: 0 for name in meta}
     seen = set()
-    for bi, b in enumerate(parsed):
-        body = b.body
-        for ei, e in enumerate(b.header["entries"]):
-            where = f"bucket {bi} entry {ei}"
-            name = _need(e, "name", str, where)
-            if name not in meta:
-                raise CorruptBucketError(f"{where}: tensor {name!r} is not in the manifest")
-            info, shape = meta[name]
-            where = f"bucket {bi} entry {ei} ({name!r})"
-            if e.get("dtype") != info.name or _shape(e.get("shape"), where) != shape or e.get("kind") != kinds[name]:
-                raise CorruptBucketError(f"{where}: dtype/shape/kind differ from the manifest")
-            numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            start, stop = _need(e, "start", int, where), _need(e, "stop", int, where)
-            if start != next_start[name] or stop > numel or (stop <= start and not (numel == 0 and stop == start == 0)):
-                raise CorruptBucketError(f"{where}: element range [{start}, {stop}) is out of order or out of bounds (tensor has {numel})")
-            next_start[name] = stop
-            seen.add(name)
-            off, ln = _need(e, "off", int, where), _need(e, "len", int, where)
-            if off < 0 or ln < 0 or off + ln > len(body):
-                raise CorruptBucketError(f"{where}: body slice [{off}, {off + ln}) outside a body of {len(body)} bytes")
-            chunk = body[off : off + ln]
-            enc = _need(e, "enc", str, where)
-            changed = _need(e, "changed", int, where)
-            out.dense_bytes += (stop - start) * info.width // 8
-            if kinds[name] == "whole":
-                if enc not in DENSE_ENCODINGS:
-                    raise CorruptBucketError(f"{where}: encoding {enc!r} is not valid for a whole tensor")
-                arr = out.arrays.get(name)
-                if arr is None:
-                    arr = out.arrays[name] = np.empty(numel, info.uint)
-                    out.whole.add(name)
-                arr[start:stop] = _decode_dense(enc, chunk, stop - start, info, where)
-                region = arr[start:stop]
+    pool = ThreadPoolExecutor(_workers()) if _workers() > 1 else None
+    try:
+        for bi, b in enumerate(parsed):
+            # 1) check every entry of the bucket, 2) decode their streams (in parallel: the
+            # kernels release the GIL and only read the base), 3) write and verify in order.
+            tasks = [_plan_entry(state, b.body, bi, ei, e, meta, kinds, next_start, seen, out, in_place)
+                     for ei, e in enumerate(b.header["entries"])]
+            work = [t for t in tasks if t["decode"] is not None]
+            total = sum(t["stop"] - t["start"] for t in work)
+            if pool is not None and len(work) > 1 and total >= PARALLEL_MIN_ELEMS:
+                results = list(pool.map(lambda t: t["decode"](), work))
             else:
-                arr = out.arrays.get(name)
-                if arr is None:
-                    arr = bits_of(state[name])
-                    if in_place and enc != "none" and arr.ctypes.data != state[name].data_ptr():
-                        raise RuntimeError(f"in-place decode needs CPU contiguous tensors ({name!r})")
-                    elif enc != "none":
-                        arr = arr.copy()
-                if enc == "none":
-                    if ln != 0 or changed != 0:
-                        raise CorruptBucketError(f"{where}: 'none' entry with a body or changes")
-                elif enc in ("gap", "ctx"):
-                    pos, vals = _decode_delta(enc, chunk, changed, arr[start:stop], info, where)
-                    pos += start
-                    if in_place:
-                        out.undo.append((arr, pos, arr[pos]))
-                    arr[pos] = vals
-                    out.ops.append((name, "scatter", pos, vals))
-                    out.arrays[name] = arr
-                    out.changed += changed
-                elif enc in DENSE_ENCODINGS:
-                    vals = _decode_dense(enc, chunk, stop - start, info, where)
-                    if in_place:
-                        out.undo.append((arr, slice(start, stop), arr[start:stop].copy()))
-                    arr[start:stop] = vals
-                    out.ops.append((name, "range", start, vals))
-                    out.arrays[name] = arr
-                    out.changed += changed
-                else:
-                    raise CorruptBucketError(f"{where}: unknown encoding {enc!r}")
-                region = arr[start:stop]
-            if digest(region) != e.get("xxh"):
-                raise CorruptBucketError(f"{where}: decoded elements [{start}, {stop}) do not match the sender's checksum")
+                results = [t["decode"]() for t in work]
+            for t, r in zip(work, results):
+                t["result"] = r
+            for t in tasks:
+                _write_entry(t, out, in_place)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     for name, (info, shape) in meta.items():
         numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if name not in seen or next_start[name] != numel:
             raise CorruptBucketError(f"tensor {name!r}: payload covers elements [0, {next_start[name]}) of {numel} (missing bucket?)")
+
+
+def _plan_entry(state, body, bi, ei, e, meta, kinds, next_start, seen, out, in_place) -> dict:
+    where = f"bucket {bi} entry {ei}"
+    name = _need(e, "name", str, where)
+    if name not in meta:
+        raise CorruptBucketError(f"{where}: tensor {name!r} is not in the manifest")
+    info, shape = meta[name]
+    where = f"bucket {bi} entry {ei} ({name!r})"
+    if e.get("dtype") != info.name or _shape(e.get("shape"), where) != shape or e.get("kind") != kinds[name]:
+        raise CorruptBucketError(f"{where}: dtype/shape/kind differ from the manifest")
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    start, stop = _need(e, "start", int, where), _need(e, "stop", int, where)
+    if start != next_start[name] or stop > numel or (stop <= start and not (numel == 0 and stop == start == 0)):
+        raise CorruptBucketError(f"{where}: element range [{start}, {stop}) is out of order or out of bounds (tensor has {numel})")
+    next_start[name] = stop
+    seen.add(name)
+    off, ln = _need(e, "off", int, where), _need(e, "len", int, where)
+    if off < 0 or ln < 0 or off + ln > len(body):
+        raise CorruptBucketError(f"{where}: body slice [{off}, {off + ln}) outside a body of {len(body)} bytes")
+    chunk = body[off : off + ln]
+    enc = _need(e, "enc", str, where)
+    changed = _need(e, "changed", int, where)
+    xxh = _need(e, "xxh", str, where)
+    out.dense_bytes += (stop - start) * info.width // 8
+    task = {"name": name, "start": start, "stop": stop, "enc": enc, "changed": changed, "xxh": xxh,
+            "where": where, "decode": None, "whole": kinds[name] == "whole"}
+    if task["whole"]:
+        if enc not in DENSE_ENCODINGS:
+            raise CorruptBucketError(f"{where}: encoding {enc!r} is not valid for a whole tensor")
+        arr = out.arrays.get(name)
+        if arr is None:
+            arr = out.arrays[name] = np.empty(numel, info.uint)
+            out.whole.add(name)
+        task["decode"] = lambda: _decode_dense(enc, chunk, stop - start, info, where)
+    else:
+        arr = out.arrays.get(name)
+        if arr is None:
+            arr = bits_of(state[name])
+            if in_place:
+                if enc != "none" and arr.ctypes.data != state[name].data_ptr():
+                    raise RuntimeError(f"in-place decode needs CPU contiguous tensors ({name!r})")
+            elif enc != "none":
+                arr = arr.copy()
+            if enc != "none":
+                out.arrays[name] = arr
+        if enc == "none":
+            if ln != 0 or changed != 0:
+                raise CorruptBucketError(f"{where}: 'none' entry with a body or changes")
+        elif enc in ("gap", "ctx"):
+            base = arr[start:stop]
+            task["decode"] = lambda: _decode_delta(enc, chunk, changed, base, info, where)
+        elif enc in DENSE_ENCODINGS:
+            task["decode"] = lambda: _decode_dense(enc, chunk, stop - start, info, where)
+        else:
+            raise CorruptBucketError(f"{where}: unknown encoding {enc!r}")
+    task["arr"] = arr
+    return task
+
+
+def _write_entry(t: dict, out: DecodedPayload, in_place: bool) -> None:
+    arr, start, stop, name = t["arr"], t["start"], t["stop"], t["name"]
+    if t["whole"]:
+        arr[start:stop] = t["result"]
+    elif t["enc"] in ("gap", "ctx"):
+        pos, vals = t["result"]
+        pos += start
+        if in_place:
+            out.undo.append((arr, pos, arr[pos]))
+        arr[pos] = vals
+        out.ops.append((name, "scatter", pos, vals))
+        out.changed += t["changed"]
+    elif t["enc"] in DENSE_ENCODINGS:
+        vals = t["result"]
+        if in_place:
+            out.undo.append((arr, slice(start, stop), arr[start:stop].copy()))
+        arr[start:stop] = vals
+        out.ops.append((name, "range", start, vals))
+        out.changed += t["changed"]
+    if digest(arr[start:stop]) != t["xxh"]:
+        raise CorruptBucketError(f"{t['where']}: decoded elements [{start}, {stop}) do not match the sender's checksum")
 
 
 def tensor_from_bits(arr: np.ndarray, info: DtypeInfo, shape) -> torch.Tensor:

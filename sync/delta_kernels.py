@@ -1,9 +1,9 @@
 """Numba kernels that turn (old bits, new bits) of one chunk into a range-coded stream and back.
 
 Two encodings (see FORMAT.md):
-- "gap" (level fast): only the changed positions are visited. Each change costs its gap to the
+- "gap" (level fast): only the changed positions are coded. Each change costs its gap to the
   previous change (bit length k in a 5-bit tree whose context is the previous gap's k, the top
-  two bits below the leading one adaptive, the rest uniform) and its value.
+  two bits below the leading one adaptive, the rest uniform) and, in a second stream, its value.
 - "ctx" (level best): every element codes a changed/unchanged bit in the context (old value's
   exponent, whether the two previous elements changed), then the value when changed.
 Values are the same in both: u = zigzag((new - old) mod 2^w), coded as the unary bit length of
@@ -23,9 +23,11 @@ import numpy as np
 from sync.range_coder import (
     ST_SIZE,
     dec_bit,
+    dec_bit_s,
     dec_direct,
     dec_init,
     enc_bit,
+    enc_bit_s,
     enc_direct,
     enc_finish,
     enc_init,
@@ -38,7 +40,10 @@ _leaf = dict(nogil=True, cache=True, _nrt=False)
 
 N_ECTX = 256  # element contexts (float exponent field / integer bit length), see elem_ctx
 VCTX_STRIDE = 64  # per element context: one slot per bit length of u
-MAX_OVERRUN = 8  # a valid stream is read at most a few bytes past its end (flush bytes)
+MAX_OVERRUN = 8
+# Context of a gap's bit length: the previous gap's bit length, coarsened (fewer contexts to
+# learn per chunk; small tensors pay for every context they visit).
+GAP_CTX = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7] + [8] * 16, dtype=np.int64)  # a valid stream is read at most a few bytes past its end (flush bytes)
 
 
 @nb.njit(**_leaf)
@@ -118,48 +123,88 @@ def _dec_value(st, buf, vk, vm, e, w):
 
 
 @nb.njit(**_leaf)
-def _enc_change(st, out, gk, gm, vk, vm, gs, p, o, x, kind, mant, emask, edrop, w, mask):
-    """Code one change at position p; gs = [previous position, previous gap's bit length,
-    previous value's bit length]. The value's context is the previous value's length, not the
-    old element's exponent, so the decoder never waits on a cache miss into the old tensor
-    inside its serial loop (it gathers old values afterwards in one vectorizable pass)."""
+def _enc_value_s(st, out, VP, VN, MP, MN, e, u, w):
+    """_enc_value with shift-adapted models (fast level)."""
+    k = bit_length(u) - 1
+    base = e * VCTX_STRIDE
+    j = 0
+    while j < w - 1:
+        bit = 1 if k > j else 0
+        enc_bit_s(st, out, VP, VN, base + j, bit)
+        if bit == 0:
+            break
+        j += 1
+    if k >= 1:
+        enc_bit_s(st, out, MP, MN, base + k, np.int64((u >> np.uint64(k - 1)) & np.uint64(1)))
+        if k >= 2:
+            enc_direct(st, out, u, k - 1)
+
+
+@nb.njit(**_leaf)
+def _dec_value_s(st, buf, VP, VN, MP, MN, e, w):
+    base = e * VCTX_STRIDE
+    k = 0
+    while k < w - 1:
+        if dec_bit_s(st, buf, VP, VN, base + k) == 0:
+            break
+        k += 1
+    u = np.uint64(1) << np.uint64(k)
+    if k >= 1:
+        top = dec_bit_s(st, buf, MP, MN, base + k)
+        u |= np.uint64(top) << np.uint64(k - 1)
+        if k >= 2:
+            u |= dec_direct(st, buf, k - 1)
+    return u
+
+
+def _shift_models(rows: int):
+    return np.full(rows, 32768, np.uint64), np.zeros(rows, np.uint8)
+
+
+@nb.njit(**_leaf)
+def _enc_gap(st, out, GP, GN, MP, MN, gs, p):
+    """Code the gap to change position p; gs = [previous position, previous gap's bit length]."""
     g = np.uint64(p - gs[0])
     gs[0] = p
     k = bit_length(g) - 1
-    pk = gs[1]
+    pk = GAP_CTX[gs[1]]
     node = 1
     for b in range(4, -1, -1):
         bit = (k >> b) & 1
-        enc_bit(st, out, gk, pk * 32 + node, bit)
+        enc_bit_s(st, out, GP, GN, pk * 32 + node, bit)
         node = node * 2 + bit
     if k >= 1:
         ntop = k if k < 2 else 2
         pre = 1
         for b in range(ntop):
             bit = np.int64((g >> np.uint64(k - 1 - b)) & np.uint64(1))
-            enc_bit(st, out, gm, k * 4 + pre, bit)
+            enc_bit_s(st, out, MP, MN, k * 4 + pre, bit)
             pre = pre * 2 + bit
         if k > ntop:
             enc_direct(st, out, g, k - ntop)
     gs[1] = k
-    u = zigzag_diff(o, x, mask, w)
-    _enc_value(st, out, vk, vm, gs[2], u, w)
-    gs[2] = bit_length(u) - 1
 
 
 @nb.njit(**_jit)
-def encode_gap(old, new, old64, new64, per, kind, mant, emask, edrop, w, mask, out):
-    """Scan old/new (8-byte words first, so unchanged stretches cost one compare per word)
-    and code each change while its cache line is hot. Returns (bytes written or -1, changes)."""
+def encode_gap(old, new, old64, new64, per, kind, mant, emask, edrop, w, mask, out_pos, out_val, u_buf, e_buf, gprior):
+    """Two range-coded streams: the gaps between changes (written while scanning old/new by
+    8-byte words, so unchanged stretches cost one compare per word), then the values in the
+    context of the old element's exponent class (collected during the scan, while the cache
+    lines are hot). Separate streams let the decoder get all positions first and gather the old
+    values' contexts in one pass whose loads overlap, instead of waiting on a cache miss per
+    change inside its serial loop. `u_buf`/`e_buf` hold up to one entry per element.
+    Returns (bytes of stream 1, bytes of stream 2, changes); -1 sizes when `out_*` overflowed."""
     st = np.zeros(ST_SIZE, np.uint64)
     enc_init(st)
-    gk = np.zeros((32 * 32, 2), np.uint32)
-    gm = np.zeros((32 * 4, 2), np.uint32)
-    vk = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.uint32)
-    vm = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.uint32)
-    gs = np.zeros(3, np.int64)
+    GP = np.empty(32 * 32, np.uint64)
+    for i in range(32):
+        GP[i * 32 : i * 32 + 32] = gprior
+    GN = np.full(32 * 32, 2, np.uint8)
+    MP = np.full(32 * 4, 32768, np.uint64)
+    MN = np.zeros(32 * 4, np.uint8)
+    gs = np.zeros(2, np.int64)
     gs[0] = -1
-    changes = 0
+    c = 0
     nw = old64.shape[0]
     for wi in range(nw):
         if old64[wi] != new64[wi]:
@@ -167,43 +212,58 @@ def encode_gap(old, new, old64, new64, per, kind, mant, emask, edrop, w, mask, o
             for lane in range(per):
                 i = base + lane
                 if old[i] != new[i]:
-                    _enc_change(st, out, gk, gm, vk, vm, gs, i, np.uint64(old[i]), np.uint64(new[i]),
-                                kind, mant, emask, edrop, w, mask)
-                    changes += 1
+                    _enc_gap(st, out_pos, GP, GN, MP, MN, gs, i)
+                    o = np.uint64(old[i])
+                    u_buf[c] = zigzag_diff(o, np.uint64(new[i]), mask, w)
+                    e_buf[c] = elem_ctx(o, kind, mant, emask, edrop, w)
+                    c += 1
             if st[5]:
-                return -1, changes
+                return -1, -1, c
     for i in range(nw * per, old.shape[0]):
         if old[i] != new[i]:
-            _enc_change(st, out, gk, gm, vk, vm, gs, i, np.uint64(old[i]), np.uint64(new[i]),
-                        kind, mant, emask, edrop, w, mask)
-            changes += 1
-    return enc_finish(st, out), changes
+            _enc_gap(st, out_pos, GP, GN, MP, MN, gs, i)
+            o = np.uint64(old[i])
+            u_buf[c] = zigzag_diff(o, np.uint64(new[i]), mask, w)
+            e_buf[c] = elem_ctx(o, kind, mant, emask, edrop, w)
+            c += 1
+    n1 = enc_finish(st, out_pos)
+    st2 = np.zeros(ST_SIZE, np.uint64)
+    enc_init(st2)
+    VP = np.full(N_ECTX * VCTX_STRIDE, 32768, np.uint64)
+    VN = np.zeros(N_ECTX * VCTX_STRIDE, np.uint8)
+    VMP = np.full(N_ECTX * VCTX_STRIDE, 32768, np.uint64)
+    VMN = np.zeros(N_ECTX * VCTX_STRIDE, np.uint8)
+    for t in range(c):
+        _enc_value_s(st2, out_val, VP, VN, VMP, VMN, np.int64(e_buf[t]), u_buf[t], w)
+        if st2[5]:
+            return n1, -1, c
+    return n1, enc_finish(st2, out_val), c
 
 
 @nb.njit(**_jit)
-def decode_gap(n, buf, npos, w, pos_out, u_out):
-    """Decode positions and zigzag value codes of a "gap" stream over a chunk of n elements.
-    Returns 0 when the stream decoded cleanly, else a nonzero problem code."""
+def decode_gap_positions(n, buf, npos, pos_out, gprior):
+    """Positions of a "gap" stream over a chunk of n elements; 0 when clean, else a problem code."""
     st = np.zeros(ST_SIZE, np.uint64)
     dec_init(st, buf)
-    gk = np.zeros((32 * 32, 2), np.uint32)
-    gm = np.zeros((32 * 4, 2), np.uint32)
-    vk = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.uint32)
-    vm = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.uint32)
+    GP = np.empty(32 * 32, np.uint64)
+    for i in range(32):
+        GP[i * 32 : i * 32 + 32] = gprior
+    GN = np.full(32 * 32, 2, np.uint8)
+    MP = np.full(32 * 4, 32768, np.uint64)
+    MN = np.zeros(32 * 4, np.uint8)
     prev = -1
     pk = 0
-    vkprev = 0
     for t in range(npos):
         node = 1
         for b in range(5):
-            node = node * 2 + dec_bit(st, buf, gk, pk * 32 + node)
+            node = node * 2 + dec_bit_s(st, buf, GP, GN, GAP_CTX[pk] * 32 + node)
         k = node - 32
         g = np.uint64(1) << np.uint64(k)
         if k >= 1:
             ntop = k if k < 2 else 2
             pre = 1
             for b in range(ntop):
-                bit = dec_bit(st, buf, gm, k * 4 + pre)
+                bit = dec_bit_s(st, buf, MP, MN, k * 4 + pre)
                 g |= np.uint64(bit) << np.uint64(k - 1 - b)
                 pre = pre * 2 + bit
             if k > ntop:
@@ -215,10 +275,31 @@ def decode_gap(n, buf, npos, w, pos_out, u_out):
         if p >= n:
             return 1
         prev = p
-        u = _dec_value(st, buf, vk, vm, vkprev, w)
-        vkprev = bit_length(u) - 1
         pos_out[t] = p
-        u_out[t] = u
+        if st[3] > MAX_OVERRUN:
+            return 2
+    if st[4] != 0 or st[3] > MAX_OVERRUN:
+        return 2
+    return 0
+
+
+@nb.njit(**_jit)
+def gather_ctx(old, pos, kind, mant, emask, edrop, w, e_out):
+    """Context of each changed element's old value: independent loads, so they overlap."""
+    for t in range(pos.shape[0]):
+        e_out[t] = elem_ctx(np.uint64(old[pos[t]]), kind, mant, emask, edrop, w)
+
+
+@nb.njit(**_jit)
+def decode_values(buf, e, w, u_out):
+    st = np.zeros(ST_SIZE, np.uint64)
+    dec_init(st, buf)
+    VP = np.full(N_ECTX * VCTX_STRIDE, 32768, np.uint64)
+    VN = np.zeros(N_ECTX * VCTX_STRIDE, np.uint8)
+    VMP = np.full(N_ECTX * VCTX_STRIDE, 32768, np.uint64)
+    VMN = np.zeros(N_ECTX * VCTX_STRIDE, np.uint8)
+    for t in range(e.shape[0]):
+        u_out[t] = _dec_value_s(st, buf, VP, VN, VMP, VMN, np.int64(e[t]), w)
         if st[3] > MAX_OVERRUN:
             return 2
     if st[4] != 0 or st[3] > MAX_OVERRUN:
@@ -228,7 +309,7 @@ def decode_gap(n, buf, npos, w, pos_out, u_out):
 
 @nb.njit(**_jit)
 def gather_apply(old, pos, u, mask, vals_out):
-    """New bit patterns = old[pos] + unzigzag(u): independent loads, so they overlap."""
+    """New bit patterns = old[pos] + unzigzag(u)."""
     for t in range(pos.shape[0]):
         vals_out[t] = unzigzag_apply(np.uint64(old[pos[t]]), u[t], mask)
 
@@ -237,12 +318,14 @@ def gather_apply(old, pos, u, mask, vals_out):
 
 
 @nb.njit(**_jit)
-def encode_ctx(old, new, kind, mant, emask, edrop, w, mask, out):
+def encode_ctx(old, new, kind, mant, emask, edrop, w, mask, out, fprior):
     st = np.zeros(ST_SIZE, np.uint64)
     enc_init(st)
-    fc = np.zeros((N_ECTX * 4, 2), np.uint32)
-    vk = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.uint32)
-    vm = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.uint32)
+    fc = np.empty((N_ECTX * 4, 2), np.float64)
+    for i in range(N_ECTX):
+        fc[i * 4 : i * 4 + 4] = fprior
+    vk = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.float64)
+    vm = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.float64)
     h = 0
     changes = 0
     for i in range(old.shape[0]):
@@ -263,12 +346,14 @@ def encode_ctx(old, new, kind, mant, emask, edrop, w, mask, out):
 
 
 @nb.njit(**_jit)
-def decode_ctx(old, buf, npos, kind, mant, emask, edrop, w, mask, pos_out, val_out):
+def decode_ctx(old, buf, npos, kind, mant, emask, edrop, w, mask, pos_out, val_out, fprior):
     st = np.zeros(ST_SIZE, np.uint64)
     dec_init(st, buf)
-    fc = np.zeros((N_ECTX * 4, 2), np.uint32)
-    vk = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.uint32)
-    vm = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.uint32)
+    fc = np.empty((N_ECTX * 4, 2), np.float64)
+    for i in range(N_ECTX):
+        fc[i * 4 : i * 4 + 4] = fprior
+    vk = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.float64)
+    vm = np.zeros((N_ECTX * VCTX_STRIDE, 2), np.float64)
     h = 0
     c = 0
     for i in range(old.shape[0]):
@@ -290,3 +375,48 @@ def decode_ctx(old, buf, npos, kind, mant, emask, edrop, w, mask, pos_out, val_o
     if st[4] != 0 or st[3] > MAX_OVERRUN:
         return 2
     return 0
+
+
+PRIOR_WEIGHT = 2.0  # virtual observations behind a prior rate
+
+
+def flag_prior(changed: int, n: int) -> np.ndarray:
+    """Coarse "changed" contexts start at the chunk's change rate (both sides know it)."""
+    p = changed / max(1, n)
+    return np.tile(np.array([[PRIOR_WEIGHT * (1 - p), PRIOR_WEIGHT * p]]), (4, 1))
+
+
+def gap_prior(changed: int, n: int) -> np.ndarray:
+    """Coarse gap-length tree nodes start from a geometric gap distribution at the chunk's rate."""
+    p = min(max(changed / max(1, n), 1e-9), 1 - 1e-9)
+    k = np.arange(33, dtype=np.float64)
+    # P(gap >= 2^k) = (1-p)^(2^k - 1); P(bit length k) = P(>= 2^k) - P(>= 2^(k+1))
+    surv = np.exp((2.0 ** k - 1) * np.log1p(-p))
+    pk = np.maximum(surv[:32] - surv[1:33], 0.0) + 1e-12
+    out = np.full(32, 32768, np.uint64)
+    for node in range(1, 32):
+        depth = int(np.floor(np.log2(node)))
+        prefix = node - (1 << depth)
+        span = 1 << (5 - depth)
+        lo = prefix * span
+        left, right = pk[lo : lo + span // 2].sum(), pk[lo + span // 2 : lo + span].sum()
+        q = right / (left + right)
+        out[node] = min(65504, max(32, int(65536 * (1 - q))))
+    return out
+
+
+@nb.njit(**_jit)
+def count_changes(old, new, old64, new64, per):
+    """Number of elements whose bit patterns differ (8-byte words first)."""
+    c = 0
+    nw = old64.shape[0]
+    for wi in range(nw):
+        if old64[wi] != new64[wi]:
+            base = wi * per
+            for lane in range(per):
+                if old[base + lane] != new[base + lane]:
+                    c += 1
+    for i in range(nw * per, old.shape[0]):
+        if old[i] != new[i]:
+            c += 1
+    return c

@@ -1,7 +1,8 @@
 """Wire format: self-describing buckets and the DELTA file container (byte layout in FORMAT.md).
 
 A bucket is   magic "SPDB" | u16 format version | u16 flags | u32 header length |
-              u64 body length | header (UTF-8 JSON) | body | u64 xxh3_64 of all bytes before it
+              u64 body length | header (zstd-compressed UTF-8 JSON) | body |
+              u64 xxh3_64 of all bytes before it
 A file is     magic "SPDL" | u16 container version | u16 flags | u32 bucket count |
               (u64 bucket length | bucket bytes) * count
 All integers are little-endian. This module only packs, unpacks and checks structure and
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import xxhash
+import zstandard
 
 from sync.errors import CorruptBucketError, NotADeltaError
 
@@ -42,8 +44,13 @@ class Bucket:
     nbytes: int
 
 
+HEADER_ZSTD_LEVEL = 19  # headers are small; their JSON (names, hex checksums) shrinks 2-4x
+MAX_HEADER_BYTES = 1 << 28
+
+
 def pack_bucket(header: dict, body: bytes) -> bytes:
-    head_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    head_json = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    head_bytes = zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL).compress(head_json)
     prefix = _BUCKET_HEAD.pack(BUCKET_MAGIC, FORMAT_VERSION, 0, len(head_bytes), len(body))
     data = b"".join((prefix, head_bytes, body))
     return data + _U64.pack(xxhash.xxh3_64_intdigest(data))
@@ -75,8 +82,12 @@ def parse_bucket(data, position: int) -> Bucket:
         raise CorruptBucketError(f"{where}: checksum mismatch (stored {stored:016x}, computed {actual:016x})")
     start = _BUCKET_HEAD.size
     try:
-        header = json.loads(bytes(view[start : start + head_len]).decode())
-    except (UnicodeDecodeError, ValueError) as e:
+        packed = bytes(view[start : start + head_len])
+        size = zstandard.frame_content_size(packed)
+        if size < 0 or size > MAX_HEADER_BYTES:
+            raise ValueError(f"header frame declares {size} bytes")
+        header = json.loads(zstandard.ZstdDecompressor().decompress(packed).decode())
+    except (UnicodeDecodeError, ValueError, zstandard.ZstdError) as e:
         raise CorruptBucketError(f"{where}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CorruptBucketError(f"{where}: header is not a JSON object")

@@ -93,10 +93,10 @@ def prob0(cnt, c):
 
 @nb.njit(**_leaf)
 def update(cnt, c, bit):
-    cnt[c, bit] += 1
+    cnt[c, bit] += 1.0
     if cnt[c, 0] + cnt[c, 1] >= COUNT_LIMIT:
-        cnt[c, 0] = (cnt[c, 0] + 1) >> 1
-        cnt[c, 1] = (cnt[c, 1] + 1) >> 1
+        cnt[c, 0] *= 0.5
+        cnt[c, 1] *= 0.5
 
 
 @nb.njit(**_leaf)
@@ -190,3 +190,60 @@ def dec_direct(st, buf, nbits):
             _dec_normalize(st, buf)
         value = (value << np.uint64(take)) | v
     return value
+
+
+# ---------------------------------------------------------------- shift-adapted models (fast level)
+# A probability held directly (16 bits) and moved toward each outcome by 2^-shift, the shift
+# growing with the context's count (about 1/(n+2), so early estimates are count-like) up to
+# 2^-7. No division per decision, which the fast level's speed bar needs; rare events (best
+# level's change flags) keep the count-based estimate above.
+SHIFT = np.minimum(7, np.floor(np.log2(np.arange(256) + 2.0))).astype(np.uint64)
+
+
+@nb.njit(**_leaf)
+def _adapt(P, N, c, bit):
+    p = P[c]
+    n = N[c]
+    sh = SHIFT[n]
+    if n < 255:
+        N[c] = n + 1
+    if bit == 0:
+        p += (np.uint64(65536) - p) >> sh
+    else:
+        p -= p >> sh
+    if p < np.uint64(32):
+        p = np.uint64(32)
+    elif p > np.uint64(65504):
+        p = np.uint64(65504)
+    P[c] = p
+
+
+@nb.njit(**_leaf)
+def enc_bit_s(st, out, P, N, c, bit):
+    r = st[1]
+    bound = (r >> np.uint64(PROB_BITS)) * P[c]
+    if bit == 0:
+        st[1] = bound
+    else:
+        st[0] += bound
+        st[1] = r - bound
+    if st[1] < TOP:
+        _enc_normalize(st, out)
+    _adapt(P, N, c, bit)
+
+
+@nb.njit(**_leaf)
+def dec_bit_s(st, buf, P, N, c):
+    r = st[0]
+    bound = (r >> np.uint64(PROB_BITS)) * P[c]
+    if st[1] < bound:
+        st[0] = bound
+        bit = 0
+    else:
+        st[1] -= bound
+        st[0] = r - bound
+        bit = 1
+    if st[0] < TOP:
+        _dec_normalize(st, buf)
+    _adapt(P, N, c, bit)
+    return bit

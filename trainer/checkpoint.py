@@ -81,6 +81,15 @@ def commit(staging: Path, root: str | Path, step: int, manifest: dict) -> Path:
     return target
 
 
+def remove_staging(root: str | Path) -> list[Path]:
+    """Delete staging directories (left by runs that died mid-write). Only the run that owns
+    `root` may call this, when it is not writing one itself."""
+    stale = [p for p in Path(root).glob(".staging-*") if p.is_dir()] if Path(root).is_dir() else []
+    for p in stale:
+        shutil.rmtree(p)
+    return stale
+
+
 def prune(root: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` committed checkpoints (keep=0: delete none)."""
     if keep <= 0:

@@ -8,11 +8,9 @@ them on every rank.
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -170,28 +168,26 @@ class TrainerWorker:
             return {}
         return {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}
 
-    def export(self, path: str) -> dict:
-        """Write `model.safetensors` (fp32, masked) + `config.json` (+ `sparsity.json` when
-        sparse) into `path`. Collective; rank 0 writes. Returns what was written."""
+    def export(self, path: str) -> str | None:
+        """Write the final weights (fp32 masters, masked) into `path` with models/export.py: the
+        built-in GPT as model.safetensors + config.json, an HF model as a save_pretrained
+        directory (tokenizer files copied); `sparsity.json` beside them when sparse. Collective;
+        rank 0 writes and returns the directory."""
+        from models.export import export_gpt_directory, export_hf_directory
+
         state = self.published_state(dtype="float32")
         if self.rank != 0:
-            return {}
-        from safetensors.torch import save_file
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(self.step)})
-        (out / "config.json").write_text(json.dumps({"model_type": f"sparsetrain-{self.model_cfg.kind}",
-                                                      **asdict(self.model_cfg)}, indent=1))
-        written = {"model.safetensors": len(state), "config.json": 1}
-        if self.sparsifier is not None:
+            return None
+        info = meta = None
+        if self.sparsifier is not None and self.sparsifier.sparsified:
             self.sparsifier.check_pattern(state)
-            sparsified = self.sparsifier.sparsified
-            (out / "sparsity.json").write_text(json.dumps(
-                {"method": self.sparsity_cfg.method, "config": _plain(self.sparsity_cfg),
-                 "tensors": _plain(sparsified)}, indent=1))
-            written["sparsity.json"] = 1
-        return written
+            info = self.sparsifier.sparsified
+            meta = {"method": self.sparsity_cfg.method, "config": _plain(self.sparsity_cfg)}
+        if self.model_cfg.kind == "hf":
+            out = export_hf_directory(self.module, self.model_cfg.path, path, state, info, meta)
+        else:
+            out = export_gpt_directory(self.module, path, state, info, meta)
+        return str(out)
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ def test_unknown_keys_options_and_types_are_rejected_at_load(overrides, error, m
     (["sparsity=nm", "trainer.zero_stage=3"], SparsityConfigError, "ZeRO stage 3"),
     (["cluster.trainers=0"], ClusterResourceError, "cluster.trainers=0"),
     (["model.kind=llama"], ModelConfigError, "model.kind='llama'"),
+    (["trainer.device=cuda"], TrainerConfigError, "cluster.gpus_per_trainer=1"),
 ])
 def test_bad_values_fail_validation_with_the_key_named(overrides, error, message):
     cfg = compose_pretrain_config(overrides)

@@ -51,7 +51,7 @@ def test_cli_end_to_end_sparse_two_ranks(tmp_path):
     linears = [n for n in state if n.startswith("h.") and state[n].dim() == 2]
     assert len(linears) == 8
     assert_exactly_2_of_4(state, linears)
-    assert json.loads((tmp_path / "config.json").read_text())["n_layer"] == 2
+    assert json.loads((tmp_path / "config.json").read_text())["gpt_config"]["n_layer"] == 2
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
     rows = wandb_history(tmp_path)
     logged = {k for r in rows for k in r}
@@ -128,6 +128,7 @@ def test_empty_corpus_fails_before_ray(tmp_path):
         run_pretrain(cfg, tmp_path)
 
 
+@pytest.mark.ray
 def test_corrupt_or_misfit_checkpoint_fails_before_ray(two_node_run, tmp_path):
     full_dir, _ = two_node_run
     ckpt = tmp_path / "checkpoints" / "step_00000008"

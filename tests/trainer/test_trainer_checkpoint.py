@@ -24,6 +24,8 @@ def test_commit_lists_latest_and_ignores_staging(tmp_path):
     assert leftover.exists()
     manifest = json.loads((tmp_path / "step_00000020" / "manifest.json").read_text())
     assert manifest["step"] == 20 and manifest["files"] == {"ds/model.pt": len(b"weights")}
+    assert ckpt.remove_staging(tmp_path) == [leftover] and not leftover.exists()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10, 20]
 
 
 def test_commit_never_overwrites_an_existing_checkpoint(tmp_path):

@@ -109,6 +109,18 @@ class NMSparsifier(Sparsifier):
         n, m = layer.extra["stages"][i]
         return n, m
 
+    def attach(self) -> None:
+        # A forward or publish before the first step (an eval at step 0) already sees N:M weights.
+        # Not recorded as mask history: before_forward(0) recomputes from whatever weights the
+        # trainer loads in between.
+        if self.phase(0) != "dense":
+            for layer in self.layers.values():
+                if layer.mask is None:
+                    n, m = self.stage(layer, 0)
+                    layer.mask = nm_mask(layer.module.weight, n, m, layer.input_dim)
+                    layer.extra["current"] = [n, m]
+        super().attach()
+
     def before_forward(self, step: int) -> None:
         if step == self.step:
             return  # another micro-batch of the same step

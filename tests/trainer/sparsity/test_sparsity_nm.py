@@ -217,3 +217,19 @@ def test_overrides_set_per_layer_pattern():
     assert run.sparsifier.sparsified["h.1.mlp.c_fc.weight"]["m"] == 4
     w = run.model.h[0].mlp.c_fc.weight
     assert torch.equal(run.sparsifier.layers["h.0.mlp.c_fc.weight"].mask, nm_mask(w, 1, 8))
+
+
+def test_forward_and_publish_before_the_first_step_are_already_nm():
+    model = tiny_gpt()
+    sp = build_sparsifier(model, SparsityConfig(method="nm", n=1, m=8), 10)
+    sp.attach()
+    published = sp.masked_state_dict(model.state_dict())
+    sp.check_pattern(published)
+    w = model.h[0].mlp.c_fc.weight.detach()
+    x = torch.randn(2, 64)
+    assert torch.allclose(model.h[0].mlp.c_fc(x), x @ (w * nm_mask(w, 1, 8)).t() + model.h[0].mlp.c_fc.bias, atol=1e-6)
+    with torch.no_grad():  # weights loaded after attach: step 0 recomputes from them
+        model.h[0].mlp.c_fc.weight.mul_(-2.0).add_(torch.randn_like(w))
+    sp.before_forward(0)
+    assert torch.equal(sp.layers["h.0.mlp.c_fc.weight"].mask, nm_mask(model.h[0].mlp.c_fc.weight, 1, 8))
+    assert sp.metrics()["sparsity/sad_cumulative"] == 0

@@ -1,0 +1,150 @@
+"""Weight sync over Ray across two nodes: a publisher actor on the head node trains a small GPT
+(fp32 AdamW masters) and publishes bf16 weights; three receiver actors on the second node hold
+bf16 copies of the model and apply updates in place. One receiver lags and catches up by a chain
+of deltas or a snapshot."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from sync.config import SyncConfig
+from sync.errors import SyncError, VersionMismatchError
+from sync.transport import WeightPublisher, WeightReceiver, state_checksum
+from tests.conftest import HEAD_NODE, SECOND_NODE
+
+# Test modules are not importable on Ray workers: ship this module's classes by value.
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MODEL = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
+
+
+def _model():
+    from models import build_model
+    from models.config import ModelConfig
+
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(**MODEL))
+    return model
+
+
+class Trainer:
+    def __init__(self, history: int):
+        self.model = _model()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.pub = WeightPublisher(SyncConfig(level="fast", history=history, bucket_bytes=64 << 10))
+        self.gen = torch.Generator().manual_seed(1)
+
+    def step_and_publish(self, version: int) -> dict:
+        if version > 0:
+            x = torch.randint(0, 256, (4, 32), generator=self.gen)
+            logits = self.model(x).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad()
+        return self.pub.publish(dict(self.model.named_parameters()), version)
+
+    def update_for(self, version):
+        return self.pub.update_for(version)
+
+    def checksum(self) -> str:
+        return self.pub.state_checksum()
+
+
+class Rollout:
+    def __init__(self):
+        self.model = _model().to(torch.bfloat16)
+        self.receiver = WeightReceiver(dict(self.model.named_parameters()))
+
+    def version(self):
+        return self.receiver.version
+
+    def apply(self, update) -> dict:
+        return self.receiver.apply(update)
+
+    def checksums(self) -> tuple[str, str]:
+        # the verified shadow and the model's own parameters must both match the sender
+        return self.receiver.state_checksum(), state_checksum(dict(self.model.named_parameters()))
+
+    def node(self):
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+@pytest.mark.ray
+def test_three_receivers_on_second_node_follow_twenty_publishes(ray_cluster):
+    import ray
+
+    trainer = ray.remote(num_cpus=0.5, resources={HEAD_NODE: 0.01})(Trainer).remote(history=4)
+    rollouts = [ray.remote(num_cpus=0.5, resources={SECOND_NODE: 0.01})(Rollout).remote() for _ in range(3)]
+    head = ray.get_runtime_context().get_node_id()
+    assert all(n != head for n in ray.get([r.node.remote() for r in rollouts]))
+    lagger_syncs_at = {3, 6, 19}  # 3 -> snapshot (fresh), 6 -> chain of 3, 19 -> 13 behind > history: snapshot
+    publishes, applied = [], {0: [], 1: [], 2: []}
+    for version in range(0, 20):
+        publishes.append(ray.get(trainer.step_and_publish.remote(version)))
+        for i, r in enumerate(rollouts):
+            if i == 2 and version not in lagger_syncs_at:
+                continue
+            update = trainer.update_for.remote(ray.get(r.version.remote()))
+            applied[i].append(ray.get(r.apply.remote(update)))
+    want = ray.get(trainer.checksum.remote())
+    for r in rollouts:
+        assert ray.get(r.version.remote()) == 19
+        assert ray.get(r.checksums.remote()) == (want, want)
+    kinds = [s["kind"] for s in applied[2]]
+    assert kinds == ["snapshot", "chain", "snapshot"]
+    assert [s["kind"] for s in applied[0]] == ["snapshot"] + ["delta"] * 19
+    # bytes moved: deltas are much smaller than the dense bf16 weights at this learning rate
+    deltas = [p for p in publishes if p["kind"] == "delta"]
+    assert all(p["ratio"] > 3 for p in deltas)
+    moved = sum(s["payload_bytes"] for s in applied[0] + applied[1] + applied[2])
+    dense = publishes[0]["dense_bytes"]
+    print(f"moved {moved} bytes for 20+20+3 updates; dense bf16 state {dense} bytes; "
+          f"mean delta ratio {sum(p['ratio'] for p in deltas) / len(deltas):.1f}x")
+    assert moved < dense * (3 + 2 * 19 / 3)
+    for r in rollouts + [trainer]:
+        ray.kill(r)
+
+
+def _toy_state(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(2000, generator=g), "b": torch.randn(16, 8, generator=g)}
+
+
+@pytest.mark.ray
+def test_receiver_rejects_bad_updates_and_keeps_weights(ray_cluster):
+    import ray
+
+    pub = WeightPublisher(SyncConfig(level="best", history=2))
+    s0 = _toy_state(0)
+    pub.publish(s0, 0)
+    model_like = {k: v.to(torch.bfloat16).clone() for k, v in s0.items()}
+    rec = WeightReceiver(model_like)
+    rec.apply(pub.update_for(None))
+    s1 = {k: v + 0.01 for k, v in s0.items()}
+    pub.publish(s1, 1)
+    good = pub.update_for(0)
+    before = {k: v.clone() for k, v in model_like.items()}
+    checksum = rec.state_checksum()
+    # corrupt one bucket of the good update
+    bad_bytes = bytearray(ray.get(good.payloads[0][0]))
+    bad_bytes[len(bad_bytes) // 2] ^= 0x10
+    bad = type(good)(good.kind, good.base_version, good.target_version, good.payload_bytes, [[ray.put(bytes(bad_bytes))] + good.payloads[0][1:]])
+    with pytest.raises(SyncError):
+        rec.apply(bad)
+    # an update for another base version
+    pub.publish({k: v + 0.02 for k, v in s0.items()}, 2)
+    with pytest.raises(VersionMismatchError):
+        rec.apply(pub.update_for(1))
+    assert rec.version == 0 and rec.state_checksum() == checksum
+    for k in before:
+        assert torch.equal(model_like[k], before[k])
+    # and the receiver still accepts the right update afterwards (chain 0 -> 1 -> 2 or snapshot)
+    rec.apply(pub.update_for(0))
+    assert rec.version == 2 and rec.state_checksum() == pub.state_checksum()

@@ -1,0 +1,28 @@
+"""Lossless sparse-delta weight synchronizer.
+
+- codec.py: encode(old, new) -> buckets and apply(state, version, buckets) (pure, no Ray)
+- transport.py: WeightPublisher / WeightReceiver over the Ray object store
+- cli.py: `python -m sync encode|apply|inspect` on safetensors files
+- FORMAT.md: the wire format (buckets, encodings, DELTA file container)
+
+Names are imported lazily so `from sync.config import SyncConfig` stays cheap (no numba).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "encode": "sync.codec", "apply": "sync.codec", "inspect_payload": "sync.codec",
+    "SyncConfig": "sync.config",
+    "WeightPublisher": "sync.transport", "WeightReceiver": "sync.transport",
+    "WeightUpdate": "sync.transport", "state_checksum": "sync.transport",
+    "SyncError": "sync.errors", "CorruptBucketError": "sync.errors", "VersionMismatchError": "sync.errors",
+    "TensorMismatchError": "sync.errors", "NotADeltaError": "sync.errors", "BadInputError": "sync.errors",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sync' has no attribute {name!r}")

@@ -11,7 +11,11 @@ from rollout.generation import left_pad
 
 
 def encode_prompts(texts: list[str], tokenizer) -> list[list[int]]:
-    return [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
+    """Prompt ids: through the tokenizer's chat template when it has one (an HF model's own
+    tokenizer), else `[bos_id] + encode(text)` (see models/hf_tokenizer.py: prompt_ids)."""
+    from models.hf_tokenizer import prompt_ids
+
+    return [prompt_ids(tokenizer, t) for t in texts]
 
 
 def train_batch(

@@ -18,6 +18,7 @@ class RolloutConfig:
     num_gpus: float = 0.0  # Ray GPU share per worker actor
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources (pin to nodes)
     num_threads: int = 1  # torch intra-op threads per worker
+    nice: int = 0  # OS priority offset of worker processes (>0: the trainer, on the critical path, runs first)
     max_restarts: int = 3  # dead workers replaced during one job before it gives up
     seed: int = 0
 
@@ -43,6 +44,7 @@ def validate_rollout_config(cfg: RolloutConfig) -> None:
         (cfg.num_cpus > 0, f"rollout.num_cpus={cfg.num_cpus}: expected > 0"),
         (cfg.num_gpus >= 0, f"rollout.num_gpus={cfg.num_gpus}: expected >= 0"),
         (cfg.num_threads >= 1, f"rollout.num_threads={cfg.num_threads}: expected >= 1"),
+        (0 <= cfg.nice <= 19, f"rollout.nice={cfg.nice}: expected 0..19"),
         (cfg.max_restarts >= 0, f"rollout.max_restarts={cfg.max_restarts}: expected >= 0"),
     ]
     for ok, message in checks:

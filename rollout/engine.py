@@ -29,8 +29,13 @@ class TorchEngine:
     """Any module on the models/gpt.py call convention, sampled by rollout/generation.py."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, device: str = "cpu", dtype: str = "bfloat16"):
+        from models.hf import cast_parameters
+
         self.device = device
-        self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
+        # Parameters and persistent buffers to `dtype`; derived constants (an HF model's RoPE
+        # inv_freq) stay fp32 as in transformers' own bf16 loading: `.to(bf16)` would round them
+        # and shift rotary angles by up to ~2^-9 * position rad away from the trainer's.
+        self.model = cast_parameters(model.to(device), getattr(torch, dtype)).eval().requires_grad_(False)
         self.tokenizer = tokenizer
 
     def weights(self) -> dict[str, torch.Tensor]:

@@ -7,9 +7,7 @@ from launch.env import set_runtime_defaults
 
 set_runtime_defaults()
 
-# Custom resources that pin actors to a node in multi-node tests.
-HEAD_NODE = "test_head_node"
-SECOND_NODE = "test_second_node"
+from cluster_nodes import HEAD_NODE, SECOND_NODE  # noqa: E402  (pin actors in multi-node tests)
 
 
 @pytest.fixture(scope="session")

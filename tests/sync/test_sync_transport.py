@@ -12,7 +12,7 @@ import torch
 from sync.config import SyncConfig
 from sync.errors import SyncError, VersionMismatchError
 from sync.transport import WeightPublisher, WeightReceiver, state_checksum
-from tests.conftest import HEAD_NODE, SECOND_NODE
+from cluster_nodes import HEAD_NODE, SECOND_NODE
 
 # Test modules are not importable on Ray workers: ship this module's classes by value.
 import ray.cloudpickle  # noqa: E402

@@ -1,0 +1,170 @@
+"""Typed config of the RL job (`python -m launch.rl`): the pretraining components (model,
+sparsity, trainer, optimizer, cluster, logger) plus rollout, task, algo, sync and `rl` itself.
+`validate_rl_config` checks everything that can be checked before Ray starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from launch.cluster import ClusterConfig, ClusterResourceError, validate_cluster_config
+from launch.loggers import LoggerConfig, validate_logger_config
+from models import ModelConfig
+from rollout.config import RolloutConfig, validate_rollout_config
+from rollout.tasks import TaskConfig
+from sync.config import SyncConfig
+from trainer.algos.config import AlgoConfig
+from trainer.config import OptimizerConfig, TrainerConfig, validate_trainer_config
+from trainer.sparsity.config import SparsityConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class RLConfig:
+    mode: str = "sync"  # sync: generate -> train -> publish -> every worker applies | async
+    steps: int = 250  # RL optimizer steps (each followed by a publish)
+    max_staleness: int = 1  # async: samples at most this many versions older than the trainer
+    sft_warmup_steps: int = 120  # supervised steps on the task's answers before RL (0: none)
+    sft_lr: float = 3e-4  # constant lr of the warm-up (the RL lr is optimizer.lr, constant)
+    reset_optimizer: bool = True  # drop the warm-up's Adam moments when RL starts
+    lr_warmup_steps: int = 20  # RL steps over which the lr ramps up to optimizer.lr
+    log_every: int = 10
+    export: bool = True  # write the final policy (model.safetensors + config.json) into the run dir
+
+
+class RLConfigError(ValueError):
+    pass
+
+
+@dataclass
+class RLJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="rl_schema", node=RLJobConfig)
+
+
+def to_rl_config(cfg: DictConfig | RLJobConfig) -> RLJobConfig:
+    if isinstance(cfg, RLJobConfig):
+        return cfg
+    return OmegaConf.to_object(cfg)
+
+
+def compose_rl_config(overrides: list[str] | None = None) -> RLJobConfig:
+    """The config `python -m launch.rl <overrides>` would run with (for tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_rl_config(compose(config_name="rl", overrides=list(overrides or [])))
+
+
+def rows_per_step(cfg: RLJobConfig) -> int:
+    return cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+
+
+def derived_trainer_config(cfg: RLJobConfig) -> TrainerConfig:
+    """The trainer settings the RL job implies: one optimizer step per rollout batch, split over
+    the data-parallel ranks; max_steps covers warm-up and RL (the sparsity schedule spans both)."""
+    from dataclasses import replace
+
+    rows = rows_per_step(cfg)
+    world = cfg.cluster.trainers
+    return replace(cfg.trainer, max_steps=cfg.rl.sft_warmup_steps + cfg.rl.steps,
+                   micro_batch_size=rows // (world * cfg.trainer.grad_accum))
+
+
+def validate_rl_config(cfg: RLJobConfig) -> None:
+    """Every config problem raises here, naming the setting, before any actor starts."""
+    import torch
+
+    from models import build_model
+    from rollout.tasks import build_task
+    from trainer.algos.config import build_objective
+    from trainer.sparsity import check_zero_stage, module_shapes, validate_sparsity_config
+
+    rl = cfg.rl
+    if rl.mode not in ("sync", "async"):
+        raise RLConfigError(f"rl.mode={rl.mode!r}: expected sync or async")
+    if rl.max_staleness < 0:
+        raise RLConfigError(f"rl.max_staleness={rl.max_staleness}: expected >= 0 (versions a sample may lag the trainer)")
+    if rl.steps < 1:
+        raise RLConfigError(f"rl.steps={rl.steps}: expected >= 1")
+    if rl.sft_warmup_steps < 0:
+        raise RLConfigError(f"rl.sft_warmup_steps={rl.sft_warmup_steps}: expected >= 0")
+    if rl.lr_warmup_steps < 0:
+        raise RLConfigError(f"rl.lr_warmup_steps={rl.lr_warmup_steps}: expected >= 0")
+    if rl.sft_lr <= 0:
+        raise RLConfigError(f"rl.sft_lr={rl.sft_lr}: expected > 0")
+    validate_rollout_config(cfg.rollout)
+    build_task(cfg.task)  # unknown task, malformed prompts file, unknown reward function
+    build_objective(cfg.algo)
+    if cfg.sync.published_dtype != cfg.rollout.dtype:
+        raise RLConfigError(f"sync.published_dtype={cfg.sync.published_dtype!r} must equal "
+                            f"rollout.dtype={cfg.rollout.dtype!r}: workers receive weights in place")
+    rows, world = rows_per_step(cfg), cfg.cluster.trainers
+    if rows % (world * cfg.trainer.grad_accum):
+        raise RLConfigError(f"rollout.prompts_per_step x rollout.samples_per_prompt = {rows} rows do not split "
+                            f"over cluster.trainers={world} x trainer.grad_accum={cfg.trainer.grad_accum}")
+    validate_cluster_config(cfg.cluster)
+    validate_logger_config(cfg.logger)
+    trainer_cfg = derived_trainer_config(cfg)
+    validate_trainer_config(trainer_cfg, cfg.optimizer)
+    with torch.device("meta"):
+        model, tokenizer = build_model(cfg.model)
+    limit = getattr(getattr(model, "config", None), "block_size", None) or \
+        getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None:
+        import random
+
+        task, _ = build_task(cfg.task)
+        prompts = getattr(task, "prompts", None) or task.sample(64, random.Random(0))
+        longest = max(prompts, key=lambda p: len(tokenizer.encode(p.text)))
+        need = 1 + len(tokenizer.encode(longest.text)) + cfg.rollout.max_new_tokens  # bos + prompt + completion
+        if need > limit:
+            raise RLConfigError(f"prompt {longest.text[:40]!r} + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
+                                f"need {need} positions; the model's context is {limit} (model.block_size)")
+    validate_sparsity_config(cfg.sparsity, module_shapes(model))
+    check_zero_stage(cfg.sparsity, cfg.trainer.zero_stage)
+
+
+def check_resources(cfg: RLJobConfig, cluster_resources: dict[str, float]) -> None:
+    """Trainers and rollout workers together must fit the Ray cluster's totals (checked once
+    Ray is up, before any actor starts)."""
+    from launch.cluster import trainer_bundle
+
+    need: dict[str, float] = {}
+    for k, v in trainer_bundle(cfg.cluster).items():
+        need[k] = need.get(k, 0.0) + v * cfg.cluster.trainers
+    for k, v in rollout_bundle(cfg.rollout).items():
+        need[k] = need.get(k, 0.0) + v * cfg.rollout.workers
+    short = {k: v for k, v in need.items() if v > cluster_resources.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{k}: need {v:g}, cluster has {cluster_resources.get(k, 0.0):g}" for k, v in short.items())
+        raise ClusterResourceError(
+            f"rollout.workers={cfg.rollout.workers} (x rollout.num_cpus={cfg.rollout.num_cpus}) plus "
+            f"cluster.trainers={cfg.cluster.trainers} (x cluster.cpus_per_trainer={cfg.cluster.cpus_per_trainer}) "
+            f"need more than the Ray cluster has ({detail}); lower rollout.workers or rollout.num_cpus, or add nodes")
+
+
+def rollout_bundle(cfg: RolloutConfig) -> dict[str, float]:
+    bundle = {"CPU": float(cfg.num_cpus)}
+    if cfg.num_gpus:
+        bundle["GPU"] = float(cfg.num_gpus)
+    bundle.update({k: float(v) for k, v in cfg.resources.items()})
+    return bundle

@@ -1,0 +1,195 @@
+"""The rollout actor group: K RolloutWorker actors, their weight versions, and their replacement.
+
+The driver sees coarse calls (`generate_all`, `apply_all`, `launch`/`collect`/`offer` for async
+mode). A worker that dies (any RayActorError) is replaced by a fresh actor with the same id,
+brought to the trainer's newest version by a full snapshot; `restarts` counts replacements and
+more than `rollout.max_restarts` of them stop the job with an error.
+"""
+from __future__ import annotations
+
+import logging
+
+from launch.rl_config import rollout_bundle
+from models import ModelConfig
+from rollout.config import RolloutConfig
+from rollout.tasks import TaskConfig
+from rollout.worker import RolloutWorker
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorkerLost(RuntimeError):
+    """More rollout workers died than rollout.max_restarts allows."""
+
+
+class RolloutGroup:
+    def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, task_cfg: TaskConfig, trainer):
+        """`trainer` answers `update_for(version) -> WeightUpdate` (rank 0's actor handle)."""
+        import ray
+
+        self.model_cfg, self.cfg, self.task_cfg = model_cfg, rollout_cfg, task_cfg
+        self.trainer = trainer
+        bundle = rollout_bundle(rollout_cfg)
+        self._remote = ray.remote(RolloutWorker).options(
+            num_cpus=bundle.pop("CPU"), num_gpus=bundle.pop("GPU", 0.0), resources=bundle,
+            max_concurrency=2,  # an update can be offered while a batch is generating (async mode)
+            max_restarts=0,  # replacement is the driver's job: it must also resend the weights
+        )
+        self.restarts = 0
+        self.incarnations = [0] * rollout_cfg.workers
+        self.workers = [self._start(i) for i in range(rollout_cfg.workers)]
+        self.versions: list[int | None] = [None] * rollout_cfg.workers
+        self.pending: dict[int, object] = {}  # async: worker id -> ObjectRef of its running generate
+
+    def _start(self, i: int):
+        return self._remote.remote(i, self.model_cfg, self.cfg, self.task_cfg, self.incarnations[i])
+
+    def update_for(self, version: int | None):
+        """The trainer's WeightUpdate from `version` to its newest one."""
+        import ray
+
+        return ray.get(self.trainer.update_for.remote(version))
+
+    # -- failure handling ----------------------------------------------------------------------
+
+    def replace(self, i: int, reason: str) -> dict:
+        """Start a new worker `i` and give it the newest weights by a full snapshot."""
+        import ray
+
+        self.restarts += 1
+        if self.restarts > self.cfg.max_restarts:
+            raise RolloutWorkerLost(f"rollout worker {i} died ({reason}); {self.restarts} replacements exceed "
+                                    f"rollout.max_restarts={self.cfg.max_restarts}")
+        log.warning("rollout worker %d died (%s); replacing it (restart %d)", i, reason, self.restarts)
+        try:
+            ray.kill(self.workers[i])
+        except Exception:  # already gone
+            pass
+        self.pending.pop(i, None)
+        self.incarnations[i] += 1
+        self.workers[i] = self._start(i)
+        self.versions[i] = None
+        stats = ray.get(self.workers[i].apply_update.remote(self.update_for(None)))
+        self.versions[i] = stats["version"]
+        return stats
+
+    def generate_one(self, i: int, prompts: int, samples_per_prompt: int) -> dict:
+        """Blocking generate on worker i (replaced and retried once if it died)."""
+        result = self._call(i, "generate", prompts, samples_per_prompt)
+        self.versions[i] = result["version"]
+        return result
+
+    def _call(self, i: int, method: str, *args):
+        """ray.get one call on worker i, replacing the worker and retrying once if it died."""
+        import ray
+
+        for attempt in range(2):
+            try:
+                return ray.get(getattr(self.workers[i], method).remote(*args))
+            except ray.exceptions.RayActorError as e:
+                if attempt:
+                    raise
+                self.replace(i, type(e).__name__)
+
+    # -- sync mode -------------------------------------------------------------------------------
+
+    def apply_all(self) -> list[dict]:
+        """Bring every worker to the trainer's newest version (a delta, a chain of deltas, or a
+        snapshot for a worker that is behind or new), all in parallel; their stats by worker."""
+        import ray
+
+        # The update handle goes from the trainer to the worker as an ObjectRef: no driver round trip.
+        refs = [w.apply_update.remote(self.trainer.update_for.remote(self.versions[i])) for i, w in enumerate(self.workers)]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                stats = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                stats = self.replace(i, type(e).__name__)
+            self.versions[i] = stats["version"]
+            out.append(stats)
+        return out
+
+    def generate_all(self, prompts_per_worker: int, samples_per_prompt: int) -> list[dict]:
+        """Every worker generates its share in parallel; a worker that dies is replaced and its
+        share generated again."""
+        import ray
+
+        refs = [w.generate.remote(prompts_per_worker, samples_per_prompt) for w in self.workers]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                self.replace(i, type(e).__name__)
+                result = self._call(i, "generate", prompts_per_worker, samples_per_prompt)
+            self.versions[i] = result["version"]
+            out.append(result)
+        return out
+
+    # -- async mode ------------------------------------------------------------------------------
+
+    def launch(self, i: int, prompts: int, samples_per_prompt: int, min_version: int | None = None) -> None:
+        self.pending[i] = self.workers[i].generate.remote(prompts, samples_per_prompt, min_version)
+
+    def collect(self, i: int, prompts: int, samples_per_prompt: int) -> dict:
+        """The result of worker i's running generate (replacing the worker if it died)."""
+        import ray
+
+        ref = self.pending.pop(i)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self.replace(i, type(e).__name__)
+            result = self._call(i, "generate", prompts, samples_per_prompt)
+        self.versions[i] = result["version"]
+        return result
+
+    def resync(self, i: int) -> dict:
+        """Blocking update of worker i to the newest version (a sample was too stale)."""
+        import ray
+
+        try:
+            stats = ray.get(self.workers[i].apply_update.remote(self.update_for(self.versions[i])))
+        except ray.exceptions.RayActorError as e:
+            stats = self.replace(i, type(e).__name__)
+        self.versions[i] = stats["version"]
+        return stats
+
+    def offer(self, base_versions: list[int]) -> None:
+        """Async: every worker fetches the newest weights in the background. The candidate
+        updates (one per base version a worker may be at) pass from the trainer to the workers
+        as one ObjectRef; nothing here waits (a dead worker shows up at its next collect)."""
+        candidates = self.trainer.updates_for.remote(base_versions)
+        for w in self.workers:
+            w.offer_update.remote(candidates)
+
+    def drain(self) -> None:
+        """Wait for (and drop) every running generate, e.g. at the end of an async run."""
+        import ray
+
+        for i in list(self.pending):
+            try:
+                self.versions[i] = ray.get(self.pending.pop(i))["version"]
+            except ray.exceptions.RayActorError as e:
+                self.replace(i, type(e).__name__)
+
+    # -- end ---------------------------------------------------------------------------------------
+
+    def final_state(self) -> tuple[list[int | None], list[str]]:
+        import ray
+
+        versions = [self._call(i, "version") for i in range(len(self.workers))]
+        checksums = [ray.get(w.state_checksum.remote()) for w in self.workers]
+        return versions, checksums
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:
+                pass
+        self.workers = []
+

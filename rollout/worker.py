@@ -1,0 +1,213 @@
+"""A rollout worker: a policy copy at a known weight version that samples and scores completions.
+
+A plain class; launch/rl.py applies `ray.remote(...)` where it builds the group (with
+`max_concurrency=2` so an update can be offered while a batch is generating), and tests use it
+directly.
+
+Weights arrive through a sync WeightReceiver whose target is the engine's own tensors:
+- sync mode: `apply_update(update)` downloads, decodes and swaps in one call;
+- async mode: `offer_update(update)` returns at once and a background thread downloads and
+  decodes into a staging copy; the next `generate` starts by swapping it in. Only that swap pauses
+  generation; its duration is reported as `pause_s`, apart from the transfer/decode time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+
+import torch
+
+from models import ModelConfig, build_model
+from rollout.batch import encode_prompts
+from rollout.config import RolloutConfig
+from rollout.engine import RolloutEngine, TorchEngine
+from rollout.generation import SamplingConfig
+from rollout.rewards import score_batch
+from rollout.tasks import TaskConfig, build_task
+from sync.errors import SyncError
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    def __init__(self, worker_id: int, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, task_cfg: TaskConfig,
+                 incarnation: int = 0, engine: RolloutEngine | None = None):
+        from sync.transport import WeightReceiver
+
+        torch.set_num_threads(rollout_cfg.num_threads)
+        if rollout_cfg.nice:
+            os.nice(rollout_cfg.nice)
+        self.worker_id = worker_id
+        self.cfg = rollout_cfg
+        self.sampling = SamplingConfig(rollout_cfg.temperature, rollout_cfg.top_p, rollout_cfg.max_new_tokens)
+        self.task, self.reward_fn = build_task(task_cfg)
+        self.on_reward_error = task_cfg.on_reward_error
+        if engine is None:
+            device = rollout_cfg.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            model, tokenizer = build_model(model_cfg)
+            engine = TorchEngine(model, tokenizer, device=device, dtype=rollout_cfg.dtype)
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.receiver = WeightReceiver(target=engine.weights(), version=None)
+        # Distinct, reproducible streams per worker and per replacement of a dead one.
+        seed = rollout_cfg.seed * 1_000_000 + incarnation * 1000 + worker_id
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._lock = threading.Lock()  # guards the staged slot
+        self._fetched = threading.Condition(self._lock)  # notified when a fetch ends (any outcome)
+        self._no_update = False  # the last offer had nothing for this worker's version
+        # fetch (shadow decode) and commit (shadow -> target) must not interleave; they rarely
+        # meet, since updates are offered after a batch has started and swapped at the next one.
+        self._receiver_lock = threading.Lock()
+        self._update_lock = threading.Lock()  # one offer/apply at a time (they join the fetch thread)
+        self._staged = None  # a fetched, verified update waiting to be swapped in
+        self._fetch_stats: dict = {}
+        self._fetch_error: BaseException | None = None
+        self._fetch_thread: threading.Thread | None = None
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def version(self) -> int | None:
+        return self.receiver.version
+
+    def state_checksum(self) -> str:
+        return self.receiver.state_checksum()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the policy's weights (tests, export)."""
+        return {k: v.detach().cpu().clone() for k, v in self.engine.weights().items()}
+
+    def apply_update(self, update) -> dict:
+        """Sync mode: download + decode + swap now. Returns the receiver's stats + checksum."""
+        with self._update_lock:
+            self._wait_fetch()
+            with self._lock:
+                self._staged = None
+            started = time.perf_counter()
+            with self._receiver_lock:
+                stats = dict(self.receiver.apply(update))
+                stats["checksum"] = self.receiver.state_checksum()
+            stats["sync_s"] = time.perf_counter() - started
+            return stats
+
+    def offer_update(self, candidates: dict) -> None:
+        """Async mode: fetch the newest weights in the background; `generate` swaps them in.
+
+        `candidates` maps a base version to the WeightUpdate that brings a receiver at that
+        version to the newest one (the driver cannot know whether an earlier offer was swapped
+        in yet). Nothing matching this worker's version: nothing is staged, the worker keeps
+        generating with its weights, and the driver resyncs it when its samples get too stale.
+        """
+        with self._update_lock:
+            self._wait_fetch()
+            with self._lock:  # an older staged update must not be swapped in under a newer fetch
+                self._staged = None
+                self._no_update = False
+
+            def fetch():
+                try:
+                    started = time.perf_counter()
+                    with self._receiver_lock:
+                        update = candidates.get(self.receiver.version)
+                        staged = None if update is None else self.receiver.fetch(update)
+                    with self._lock:
+                        self._staged = staged
+                        self._no_update = staged is None
+                        self._fetch_stats = {"fetch_s": time.perf_counter() - started}
+                        self._fetched.notify_all()
+                except BaseException as e:  # surfaced by the next generate, never swallowed
+                    with self._lock:
+                        self._fetch_error = e
+                        self._fetched.notify_all()
+
+            self._fetch_thread = threading.Thread(target=fetch, name=f"weight-fetch-{self.worker_id}", daemon=True)
+            self._fetch_thread.start()
+
+    def _wait_fetch(self) -> None:
+        if self._fetch_thread is not None:
+            self._fetch_thread.join()
+            self._fetch_thread = None
+
+    def _commit_staged(self) -> dict:
+        """Swap in a fetched update if one is ready (the only pause generation sees)."""
+        with self._lock:
+            error, self._fetch_error = self._fetch_error, None
+            staged, self._staged = self._staged, None
+            fetch_stats = self._fetch_stats
+        if error is not None:
+            raise error
+        if staged is None:
+            return {}
+        started = time.perf_counter()
+        with self._receiver_lock:
+            try:
+                stats = dict(self.receiver.commit(staged))
+            except SyncError:  # superseded: a newer fetch already rolled this one back
+                return {}
+            stats["pause_s"] = time.perf_counter() - started
+            stats["checksum"] = self.receiver.state_checksum()  # after the pause, not part of it
+        stats.update(fetch_stats)
+        return stats
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def _await_version(self, min_version: int, timeout_s: float) -> tuple[dict, float]:
+        """Async mode: swap in offered weights until the version is at least `min_version`
+        (the staleness bound of the batch about to start), waiting for an in-flight fetch at most
+        `timeout_s`. Returns the last swap's stats and the seconds spent waiting."""
+        started = time.perf_counter()
+        stats = self._commit_staged()
+        while self.receiver.version is not None and self.receiver.version < min_version:
+            with self._fetched:
+                if self._staged is None and self._fetch_error is None:
+                    if self._no_update:
+                        break  # nothing on the way: the driver resyncs this worker
+                    remaining = started + timeout_s - time.perf_counter()
+                    if remaining <= 0 or not self._fetched.wait(remaining):
+                        break
+            stats = self._commit_staged() or stats
+        return stats, time.perf_counter() - started
+
+    def generate(self, num_prompts: int, samples_per_prompt: int, min_version: int | None = None,
+                 wait_timeout_s: float = 10.0) -> dict:
+        """Sample `num_prompts` task prompts, `samples_per_prompt` completions each (groups are
+        consecutive rows), score them, and say which weight version produced them. Async mode
+        passes `min_version`: an offered update still downloading is waited for when the
+        weights in place would be too stale (`weights_wait_s`, apart from the swap's pause_s)."""
+        if min_version is None:
+            sync_stats, wait_s = self._commit_staged(), 0.0
+        else:
+            sync_stats, wait_s = self._await_version(min_version, wait_timeout_s)
+            if sync_stats:
+                sync_stats["weights_wait_s"] = wait_s
+        if self.receiver.version is None:
+            raise RuntimeError(f"rollout worker {self.worker_id} has no weights yet; apply a snapshot first")
+        started = time.perf_counter()
+        prompts = self.task.sample(num_prompts, self.rng)
+        texts = [p.text for p in prompts for _ in range(samples_per_prompt)]
+        answers = [p.answer for p in prompts for _ in range(samples_per_prompt)]
+        prompt_ids = encode_prompts(texts, self.tokenizer)
+        gen = self.engine.generate(prompt_ids, self.sampling, self.generator)
+        completions = [self.tokenizer.decode(gen.tokens[i, : int(gen.lengths[i])].tolist()) for i in range(len(texts))]
+        gen_s = time.perf_counter() - started
+        scored = score_batch(self.reward_fn, texts, completions, answers, self.on_reward_error)
+        return {
+            "worker_id": self.worker_id,
+            "version": self.receiver.version,
+            "prompt_ids": prompt_ids,
+            "tokens": gen.tokens,
+            "logprobs": gen.logprobs,
+            "lengths": gen.lengths,
+            "finished": gen.finished,
+            "rewards": torch.tensor(scored.rewards, dtype=torch.float32),
+            "reward_failures": [reason for _, reason in scored.failures],
+            "texts": texts[:: max(1, samples_per_prompt)][:2],
+            "completions": completions[:2],
+            "gen_s": gen_s,
+            "sync": sync_stats,
+        }

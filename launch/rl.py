@@ -74,9 +74,18 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
         raise RLConfigError("rl.sft_warmup_steps > 0 needs an answer for every prompt; "
                             "set rl.sft_warmup_steps=0 or add answers to task.prompts_file")
 
+    ckpt_root = run_dir / "checkpoints"
+    fingerprint = rl_fingerprint(cfg)
+    resume_from = find_resume_checkpoint(rl.resume, ckpt_root)
+    if resume_from is not None:  # checked before Ray starts
+        from trainer import checkpoint as ckpt
+
+        ckpt.validate_checkpoint(resume_from, fingerprint)
+
     logger = MetricsLogger(cfg.logger, run_dir, config=asdict(cfg), total_steps=rl.steps)
     history: dict[str, list[float]] = {}
     totals = {"payload": 0, "dense": 0, "snapshot_payload": 0, "mismatches": 0, "discarded": 0}
+    done = 0  # RL steps already taken (a resumed run continues after them)
     try:
         with ray_cluster(cfg.cluster):
             check_resources(cfg, ray.cluster_resources())
@@ -89,9 +98,20 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                 rank0 = group.workers[0]
                 rollouts = RolloutGroup(cfg.model, rc, cfg.task, rank0)
 
-                # -- supervised warm-up -----------------------------------------------------------
+                # -- supervised warm-up (or the state of a resumed run) -------------------------------
                 sft_started = time.time()
-                for s in range(rl.sft_warmup_steps):
+                if resume_from is not None:
+                    driver = group.load_checkpoint(str(resume_from))["driver"]
+                    done, history, totals = driver["rl_step"], driver["history"], driver["totals"]
+                    rng.setstate(driver["rng"])
+                    if driver.get("baseline") is not None:
+                        advantage_fn.baseline = driver["baseline"]
+                    steps_file = run_dir / "steps.jsonl"  # drop the rows the crashed run wrote after it
+                    if steps_file.exists():
+                        keep = [ln for ln in steps_file.read_text().splitlines() if json.loads(ln)["step"] <= done]
+                        steps_file.write_text("".join(ln + "\n" for ln in keep))
+                    print(f"resumed from {resume_from} at RL step {done}", flush=True)
+                for s in range(rl.sft_warmup_steps if resume_from is None else 0):
                     prompts = task.sample(rows, rng)
                     batch = sft_batch([p.text for p in prompts], [p.answer for p in prompts], tokenizer)
                     metrics = merge_metrics(ray.get([w.sft_step.remote(shard(batch, r, world))
@@ -101,7 +121,7 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                         print(f"sft step {s + 1}/{rl.sft_warmup_steps} loss {metrics['sft_loss']:.3f} "
                               f"({time.time() - sft_started:.1f} s)", flush=True)
                 sft_s = time.time() - sft_started
-                group.call("begin_rl")
+                group.call("begin_rl", done)
                 publish = publish_fn(group)
                 first = publish()
                 version = first["version"]
@@ -121,7 +141,7 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                     for i in range(rc.workers):
                         rollouts.launch(i, per_worker, G, min_version())
                 rl_started = time.time()
-                for step in range(1, rl.steps + 1):
+                for step in range(done + 1, rl.steps + 1):
                     t0 = time.perf_counter()
                     sync_stats: list[dict] = []
                     if async_mode:
@@ -187,6 +207,10 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                         tqdm.write(f"rl step {step}/{rl.steps} v{version} reward {sum(window) / len(window):.3f} "
                                    f"staleness {metrics['staleness/mean']:.2f} sync x{metrics['sync/ratio']:.1f} "
                                    f"step {step_s:.2f}s")
+                    if rl.checkpoint_every and (step % rl.checkpoint_every == 0 or step == rl.steps):
+                        save_checkpoint(group, ckpt_root, version, fingerprint, trainer_cfg.keep_checkpoints, {
+                            "driver": {"rl_step": step, "history": history, "totals": totals, "rng": rng.getstate(),
+                                       "baseline": getattr(advantage_fn, "baseline", None)}})
                     if on_step is not None:
                         on_step(step, rollouts)
 
@@ -211,6 +235,45 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
     finally:
         logger.close()
     return summary
+
+
+def rl_fingerprint(cfg: RLJobConfig) -> dict:
+    """What a checkpoint must match to be resumed by this config."""
+    import torch
+
+    from models import build_model
+
+    with torch.device("meta"):
+        model, _ = build_model(cfg.model)
+    return {"world_size": cfg.cluster.trainers, "zero_stage": cfg.trainer.zero_stage,
+            "precision": cfg.trainer.precision, "sparsity_method": cfg.sparsity.method,
+            "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()}, "algo": cfg.algo.name}
+
+
+def find_resume_checkpoint(resume: str | None, ckpt_root: Path) -> Path | None:
+    """The checkpoint to continue from, or None to start fresh (see RLConfig.resume)."""
+    from trainer import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if resume is None:
+        if latest is not None:
+            raise RLConfigError(f"{ckpt_root} already holds checkpoints (latest {latest.name}); pass rl.resume=auto "
+                                "to continue it, or choose a fresh hydra.run.dir")
+        return None
+    if resume == "auto":
+        return latest
+    return Path(resume)
+
+
+def save_checkpoint(group, root: Path, version: int, fingerprint: dict, keep: int, extra: dict) -> Path:
+    """All ranks write into a staging dir; the manifest and an atomic rename commit it."""
+    from trainer import checkpoint as ckpt
+
+    staging = ckpt.new_staging_dir(root, version)
+    group.save_checkpoint(str(staging), extra)
+    path = ckpt.commit(staging, root, version, fingerprint)
+    ckpt.prune(root, keep)
+    return path
 
 
 def publish_fn(group):

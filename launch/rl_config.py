@@ -34,6 +34,10 @@ class RLConfig:
     lr_warmup_steps: int = 20  # RL steps over which the lr ramps up to optimizer.lr
     log_every: int = 10
     export: bool = True  # write the final policy (model.safetensors + config.json) into the run dir
+    checkpoint_every: int = 100  # RL steps between trainer checkpoints in <run dir>/checkpoints (0: none)
+    # null: start fresh (refused if the run dir holds checkpoints); auto: continue the latest
+    # checkpoint of the run dir (fresh when none); a path: that checkpoint. A crashed job resumes so.
+    resume: str | None = None
 
 
 class RLConfigError(ValueError):
@@ -107,6 +111,10 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
         raise RLConfigError(f"rl.steps={rl.steps}: expected >= 1")
     if rl.sft_warmup_steps < 0:
         raise RLConfigError(f"rl.sft_warmup_steps={rl.sft_warmup_steps}: expected >= 0")
+    if rl.checkpoint_every < 0:
+        raise RLConfigError(f"rl.checkpoint_every={rl.checkpoint_every}: expected >= 0")
+    if rl.resume not in (None, "auto") and not Path(rl.resume).exists():
+        raise RLConfigError(f"rl.resume={rl.resume!r}: no such checkpoint directory (use null, auto or a path)")
     if rl.lr_warmup_steps < 0:
         raise RLConfigError(f"rl.lr_warmup_steps={rl.lr_warmup_steps}: expected >= 0")
     if rl.sft_lr <= 0:

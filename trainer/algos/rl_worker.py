@@ -47,14 +47,16 @@ class RLTrainerWorker(TrainerWorker):
         self.objective, self.opt_cfg = SFT(), self.sft_opt
         return self.train_step(batch)
 
-    def begin_rl(self) -> None:
-        """Switch to the RL objective. The first SFT-phase Adam moments are dropped
-        (`rl.reset_optimizer`): they were sized by SFT's far larger gradients."""
+    def begin_rl(self, rl_steps_done: int = 0) -> None:
+        """Switch to the RL objective. The SFT-phase Adam moments are dropped
+        (`rl.reset_optimizer`): they were sized by SFT's far larger gradients. A run resumed from
+        an RL checkpoint (`rl_steps_done` > 0) keeps its restored optimizer state. (The KL
+        reference of a resumed run is the resumed policy.)"""
         self.objective, self.opt_cfg = self.algo, self.rl_opt
-        self.rl_start_step = self.step
+        self.rl_start_step = self.step - rl_steps_done
         if self.algo_cfg.kl_coef > 0:
             self.algo.set_reference(copy.deepcopy(self.module))
-        if self.reset_optimizer:
+        if self.reset_optimizer and rl_steps_done == 0:
             self.optimizer.state.clear()
 
     def train_step(self, batch: dict) -> dict[str, float]:

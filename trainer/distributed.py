@@ -56,3 +56,21 @@ def set_distributed_env(rank: int, world_size: int, master_addr: str, master_por
         "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
         "DS_ACCELERATOR": "cuda" if device == "cuda" else "cpu",
     })
+
+
+def destroy_distributed() -> None:
+    """Leave the process group and forget DeepSpeed's cached groups of it.
+
+    DeepSpeed keeps module-level handles to the groups it cloned from the first process group
+    (deepspeed.utils.groups); after `destroy_process_group` they point at a dead group, and a
+    later TrainerWorker in the same process (tests, notebooks) would fail inside
+    `deepspeed.initialize`. So they are reset with it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and "GROUP" in name and not callable(value):
+            setattr(groups, name, {} if isinstance(value, dict) else None)

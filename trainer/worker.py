@@ -18,7 +18,8 @@ import torch
 from models import ModelConfig, build_model
 from trainer.checkpoint import CheckpointError, rank_file, rng_state, set_rng_state
 from trainer.config import OptimizerConfig, TrainerConfig
-from trainer.distributed import free_port, node_id, node_ip, resolve_device, set_distributed_env
+from trainer.distributed import (destroy_distributed, free_port, node_id, node_ip, resolve_device,
+                                 set_distributed_env)
 from trainer.lr_schedule import lr_at
 from trainer.objectives import LanguageModelingObjective, Objective
 
@@ -228,10 +229,7 @@ class TrainerWorker:
         return self.step
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_distributed()
 
 
 class _MetricSums:

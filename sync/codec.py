@@ -3,7 +3,8 @@
 Pure functions on tensors and bytes (no Ray). The wire format is in FORMAT.md; in short:
 - every tensor of `new` is split into element-range chunks (at most one bucket of dense bytes);
 - a chunk of a tensor that exists in `old` with the same dtype and shape is coded as a delta of
-  bit patterns ("gap" at level fast, "ctx" at level best, see delta_kernels.py), or as its dense
+  bit patterns ("gap" or, above 1.5 % changed, the byte-aligned "mask" at level fast; "ctx" at
+  level best; see delta_kernels.py), or as its dense
   bytes when that is smaller (so a payload is never larger than the dense snapshot, give or take
   headers); new, reshaped or dtype-changed tensors, and every tensor of a snapshot, go in whole;
 - chunks are packed into buckets of about `bucket_bytes`; bucket 0 also carries the manifest:
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,7 +37,13 @@ DENSE_ZSTD_LEVEL = {"fast": 1, "best": 9}
 MAX_CHUNK_ELEMS = 1 << 22  # bounds decoder memory and gives the threads balanced work units
 ENTRY_HEADER_BYTES = 256  # rough JSON cost of one entry, for bucket packing
 PARALLEL_MIN_ELEMS = 1 << 20
-DELTA_ENCODINGS = ("none", "gap", "ctx")
+DELTA_ENCODINGS = ("none", "gap", "ctx", "mask")
+# Level fast: above this change fraction a chunk is coded as "mask" (byte-aligned, zstd) rather
+# than "gap": the range coder's time grows with the changes, and from here on it would be
+# slower than zstd-1 on the dense bytes (ANCHORS: encode must never make sync slower).
+MASK_MIN_FRAC = 0.015
+# ...except in chunks this small, where "gap" is tried as well and the smaller body is kept.
+GAP_ALSO_MAX_ELEMS = 1 << 18
 DENSE_ENCODINGS = ("planes", "raw")
 _INT_NUMPY = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}
 
@@ -70,29 +78,72 @@ def _encode_dense(n: np.ndarray, level: str) -> tuple[str, bytes]:
 
 
 def _count_changes(o: np.ndarray, n: np.ndarray) -> int:
+    return int(K.count_changes_fast(o, n))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, size: int, dtype) -> np.ndarray:
+    """A per-thread work array, reused across chunks (fresh ones would page-fault every time)."""
+    have = getattr(_SCRATCH, name, None)
+    if have is None or have.shape[0] < size:
+        have = np.empty(max(size, 1 << 16), dtype)
+        setattr(_SCRATCH, name, have)
+    return have[:size]
+
+
+def _encode_mask(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) -> bytes:
+    wb = info.width // 8
+    buf = np.empty((o.shape[0] + 7) // 8 + changed * (1 + wb) + 1, np.uint8)
+    tmp, esc = _scratch("tmp", o.shape[0] + 2, np.uint8), np.empty(changed + 1, np.uint64)
+    nib = _scratch("nib", (o.shape[0] + 7) // 8 * 8, np.uint8)
+    used = K.encode_mask(o, n, info.width, _kernel_params(info)[-1], buf, tmp, changed, esc, nib)
+    if used < 0:
+        raise RuntimeError("tensor changed while it was being encoded")
+    return zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL["fast"], write_content_size=True).compress(buf[:used])
+
+
+def _gap_body(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) -> bytes | None:
+    """The "gap" body of a chunk with `changed` (>= 1) changes, or None when it would not fit
+    in the chunk's raw size."""
+    raw_len = n.nbytes
+    out, out2 = np.empty(raw_len + 256, np.uint8), np.empty(raw_len + 256, np.uint8)
     per = 8 // o.itemsize
     nw = o.shape[0] // per
-    return int(K.count_changes(o, n, o[: nw * per].view(np.uint64), n[: nw * per].view(np.uint64), per))
+    # one slot per element, but pages are only touched for actual changes
+    u_buf, e_buf = np.empty(o.shape[0], np.uint64), np.empty(o.shape[0], np.uint8)
+    n1, n2, _ = K.encode_gap(o, n, o[: nw * per].view(np.uint64), n[: nw * per].view(np.uint64), per,
+                             *_kernel_params(info), out, out2, u_buf, e_buf, K.gap_prior(changed, o.shape[0]))
+    if n1 < 0 or n2 < 0:
+        return None
+    return b"".join((struct.pack("<I", n1), out[:n1].tobytes(), out2[:n2].tobytes()))
 
 
 def _encode_delta(o: np.ndarray, n: np.ndarray, info: DtypeInfo, level: str) -> tuple[str, bytes, int]:
     raw_len = n.nbytes
-    out = np.empty(raw_len + 256, np.uint8)
-    params = _kernel_params(info)
     body = None
     if level == "fast":
-        per = 8 // o.itemsize
-        nw = o.shape[0] // per
-        out2 = np.empty(raw_len + 256, np.uint8)
-        # one slot per element, but pages are only touched for actual changes
-        u_buf, e_buf = np.empty(o.shape[0], np.uint64), np.empty(o.shape[0], np.uint8)
-        n1, n2, changed = K.encode_gap(o, n, o[: nw * per].view(np.uint64), n[: nw * per].view(np.uint64), per,
-                                       *params, out, out2, u_buf, e_buf, K.gap_prior(_count_changes(o, n), o.shape[0]))
+        changed = _count_changes(o, n)
+        if changed == 0:
+            return "none", b"", 0
+        if changed > MASK_MIN_FRAC * o.shape[0]:
+            enc, body = "mask", _encode_mask(o, n, info, changed)
+            if o.shape[0] <= GAP_ALSO_MAX_ELEMS:
+                # small chunk: the range coder's time is small in absolute terms and its context
+                # models often win on real updates (skewed by the old value's magnitude)
+                gbody = _gap_body(o, n, info, changed)
+                if gbody is not None and len(gbody) < len(body):
+                    enc, body = "gap", gbody
+            if len(body) <= raw_len // 2:
+                return enc, body, changed
+            dense_enc, dense = _encode_dense(n, level)
+            return (enc, body, changed) if len(body) <= len(dense) else (dense_enc, dense, changed)
         enc = "gap"
-        if n1 >= 0 and n2 >= 0:
-            body = b"".join((struct.pack("<I", n1), out[:n1].tobytes(), out2[:n2].tobytes()))
+        body = _gap_body(o, n, info, changed)
     else:
-        nbytes, changed = K.encode_ctx(o, n, *params, out, K.flag_prior(_count_changes(o, n), o.shape[0]))
+        out = np.empty(raw_len + 256, np.uint8)
+        nbytes, changed = K.encode_ctx(o, n, *_kernel_params(info), out, K.flag_prior(_count_changes(o, n), o.shape[0]))
         enc = "ctx"
         if nbytes >= 0:
             body = out[:nbytes].tobytes()
@@ -246,6 +297,29 @@ def _decode_dense(enc: str, body: memoryview, count: int, info: DtypeInfo, where
     if isz > 1:
         planes = planes.reshape(isz, count).T
     return np.ascontiguousarray(planes).view(info.uint).reshape(-1)
+
+
+def _decode_mask(body: memoryview, changed: int, old: np.ndarray, info: DtypeInfo, where: str, dst: np.ndarray) -> None:
+    """New bit patterns of the whole chunk from a "mask" body (see FORMAT.md), into `dst`
+    (which may be `old` itself: the kernel reads each element before writing it)."""
+    n = old.shape[0]
+    if changed < 1 or changed > n:
+        raise CorruptBucketError(f"{where}: {changed} changes in a chunk of {n} elements")
+    ng, wb = (n + 7) // 8, info.width // 8
+    least = ng + (changed + 1) // 2
+    most = least + changed * wb
+    try:
+        size = zstandard.frame_content_size(body)
+        if size < least or size > most or (size - least) % wb:
+            raise CorruptBucketError(f"{where}: mask body holds {size} bytes, expected {least} + a multiple of {wb} up to {most}")
+        data = np.frombuffer(zstandard.ZstdDecompressor().decompress(body), np.uint8)
+    except zstandard.ZstdError as e:
+        raise CorruptBucketError(f"{where}: compressed body is corrupt ({e})") from None
+    if data.shape[0] != size:
+        raise CorruptBucketError(f"{where}: mask body decompressed to {data.shape[0]} bytes, its frame says {size}")
+    scratch, vals = _scratch("d", ng * 8, np.uint8), _scratch("vals", changed + 1, np.uint8)
+    if K.decode_mask(old, data, changed, info.width, _kernel_params(info)[-1], dst, scratch, vals) != 0:
+        raise CorruptBucketError(f"{where}: mask stream is corrupt (change masks and values disagree)")
 
 
 def _decode_delta(enc: str, body: memoryview, changed: int, old: np.ndarray, info: DtypeInfo, where: str):
@@ -492,22 +566,44 @@ def _plan_entry(state, body, bi, ei, e, meta, kinds, next_start, seen, out, in_p
             out.whole.add(name)
         task["decode"] = lambda: _decode_dense(enc, chunk, stop - start, info, where)
     else:
+        src = bits_of(state[name])
         arr = out.arrays.get(name)
         if arr is None:
-            arr = bits_of(state[name])
+            arr = src
             if in_place:
                 if enc != "none" and arr.ctypes.data != state[name].data_ptr():
                     raise RuntimeError(f"in-place decode needs CPU contiguous tensors ({name!r})")
             elif enc != "none":
-                arr = arr.copy()
+                # a fresh array that the entries fill range by range (the decode tasks do it in
+                # parallel) rather than one serial copy of the whole tensor first
+                arr = np.empty_like(src)
+                arr[:start] = src[:start]
             if enc != "none":
                 out.arrays[name] = arr
+        elif not in_place and enc == "none":
+            arr[start:stop] = src[start:stop]
         if enc == "none":
             if ln != 0 or changed != 0:
                 raise CorruptBucketError(f"{where}: 'none' entry with a body or changes")
+        elif enc == "mask":
+            # decoded straight into the result range: no temporary, no extra copy
+            old, dst = src[start:stop], arr[start:stop]
+            if in_place:
+                # the task itself copies and logs the undo before it writes (in parallel, and
+                # a task that never runs logs nothing)
+                def decode_logged(arr=arr, old=old, dst=dst, chunk=chunk, changed=changed, where=where, start=start, stop=stop):
+                    out.undo.append((arr, slice(start, stop), old.copy()))
+                    _decode_mask(chunk, changed, old, info, where, dst)
+
+                task["decode"] = decode_logged
+            else:
+                task["decode"] = lambda: _decode_mask(chunk, changed, old, info, where, dst)
         elif enc in ("gap", "ctx"):
-            base = arr[start:stop]
-            task["decode"] = lambda: _decode_delta(enc, chunk, changed, base, info, where)
+            base, dst = src[start:stop], arr[start:stop]
+            if in_place or dst is base:
+                task["decode"] = lambda: _decode_delta(enc, chunk, changed, base, info, where)
+            else:  # fresh result array: the unchanged elements come from the base
+                task["decode"] = lambda: (np.copyto(dst, base), _decode_delta(enc, chunk, changed, base, info, where))[1]
         elif enc in DENSE_ENCODINGS:
             task["decode"] = lambda: _decode_dense(enc, chunk, stop - start, info, where)
         else:
@@ -527,6 +623,9 @@ def _write_entry(t: dict, out: DecodedPayload, in_place: bool) -> None:
             out.undo.append((arr, pos, arr[pos]))
         arr[pos] = vals
         out.ops.append((name, "scatter", pos, vals))
+        out.changed += t["changed"]
+    elif t["enc"] == "mask":  # already decoded in place
+        out.ops.append((name, "range", start, arr[start:stop]))
         out.changed += t["changed"]
     elif t["enc"] in DENSE_ENCODINGS:
         vals = t["result"]

@@ -181,3 +181,84 @@ def test_encode_rejects_bad_arguments():
         codec.encode(None, {}, base_version=None, target_version=1, level="ultra")
     with pytest.raises(TensorMismatchError):
         codec.encode(None, {"c": torch.zeros(2, dtype=torch.complex64)}, base_version=None, target_version=1)
+
+
+def _entries(buckets):
+    from sync.format import parse_bucket
+
+    return [e for i, b in enumerate(buckets) for e in parse_bucket(b, i).header["entries"]]
+
+
+@pytest.mark.parametrize("frac", [0.05, 0.3, 0.9, 1.0])
+def test_mask_encoding_round_trips_with_escapes(frac, monkeypatch):
+    """Level fast codes many-change chunks as "mask"; large moves (sign flips, +-100 ulp)
+    take the escape path; odd sizes leave partial 8-element groups and an odd nibble."""
+    monkeypatch.setattr(codec, "GAP_ALSO_MAX_ELEMS", 0)  # small chunks would also try "gap"
+    gen = _gen(21)
+    n = 100_003
+    old = {
+        "bf16": (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16),
+        "fp32": torch.randn(20_001, generator=gen),
+        "i8": torch.randint(-128, 127, (9_999,), generator=gen, dtype=torch.int8),
+        "f64": torch.randn(5_005, generator=gen, dtype=torch.float64),
+    }
+    new = clone_state(old)
+    for k, t in new.items():
+        flat = bits(t)
+        m = flat.numel()
+        idx = torch.randperm(m, generator=gen)[: int(m * frac)]
+        step = torch.randint(1, 4, (idx.numel(),), generator=gen)
+        step = torch.where(torch.rand(idx.numel(), generator=gen) < 0.05, torch.full_like(step, 100), step)
+        step = step * torch.where(torch.rand(idx.numel(), generator=gen) < 0.5, -1, 1)
+        flat[idx] = flat[idx] + step.to(flat.dtype)
+        flips = idx[torch.rand(idx.numel(), generator=gen) < 0.02]
+        flat[flips] ^= torch.tensor(1, dtype=flat.dtype) << (flat.element_size() * 8 - 1)
+    buckets = codec.encode(old, new, base_version=0, target_version=1, level="fast", bucket_bytes=1 << 16)
+    encs = {e["enc"] for e in _entries(buckets)}
+    assert "mask" in encs, encs
+    got, _ = codec.apply(old, 0, buckets)
+    assert_same_state(got, new)
+
+
+def test_mask_size_near_entropy():
+    """At 30 % changed by +-1..3 ulp, "mask" stays within 15 % of n*H2(p) + k*log2(6)."""
+    import math
+
+    gen = _gen(22)
+    n, p = 400_000, 0.3
+    old = {"w": (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)}
+    new = {"w": perturb_bf16(old["w"], p, gen)}
+    k = int(torch.count_nonzero(bits(old["w"]) != bits(new["w"])))
+    q = k / n
+    estimate_bits = n * (-(q * math.log2(q) + (1 - q) * math.log2(1 - q))) + k * math.log2(6)
+    buckets = codec.encode(old, new, base_version=0, target_version=1, level="fast")
+    assert {e["enc"] for e in _entries(buckets)} == {"mask"}
+    assert sum(map(len, buckets)) * 8 < estimate_bits * 1.15 + 8 * 2000
+
+
+def test_mask_body_inconsistent_with_changes_is_rejected(monkeypatch):
+    """A mask body whose masks claim one change too many (valid zstd, valid checksums) fails
+    with CorruptBucketError and leaves the state untouched."""
+    import zstandard
+
+    from sync.errors import CorruptBucketError
+    from sync.format import pack_bucket, parse_bucket
+
+    monkeypatch.setattr(codec, "GAP_ALSO_MAX_ELEMS", 0)
+    gen = _gen(23)
+    old = {"w": (torch.randn(4000, generator=gen) * 0.02).to(torch.bfloat16)}
+    new = {"w": perturb_bf16(old["w"], 0.3, gen)}
+    (bucket,) = codec.encode(old, new, base_version=0, target_version=1, level="fast")
+    b = parse_bucket(bucket, 0)
+    (e,) = b.header["entries"]
+    assert e["enc"] == "mask"
+    data = bytearray(zstandard.ZstdDecompressor().decompress(bytes(b.body[e["off"] : e["off"] + e["len"]])))
+    g = next(i for i in range(500) if data[i] != 0xFF)
+    data[g] |= (~data[g]) & -(~data[g]) & 0xFF  # set the lowest clear bit: one extra change
+    body = zstandard.ZstdCompressor(level=1).compress(bytes(data))
+    e["len"] = len(body)
+    forged = pack_bucket(b.header, body)
+    before = bits(old["w"]).clone()
+    with pytest.raises(CorruptBucketError, match="mask stream is corrupt"):
+        codec.apply(old, 0, [forged])
+    assert torch.equal(bits(old["w"]), before)

@@ -21,6 +21,7 @@ def _states():
     old = {
         "emb": (torch.randn(64, 48, generator=gen) * 0.02).to(torch.bfloat16),
         "w": (torch.randn(12000, generator=gen) * 0.05).to(torch.bfloat16),
+        "rare": (torch.randn(8000, generator=gen) * 0.05).to(torch.bfloat16),
         "noise": torch.randn(5000, generator=gen).to(torch.bfloat16),
         "b": torch.randn(32, generator=gen),
         "step": torch.tensor([4], dtype=torch.int64),
@@ -28,7 +29,8 @@ def _states():
     }
     new = {k: v for k, v in old.items() if k != "gone"}
     new["emb"] = perturb_bf16(old["emb"], 0.05, gen)
-    new["w"] = perturb_bf16(old["w"], 0.3, gen)
+    new["w"] = perturb_bf16(old["w"], 0.3, gen)  # level fast: "mask" entries
+    new["rare"] = perturb_bf16(old["rare"], 0.005, gen)  # level fast: "gap" entries
     new["b"] = old["b"] + 0.001
     new["noise"] = torch.randn(5000, generator=gen).to(torch.bfloat16)  # dense fallback entries
     new["step"] = torch.tensor([5], dtype=torch.int64)
@@ -46,7 +48,7 @@ def _forge(rng: random.Random, bucket: bytes) -> bytes:
     e = rng.choice(entries)
     if choice == 0 and e:
         key = rng.choice(["name", "start", "stop", "off", "len", "changed", "enc", "xxh", "shape", "dtype", "kind"])
-        e[key] = rng.choice([0, 1, -1, 7, 10**12, "w", "emb", "gap", "ctx", "raw", "planes", "none", None, [3], [64, 48], "float32", "whole", "delta", 2.5])
+        e[key] = rng.choice([0, 1, -1, 7, 10**12, "w", "emb", "gap", "ctx", "mask", "raw", "planes", "none", None, [3], [64, 48], "float32", "whole", "delta", 2.5])
     elif choice == 1:
         h[rng.choice(["base", "target", "index", "count", "payload", "level"])] = rng.choice([0, 1, 2, 99, None, "x"])
     elif choice == 2 and "manifest" in h:
@@ -110,6 +112,8 @@ def _run_fuzz(count: int, seed: int) -> dict:
         codec.encode(old, new, base_version=1, target_version=2, level=lvl, bucket_bytes=4096) for lvl in ("fast", "best")
     ]
     assert all(len(p) >= 3 for p in payloads)
+    fast_encs = {e["enc"] for b in payloads[0] for e in parse_bucket(b, 0).header["entries"]}
+    assert {"gap", "mask", "planes"} <= fast_encs, fast_encs  # every fast encoding gets mutated
     other = codec.encode(old, {k: v.clone() for k, v in new.items()} | {"b": old["b"] - 1}, base_version=1, target_version=2, level="fast", bucket_bytes=4096)
     snapshot = codec.encode(None, new, base_version=None, target_version=2, level="fast", bucket_bytes=4096)
     reference = {k: bits(v).clone() for k, v in old.items()}
@@ -138,12 +142,14 @@ def _run_fuzz(count: int, seed: int) -> dict:
     return outcomes
 
 
-def test_fuzz_default():
+def test_fuzz_default(monkeypatch):
+    monkeypatch.setattr(codec, "GAP_ALSO_MAX_ELEMS", 0)  # small chunks: "mask" rather than also "gap"
     outcomes = _run_fuzz(1000, seed=1234)
     assert outcomes["error"] > 900
 
 
 @pytest.mark.slow
-def test_fuzz_slow():
+def test_fuzz_slow(monkeypatch):
+    monkeypatch.setattr(codec, "GAP_ALSO_MAX_ELEMS", 0)
     outcomes = _run_fuzz(10_000, seed=99)
     assert outcomes["error"] > 9000

@@ -13,6 +13,17 @@ worker, then loop over RL steps:
                  resynced (rl.max_staleness=0 makes async mode sync).
 
 Every publish is a sparse delta (sync/), a full snapshot for a worker that is new or behind.
+
+Fault tolerance: a dead rollout worker is replaced (launch/rl_rollouts.py). A dead trainer rank
+(RayActorError from a trainer call) restarts the whole trainer group (launch/rl_trainers.py): the
+new group loads the latest checkpoint (with rl.checkpoint_every > 0 one exists from RL step 0 on,
+written right after the warm-up), the driver rolls its own state (step, reward history, task RNG)
+back to it, the restored trainer publishes a full snapshot under a version above any published
+before (versions never go backwards; rollout workers may be ahead of the checkpoint) and every
+worker applies it. Samples in flight, made by versions the restored trainer never produced, are
+dropped and counted (`rollout.dropped_lost_versions`); the steps after the checkpoint are redone.
+Sync traffic totals keep counting what really crossed the wire. At most rl.max_trainer_restarts
+restarts; a death during the warm-up, or with rl.checkpoint_every=0, ends the job (TrainerLost).
 `run_rl(cfg, run_dir)` is the whole job, callable in-process with a Ray that is already running.
 Outputs in run_dir: summary.json, steps.jsonl (every step's metrics), wandb/ (offline run), and
 the final policy (model.safetensors + config.json, + sparsity.json when sparse).
@@ -43,19 +54,20 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
     """Run the job; returns the summary (also written to run_dir/summary.json).
 
     `on_step(step, rollouts)`, when given, is called after every RL step (tests use it to kill
-    a rollout worker mid-run)."""
+    a rollout worker or the trainer mid-run)."""
     import ray
     import torch
 
     from launch.cluster import ray_cluster
     from launch.loggers import MetricsLogger
     from launch.rl_rollouts import RolloutGroup
-    from launch.trainer_group import TrainerGroup, merge_metrics
+    from launch.rl_trainers import RLTrainers
+    from launch.trainer_group import merge_metrics
     from models import build_model
     from rollout.batch import sft_batch
     from rollout.tasks import build_task
+    from trainer import checkpoint as ckpt
     from trainer.algos.config import build_objective
-    from trainer.algos.rl_worker import RLTrainerWorker
 
     started = time.time()
     run_dir = Path(run_dir).resolve()
@@ -78,57 +90,75 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
     fingerprint = rl_fingerprint(cfg)
     resume_from = find_resume_checkpoint(rl.resume, ckpt_root)
     if resume_from is not None:  # checked before Ray starts
-        from trainer import checkpoint as ckpt
-
         ckpt.validate_checkpoint(resume_from, fingerprint)
 
     logger = MetricsLogger(cfg.logger, run_dir, config=asdict(cfg), total_steps=rl.steps)
     history: dict[str, list[float]] = {}
-    totals = {"payload": 0, "dense": 0, "snapshot_payload": 0, "mismatches": 0, "discarded": 0}
+    totals = {"payload": 0, "dense": 0, "snapshot_payload": 0, "mismatches": 0, "discarded": 0,
+              "dropped_lost": 0}
     done = 0  # RL steps already taken (a resumed run continues after them)
     try:
         with ray_cluster(cfg.cluster):
             check_resources(cfg, ray.cluster_resources())
-            group = TrainerGroup(cfg.cluster, cfg.model, trainer_cfg, cfg.optimizer, cfg.sparsity,
-                                 worker_cls=RLTrainerWorker)
+            trainers = RLTrainers(cfg, trainer_cfg, algo_cfg)
             rollouts = None
             try:
-                group.call("configure_rl", algo_cfg, cfg.sync, rl.sft_lr, cfg.optimizer.lr, rl.reset_optimizer,
-                           rl.lr_warmup_steps)
-                rank0 = group.workers[0]
-                rollouts = RolloutGroup(cfg.model, rc, cfg.task, rank0)
+                rollouts = RolloutGroup(cfg.model, rc, cfg.task, trainers.workers[0])
 
-                # -- supervised warm-up (or the state of a resumed run) -------------------------------
-                sft_started = time.time()
-                if resume_from is not None:
-                    driver = group.load_checkpoint(str(resume_from))["driver"]
-                    done, history, totals = driver["rl_step"], driver["history"], driver["totals"]
+                def restore(path: Path, keep_totals: bool) -> int:
+                    """Load checkpoint `path` into the trainers and roll the driver back to it;
+                    returns the weight version it was saved at."""
+                    nonlocal done, history, totals
+                    driver = trainers.group.load_checkpoint(str(path))["driver"]
+                    done, history = driver["rl_step"], driver["history"]
+                    if not keep_totals:
+                        totals = {"dropped_lost": 0, **driver["totals"]}
                     rng.setstate(driver["rng"])
                     if driver.get("baseline") is not None:
                         advantage_fn.baseline = driver["baseline"]
-                    steps_file = run_dir / "steps.jsonl"  # drop the rows the crashed run wrote after it
+                    steps_file = run_dir / "steps.jsonl"  # drop the rows written after the checkpoint
                     if steps_file.exists():
                         keep = [ln for ln in steps_file.read_text().splitlines() if json.loads(ln)["step"] <= done]
                         steps_file.write_text("".join(ln + "\n" for ln in keep))
+                    return driver.get("version", 0)
+
+                def start_rl(version_floor: int) -> dict:
+                    """RL objective on every rank, publish under a version >= version_floor, and
+                    bring every rollout worker to it (full snapshots); the publish stats."""
+                    trainers.group.call("begin_rl", done)
+                    trainers.group.call("set_version_floor", version_floor)
+                    pub = trainers.publish()
+                    for stats in rollouts.apply_all():
+                        totals["snapshot_payload"] += stats["payload_bytes"]
+                        totals["mismatches"] += stats["checksum"] != pub["checksum"]
+                    return pub
+
+                def driver_state(step: int) -> dict:
+                    return {"driver": {"rl_step": step, "history": history, "totals": totals, "rng": rng.getstate(),
+                                       "baseline": getattr(advantage_fn, "baseline", None), "version": version}}
+
+                # -- supervised warm-up (or the state of a resumed run) -------------------------------
+                sft_started = time.time()
+                version_floor = 0
+                if resume_from is not None:
+                    version_floor = restore(resume_from, keep_totals=False)
                     print(f"resumed from {resume_from} at RL step {done}", flush=True)
                 for s in range(rl.sft_warmup_steps if resume_from is None else 0):
                     prompts = task.sample(rows, rng)
                     batch = sft_batch([p.text for p in prompts], [p.answer for p in prompts], tokenizer)
                     metrics = merge_metrics(ray.get([w.sft_step.remote(shard(batch, r, world))
-                                                     for r, w in enumerate(group.workers)]))
+                                                     for r, w in enumerate(trainers.workers)]))
                     if (s + 1) % 20 == 0 or s + 1 == rl.sft_warmup_steps:
                         logger.log({"sft/loss": metrics["sft_loss"]}, 0)
                         print(f"sft step {s + 1}/{rl.sft_warmup_steps} loss {metrics['sft_loss']:.3f} "
                               f"({time.time() - sft_started:.1f} s)", flush=True)
                 sft_s = time.time() - sft_started
-                group.call("begin_rl", done)
-                publish = publish_fn(group)
-                first = publish()
+                first = start_rl(version_floor)
                 version = first["version"]
                 checksums = {version: first["checksum"]}
-                for stats in rollouts.apply_all():  # full snapshots to every worker
-                    totals["snapshot_payload"] += stats["payload_bytes"]
-                    totals["mismatches"] += stats["checksum"] != checksums[version]
+                if rl.checkpoint_every and resume_from is None:  # a trainer restart needs one from step 0 on
+                    save_checkpoint(trainers.group, ckpt_root, version, fingerprint, trainer_cfg.keep_checkpoints,
+                                    driver_state(0))
 
                 # -- RL loop ----------------------------------------------------------------------
                 per_worker = rc.prompts_per_step // rc.workers
@@ -141,76 +171,98 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                     for i in range(rc.workers):
                         rollouts.launch(i, per_worker, G, min_version())
                 rl_started = time.time()
-                for step in range(done + 1, rl.steps + 1):
-                    t0 = time.perf_counter()
-                    sync_stats: list[dict] = []
-                    if async_mode:
-                        shares = []
-                        for i in range(rc.workers):
-                            result = rollouts.collect(i, per_worker, G)
-                            if version - result["version"] > rl.max_staleness:
-                                totals["discarded"] += 1
-                                sync_stats.append(rollouts.resync(i))
-                                result = rollouts.generate_one(i, per_worker, G)
-                            if result["sync"]:
-                                sync_stats.append(result["sync"])
-                            shares.append(result)
-                            rollouts.launch(i, per_worker, G, min_version())  # the next batch starts now
-                    else:
-                        shares = rollouts.generate_all(per_worker, G)
-                    gen_wall = time.perf_counter() - t0
+                step = done
+                while step < rl.steps:
+                    step += 1
+                    shares: list[dict] = []  # this step's samples (dropped if the trainer dies)
+                    try:
+                        t0 = time.perf_counter()
+                        sync_stats: list[dict] = []
+                        if async_mode:
+                            for i in range(rc.workers):
+                                result = rollouts.collect(i, per_worker, G)
+                                if version - result["version"] > rl.max_staleness:
+                                    totals["discarded"] += 1
+                                    sync_stats.append(rollouts.resync(i))
+                                    result = rollouts.generate_one(i, per_worker, G)
+                                if result["sync"]:
+                                    sync_stats.append(result["sync"])
+                                shares.append(result)
+                                rollouts.launch(i, per_worker, G, min_version())  # the next batch starts now
+                        else:
+                            shares = rollouts.generate_all(per_worker, G)
+                        gen_wall = time.perf_counter() - t0
 
-                    batch, roll_metrics = assemble(shares, version, advantage_fn, G, tokenizer.pad_id)
-                    t1 = time.perf_counter()
-                    train = merge_metrics(ray.get([w.train_step.remote(shard(batch, r, world))
-                                                   for r, w in enumerate(group.workers)]))
-                    train_s = time.perf_counter() - t1
-                    t2 = time.perf_counter()
-                    pub = publish()
-                    version = pub["version"]
-                    checksums[version] = pub["checksum"]
-                    totals["payload"] += pub["payload_bytes"]
-                    totals["dense"] += pub["dense_bytes"]
-                    if async_mode:
-                        rollouts.offer(list(range(max(first["version"], version - rl.max_staleness - 2), version)))
-                    else:
-                        sync_stats = rollouts.apply_all()
-                    sync_s = time.perf_counter() - t2
-                    for st in sync_stats:
-                        if "checksum" in st and st["checksum"] != checksums.get(st["version"]):
-                            totals["mismatches"] += 1
-                    step_s = time.perf_counter() - t0
+                        batch, roll_metrics = assemble(shares, version, advantage_fn, G, tokenizer.pad_id)
+                        t1 = time.perf_counter()
+                        train = merge_metrics(ray.get([w.train_step.remote(shard(batch, r, world))
+                                                       for r, w in enumerate(trainers.workers)]))
+                        train_s = time.perf_counter() - t1
+                        t2 = time.perf_counter()
+                        pub = trainers.publish()
+                        version = pub["version"]
+                        checksums[version] = pub["checksum"]
+                        totals["payload"] += pub["payload_bytes"]
+                        totals["dense"] += pub["dense_bytes"]
+                        if async_mode:
+                            rollouts.offer(list(range(max(first["version"], version - rl.max_staleness - 2), version)))
+                        else:
+                            sync_stats = rollouts.apply_all()
+                        sync_s = time.perf_counter() - t2
+                        for st in sync_stats:
+                            if "checksum" in st and st["checksum"] != checksums.get(st["version"]):
+                                totals["mismatches"] += 1
+                        step_s = time.perf_counter() - t0
 
-                    metrics = {
-                        **roll_metrics, **{f"train/{k}": v for k, v in train.items() if k not in ("step",)},
-                        "sync/payload_bytes": pub["payload_bytes"], "sync/dense_bytes": pub["dense_bytes"],
-                        "sync/ratio": pub["dense_bytes"] / max(1, pub["payload_bytes"]),
-                        "sync/encode_s": pub.get("encode_s", 0.0), "sync/seconds": sync_s,
-                        "density": pub["density"], "step_s": step_s, "gen_wait_s": gen_wall, "train_s": train_s,
-                        "version": version,
-                    }
-                    pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]
-                    if pauses:
-                        metrics["sync/pause_s"] = max(pauses)
-                    waits = [st["weights_wait_s"] for st in sync_stats if "weights_wait_s" in st]
-                    if waits:
-                        metrics["sync/weights_wait_s"] = max(waits)
-                    for k, v in metrics.items():
-                        history.setdefault(k, []).append(float(v))
-                    logger.log(metrics, step)
-                    with open(run_dir / "steps.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **metrics}) + "\n")
-                    if step % rl.log_every == 0 or step == rl.steps:
-                        window = history["reward/mean"][-rl.log_every:]
-                        from tqdm import tqdm
+                        metrics = {
+                            **roll_metrics, **{f"train/{k}": v for k, v in train.items() if k not in ("step",)},
+                            "sync/payload_bytes": pub["payload_bytes"], "sync/dense_bytes": pub["dense_bytes"],
+                            "sync/ratio": pub["dense_bytes"] / max(1, pub["payload_bytes"]),
+                            "sync/encode_s": pub.get("encode_s", 0.0), "sync/seconds": sync_s,
+                            "density": pub["density"], "step_s": step_s, "gen_wait_s": gen_wall, "train_s": train_s,
+                            "version": version, "trainer/restarts": trainers.restarts,
+                        }
+                        pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]
+                        if pauses:
+                            metrics["sync/pause_s"] = max(pauses)
+                        waits = [st["weights_wait_s"] for st in sync_stats if "weights_wait_s" in st]
+                        if waits:
+                            metrics["sync/weights_wait_s"] = max(waits)
+                        for k, v in metrics.items():
+                            history.setdefault(k, []).append(float(v))
+                        logger.log(metrics, step)
+                        with open(run_dir / "steps.jsonl", "a") as f:
+                            f.write(json.dumps({"step": step, **metrics}) + "\n")
+                        if step % rl.log_every == 0 or step == rl.steps:
+                            window = history["reward/mean"][-rl.log_every:]
+                            from tqdm import tqdm
 
-                        tqdm.write(f"rl step {step}/{rl.steps} v{version} reward {sum(window) / len(window):.3f} "
-                                   f"staleness {metrics['staleness/mean']:.2f} sync x{metrics['sync/ratio']:.1f} "
-                                   f"step {step_s:.2f}s")
-                    if rl.checkpoint_every and (step % rl.checkpoint_every == 0 or step == rl.steps):
-                        save_checkpoint(group, ckpt_root, version, fingerprint, trainer_cfg.keep_checkpoints, {
-                            "driver": {"rl_step": step, "history": history, "totals": totals, "rng": rng.getstate(),
-                                       "baseline": getattr(advantage_fn, "baseline", None)}})
+                            tqdm.write(f"rl step {step}/{rl.steps} v{version} reward {sum(window) / len(window):.3f} "
+                                       f"staleness {metrics['staleness/mean']:.2f} sync x{metrics['sync/ratio']:.1f} "
+                                       f"step {step_s:.2f}s")
+                        if rl.checkpoint_every and (step % rl.checkpoint_every == 0 or step == rl.steps):
+                            save_checkpoint(trainers.group, ckpt_root, version, fingerprint,
+                                            trainer_cfg.keep_checkpoints, driver_state(step))
+                    except ray.exceptions.RayActorError as e:
+                        if trainers.alive():
+                            raise  # a rollout worker's death the rollout group did not absorb
+                        latest = ckpt.latest_checkpoint(ckpt_root)
+                        trainers.restart(type(e).__name__, latest)
+                        rollouts.trainer = trainers.workers[0]
+                        # samples in flight come from versions the restored trainer never made
+                        totals["dropped_lost"] += sum(len(s["rewards"]) for s in shares) + \
+                            rollouts.drain(trainer_lost=True)
+                        restore(latest, keep_totals=True)
+                        first = start_rl(version + 1)  # above every version a worker may hold
+                        version = first["version"]
+                        checksums[version] = first["checksum"]
+                        if async_mode:
+                            for i in range(rc.workers):
+                                rollouts.launch(i, per_worker, G, min_version())
+                        print(f"trainer restarted (restart {trainers.restarts}) from {latest.name}, "
+                              f"RL step {done}", flush=True)
+                        step = done
+                        continue
                     if on_step is not None:
                         on_step(step, rollouts)
 
@@ -223,15 +275,16 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                 totals["mismatches"] += sum(c != checksums[version] for c in final_checksums)
                 rl_s = time.time() - rl_started
                 if rl.export:  # checks the sparsity pattern of what it writes
-                    group.export(str(run_dir))
+                    trainers.group.export(str(run_dir))
                 summary = make_summary(cfg, history, totals, version, final_versions, rollouts.restarts,
+                                       trainers.restarts,
                                        wall_s=time.time() - started, sft_s=sft_s, rl_s=rl_s)
                 summary["export"] = str(run_dir / "model.safetensors") if rl.export else None
                 logger.summary(summary)
             finally:
                 if rollouts is not None:
                     rollouts.shutdown()
-                group.shutdown()
+                trainers.shutdown()
     finally:
         logger.close()
     return summary
@@ -274,13 +327,6 @@ def save_checkpoint(group, root: Path, version: int, fingerprint: dict, keep: in
     path = ckpt.commit(staging, root, version, fingerprint)
     ckpt.prune(root, keep)
     return path
-
-
-def publish_fn(group):
-    """Publish on every rank (collective under ZeRO); rank 0's stats."""
-    def publish() -> dict:
-        return group.call("publish")[0]
-    return publish
 
 
 def shard(batch: dict, rank: int, world: int) -> dict:
@@ -327,7 +373,7 @@ def window_mean(values: list[float], first: bool) -> float:
 
 
 def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, final_versions: list,
-                 restarts: int, **times) -> dict:
+                 restarts: int, trainer_restarts: int = 0, **times) -> dict:
     rewards = history.get("reward/mean", [])
     ratios = history.get("sync/ratio", [])
     mean = lambda k: (sum(history[k]) / len(history[k])) if history.get(k) else None  # noqa: E731
@@ -345,6 +391,7 @@ def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, fi
         "sync.encode_s_mean": mean("sync/encode_s"),
         "trainer.final_version": version, "rollout.final_versions": list(final_versions),
         "rollout.worker_restarts": restarts, "rollout.discarded_stale": totals["discarded"],
+        "trainer.restarts": trainer_restarts, "rollout.dropped_lost_versions": totals.get("dropped_lost", 0),
         "staleness.mean": mean("staleness/mean"), "step_s_mean": mean("step_s"),
         "train.logprob_mismatch_mean": mean("train/logprob_mismatch"),
         "density_final": history["density"][-1] if history.get("density") else None,

@@ -38,6 +38,8 @@ class RLConfig:
     # null: start fresh (refused if the run dir holds checkpoints); auto: continue the latest
     # checkpoint of the run dir (fresh when none); a path: that checkpoint. A crashed job resumes so.
     resume: str | None = None
+    # trainer group restarts from the latest checkpoint within one job (needs checkpoint_every > 0)
+    max_trainer_restarts: int = 2
 
 
 class RLConfigError(ValueError):
@@ -115,6 +117,8 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
         raise RLConfigError(f"rl.checkpoint_every={rl.checkpoint_every}: expected >= 0")
     if rl.resume not in (None, "auto") and not Path(rl.resume).exists():
         raise RLConfigError(f"rl.resume={rl.resume!r}: no such checkpoint directory (use null, auto or a path)")
+    if rl.max_trainer_restarts < 0:
+        raise RLConfigError(f"rl.max_trainer_restarts={rl.max_trainer_restarts}: expected >= 0")
     if rl.lr_warmup_steps < 0:
         raise RLConfigError(f"rl.lr_warmup_steps={rl.lr_warmup_steps}: expected >= 0")
     if rl.sft_lr <= 0:

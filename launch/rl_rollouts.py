@@ -164,15 +164,25 @@ class RolloutGroup:
         for w in self.workers:
             w.offer_update.remote(candidates)
 
-    def drain(self) -> None:
-        """Wait for (and drop) every running generate, e.g. at the end of an async run."""
+    def drain(self, trainer_lost: bool = False) -> int:
+        """Wait for (and drop) every running generate, e.g. at the end of an async run; the
+        number of samples dropped. After a trainer death (`trainer_lost`) a generate that failed
+        on an update offered by the dead trainer (its objects died with it) is dropped too."""
         import ray
 
+        dropped = 0
         for i in list(self.pending):
             try:
-                self.versions[i] = ray.get(self.pending.pop(i))["version"]
+                result = ray.get(self.pending.pop(i))
+                self.versions[i] = result["version"]
+                dropped += len(result["rewards"])
             except ray.exceptions.RayActorError as e:
                 self.replace(i, type(e).__name__)
+            except ray.exceptions.RayTaskError as e:
+                if not trainer_lost:
+                    raise
+                log.warning("rollout worker %d: batch dropped with the lost trainer (%s)", i, type(e).__name__)
+        return dropped
 
     # -- end ---------------------------------------------------------------------------------------
 

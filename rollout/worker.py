@@ -86,8 +86,8 @@ class RolloutWorker:
         """Sync mode: download + decode + swap now. Returns the receiver's stats + checksum."""
         with self._update_lock:
             self._wait_fetch()
-            with self._lock:
-                self._staged = None
+            with self._lock:  # a full apply supersedes any offered update, failed ones included
+                self._staged, self._fetch_error = None, None
             started = time.perf_counter()
             with self._receiver_lock:
                 stats = dict(self.receiver.apply(update))

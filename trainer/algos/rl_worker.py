@@ -6,10 +6,12 @@ Built by launch/trainer_group.py (`worker_cls=RLTrainerWorker`), then configured
     sft_step(batch)   supervised warm-up on the task's answers (rl.sft_warmup_steps of them)
     begin_rl()        switch the objective to the RL algorithm (reference policy frozen here)
     train_step(batch) one RL optimizer step (TrainerWorker's step with the RL objective)
-    publish()         bf16 weights (masked) -> sync WeightPublisher on rank 0, version = step
+    publish()         bf16 weights (masked) -> sync WeightPublisher on rank 0, version = step (+ offset)
     update_for(v)     the WeightUpdate that brings a receiver at version v to the latest one
 
-The weight version is the number of optimizer steps taken, so SFT steps count too.
+The weight version is the number of optimizer steps taken, so SFT steps count too, plus an
+offset that only a restored trainer has (`set_version_floor`): rollout workers may already hold
+versions past the checkpoint, and versions never go backwards.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class RLTrainerWorker(TrainerWorker):
         self.reset_optimizer = reset_optimizer
         self.algo = build_objective(algo_cfg)
         self.publisher = None
+        self.version_offset = 0
         if self.rank == 0:
             from sync.transport import WeightPublisher
 
@@ -67,15 +70,23 @@ class RLTrainerWorker(TrainerWorker):
             self.opt_cfg = constant_lr(self.rl_opt, self.rl_lr * min(1.0, (k + 1) / self.rl_warmup_steps))
         return super().train_step(batch)
 
+    def set_version_floor(self, min_version: int) -> None:
+        """Publish from now on under versions >= `min_version` (a trainer restored from a
+        checkpoint, whose step is behind versions that rollout workers already hold)."""
+        self.version_offset = max(0, min_version - self.step)
+
+    def version(self) -> int:
+        return self.step + self.version_offset
+
     def publish(self) -> dict:
-        """Publish the current weights as version `self.step`; rank 0 returns the sync stats
+        """Publish the current weights as version `self.version()`; rank 0 returns the sync stats
         plus the published state's checksum (collective under ZeRO: call on every rank)."""
         state = self.published_state(self.sync_cfg.published_dtype)
         if self.rank != 0:
             return {}
         from sync.transport import state_checksum
 
-        stats = dict(self.publisher.publish(state, self.step))
+        stats = dict(self.publisher.publish(state, self.version()))
         stats["checksum"] = state_checksum(state)
         stats["density"] = float(sum(int((v != 0).sum()) for v in state.values()) / sum(v.numel() for v in state.values()))
         return stats

@@ -40,19 +40,27 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
 
 
+def to_typed_config(cfg, schema: type):
+    """Hydra's DictConfig of a job as its typed dataclass (`schema`); a dataclass passes through."""
+    return cfg if isinstance(cfg, schema) else OmegaConf.to_object(cfg)
+
+
+def compose_job_config(config_name: str, overrides: list[str] | None = None):
+    """The typed config `python -m launch.<job> <overrides>` would run with (tests, notebooks).
+    The job's schema must be registered first (its `register_configs`)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name=config_name, overrides=list(overrides or [])))
+
+
 def to_pretrain_config(cfg: DictConfig | PretrainConfig) -> PretrainConfig:
-    if isinstance(cfg, PretrainConfig):
-        return cfg
-    return OmegaConf.to_object(cfg)
+    return to_typed_config(cfg, PretrainConfig)
 
 
 def compose_pretrain_config(overrides: list[str] | None = None) -> PretrainConfig:
-    """The config `python -m launch.pretrain <overrides>` would run with (for tests, notebooks)."""
-    from hydra import compose, initialize_config_dir
-
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_pretrain_config(compose(config_name="pretrain", overrides=list(overrides or [])))
+    return compose_job_config("pretrain", overrides)
 
 
 def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cluster import ClusterConfig, ClusterResourceError, validate_cluster_config
+from launch.config import compose_job_config, to_typed_config
 from launch.loggers import LoggerConfig, validate_logger_config
 from models import ModelConfig
 from rollout.config import RolloutConfig, validate_rollout_config
@@ -19,8 +20,6 @@ from sync.config import SyncConfig
 from trainer.algos.config import AlgoConfig
 from trainer.config import OptimizerConfig, TrainerConfig, validate_trainer_config
 from trainer.sparsity.config import SparsityConfig
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @dataclass
@@ -66,18 +65,12 @@ def register_configs() -> None:
 
 
 def to_rl_config(cfg: DictConfig | RLJobConfig) -> RLJobConfig:
-    if isinstance(cfg, RLJobConfig):
-        return cfg
-    return OmegaConf.to_object(cfg)
+    return to_typed_config(cfg, RLJobConfig)
 
 
 def compose_rl_config(overrides: list[str] | None = None) -> RLJobConfig:
-    """The config `python -m launch.rl <overrides>` would run with (for tests, notebooks)."""
-    from hydra import compose, initialize_config_dir
-
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_rl_config(compose(config_name="rl", overrides=list(overrides or [])))
+    return compose_job_config("rl", overrides)
 
 
 def rows_per_step(cfg: RLJobConfig) -> int:

@@ -17,6 +17,19 @@ def token_logprobs(
     return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
 
 
+def reference_logprobs(batch: dict[str, torch.Tensor], reference: torch.nn.Module | None,
+                       temperature: float) -> torch.Tensor:
+    """Token logprobs of the KL reference policy: the batch's `ref_logprobs` when the driver sent
+    them, else computed here with the frozen `reference` model (no gradient)."""
+    ref = batch.get("ref_logprobs")
+    if ref is not None:
+        return ref.float()
+    if reference is None:
+        raise ValueError("algo.kl_coef > 0 needs batch['ref_logprobs'] or set_reference(model)")
+    with torch.no_grad():
+        return token_logprobs(reference, batch["input_ids"], batch["attention_mask"], temperature)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over mask == 1 (token-level: every completion token in the batch weighs the same)."""
     mask = mask.to(x.dtype)

@@ -14,7 +14,7 @@ import torch
 
 from trainer.algos.config import AlgoConfig
 from trainer.algos.grpo import k3_kl, policy_metrics
-from trainer.algos.logprobs import masked_mean, token_logprobs
+from trainer.algos.logprobs import masked_mean, reference_logprobs, token_logprobs
 
 EPS = 1e-4
 
@@ -56,13 +56,7 @@ class PPO:
         loss_tokens = -surrogate
         metrics: dict[str, float] = {}
         if cfg.kl_coef > 0:
-            ref = batch.get("ref_logprobs")
-            if ref is None:
-                if self.reference is None:
-                    raise ValueError("algo.kl_coef > 0 needs batch['ref_logprobs'] or set_reference(model)")
-                with torch.no_grad():
-                    ref = token_logprobs(self.reference, batch["input_ids"], batch["attention_mask"], cfg.temperature)
-            kl = k3_kl(logp, ref.float())
+            kl = k3_kl(logp, reference_logprobs(batch, self.reference, cfg.temperature))
             loss_tokens = loss_tokens + cfg.kl_coef * kl
             metrics["kl"] = float(masked_mean(kl.detach(), mask))
         loss = masked_mean(loss_tokens, mask)

@@ -20,3 +20,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$root" > "$site/sparsetrain_root.pth"
     echo "$want" > "$stamp"
 fi
+# DeepSpeed JIT-compiles its CPU communication op on first use (~60 s, in every rank at once);
+# build it once here, into the project's cache, so no job or test pays for it inside a timeout.
+if ! ls .torch_extensions/*/deepspeed_shm_comm.so >/dev/null 2>&1; then
+    .venv/bin/python -c "
+from launch.env import set_runtime_defaults
+set_runtime_defaults()
+import os
+if os.environ['DS_ACCELERATOR'] == 'cpu':
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()
+" >/dev/null
+fi

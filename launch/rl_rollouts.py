@@ -113,19 +113,9 @@ class RolloutGroup:
     def generate_all(self, prompts_per_worker: int, samples_per_prompt: int) -> list[dict]:
         """Every worker generates its share in parallel; a worker that dies is replaced and its
         share generated again."""
-        import ray
-
-        refs = [w.generate.remote(prompts_per_worker, samples_per_prompt) for w in self.workers]
-        out = []
-        for i, ref in enumerate(refs):
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                self.replace(i, type(e).__name__)
-                result = self._call(i, "generate", prompts_per_worker, samples_per_prompt)
-            self.versions[i] = result["version"]
-            out.append(result)
-        return out
+        for i in range(len(self.workers)):
+            self.launch(i, prompts_per_worker, samples_per_prompt)
+        return [self.collect(i, prompts_per_worker, samples_per_prompt) for i in range(len(self.workers))]
 
     # -- async mode ------------------------------------------------------------------------------
 

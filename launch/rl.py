@@ -63,6 +63,7 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
     from launch.rl_rollouts import RolloutGroup
     from launch.rl_trainers import RLTrainers
     from launch.trainer_group import merge_metrics
+    from sync.errors import UpdateUnavailableError
     from models import build_model
     from rollout.batch import sft_batch
     from rollout.tasks import build_task
@@ -103,7 +104,7 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
             trainers = RLTrainers(cfg, trainer_cfg, algo_cfg)
             rollouts = None
             try:
-                rollouts = RolloutGroup(cfg.model, rc, cfg.task, trainers.workers[0])
+                rollouts = RolloutGroup(cfg.model, rc, cfg.task, trainers.publisher)
 
                 def restore(path: Path, keep_totals: bool) -> int:
                     """Load checkpoint `path` into the trainers and roll the driver back to it;
@@ -199,16 +200,17 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                                                        for r, w in enumerate(trainers.workers)]))
                         train_s = time.perf_counter() - t1
                         t2 = time.perf_counter()
-                        pub = trainers.publish()
-                        version = pub["version"]
-                        checksums[version] = pub["checksum"]
-                        totals["payload"] += pub["payload_bytes"]
-                        totals["dense"] += pub["dense_bytes"]
+                        publish = trainers.begin_publish()  # parts still encoding: workers fetch as they land
+                        version = publish.version
+                        checksums[version] = publish.checksum
                         if async_mode:
                             rollouts.offer(list(range(max(first["version"], version - rl.max_staleness - 2), version)))
                         else:
                             sync_stats = rollouts.apply_all()
                         sync_s = time.perf_counter() - t2
+                        pub = trainers.finish_publish(publish, None if async_mode else sync_s)
+                        totals["payload"] += pub["payload_bytes"]
+                        totals["dense"] += pub["dense_bytes"]
                         for st in sync_stats:
                             if "checksum" in st and st["checksum"] != checksums.get(st["version"]):
                                 totals["mismatches"] += 1
@@ -243,12 +245,12 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                         if rl.checkpoint_every and (step % rl.checkpoint_every == 0 or step == rl.steps):
                             save_checkpoint(trainers.group, ckpt_root, version, fingerprint,
                                             trainer_cfg.keep_checkpoints, driver_state(step))
-                    except ray.exceptions.RayActorError as e:
+                    except (ray.exceptions.RayActorError, UpdateUnavailableError) as e:
                         if trainers.alive():
                             raise  # a rollout worker's death the rollout group did not absorb
                         latest = ckpt.latest_checkpoint(ckpt_root)
                         trainers.restart(type(e).__name__, latest)
-                        rollouts.trainer = trainers.workers[0]
+                        rollouts.publisher = trainers.publisher
                         # samples in flight come from versions the restored trainer never made
                         totals["dropped_lost"] += sum(len(s["rewards"]) for s in shares) + \
                             rollouts.drain(trainer_lost=True)

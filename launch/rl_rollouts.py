@@ -23,12 +23,13 @@ class RolloutWorkerLost(RuntimeError):
 
 
 class RolloutGroup:
-    def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, task_cfg: TaskConfig, trainer):
-        """`trainer` answers `update_for(version) -> WeightUpdate` (rank 0's actor handle)."""
+    def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, task_cfg: TaskConfig, publisher):
+        """`publisher` answers `update_for(version) -> WeightUpdate` in the driver (the trainer
+        group's ShardedPublisher, sync/transport.py)."""
         import ray
 
         self.model_cfg, self.cfg, self.task_cfg = model_cfg, rollout_cfg, task_cfg
-        self.trainer = trainer
+        self.publisher = publisher
         bundle = rollout_bundle(rollout_cfg)
         self._remote = ray.remote(RolloutWorker).options(
             num_cpus=bundle.pop("CPU"), num_gpus=bundle.pop("GPU", 0.0), resources=bundle,
@@ -46,9 +47,7 @@ class RolloutGroup:
 
     def update_for(self, version: int | None):
         """The trainer's WeightUpdate from `version` to its newest one."""
-        import ray
-
-        return ray.get(self.trainer.update_for.remote(version))
+        return self.publisher.update_for(version)
 
     # -- failure handling ----------------------------------------------------------------------
 
@@ -98,8 +97,7 @@ class RolloutGroup:
         snapshot for a worker that is behind or new), all in parallel; their stats by worker."""
         import ray
 
-        # The update handle goes from the trainer to the worker as an ObjectRef: no driver round trip.
-        refs = [w.apply_update.remote(self.trainer.update_for.remote(self.versions[i])) for i, w in enumerate(self.workers)]
+        refs = [w.apply_update.remote(self.update_for(self.versions[i])) for i, w in enumerate(self.workers)]
         out = []
         for i, ref in enumerate(refs):
             try:
@@ -148,9 +146,11 @@ class RolloutGroup:
 
     def offer(self, base_versions: list[int]) -> None:
         """Async: every worker fetches the newest weights in the background. The candidate
-        updates (one per base version a worker may be at) pass from the trainer to the workers
-        as one ObjectRef; nothing here waits (a dead worker shows up at its next collect)."""
-        candidates = self.trainer.updates_for.remote(base_versions)
+        updates (one per base version a worker may be at) are small handles; nothing here waits
+        (a dead worker shows up at its next collect)."""
+        import ray
+
+        candidates = ray.put(self.publisher.updates_for(base_versions))
         for w in self.workers:
             w.offer_update.remote(candidates)
 

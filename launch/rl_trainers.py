@@ -25,6 +25,17 @@ class RLTrainers:
         self.cfg, self.trainer_cfg, self.algo_cfg = cfg, trainer_cfg, algo_cfg
         self.restarts = 0
         self.group = self._start()
+        self.publisher = self._publisher()
+
+    def _publisher(self):
+        """The driver's side of weight sync over this group's ranks (sync/transport.py); the
+        sparse/dense choice keeps what it has measured across trainer restarts."""
+        from sync.transport import ActorChannel, ShardedPublisher
+
+        publisher = ShardedPublisher([ActorChannel(w) for w in self.group.workers], self.cfg.sync)
+        if getattr(self, "publisher", None) is not None:
+            publisher.chooser = self.publisher.chooser
+        return publisher
 
     def _start(self) -> TrainerGroup:
         cfg, rl = self.cfg, self.cfg.rl
@@ -68,10 +79,25 @@ class RLTrainers:
                     reason, checkpoint, self.restarts)
         self.group.shutdown()
         self.group = self._start()
+        self.publisher = self._publisher()
 
     def publish(self) -> dict:
-        """Publish on every rank (collective under ZeRO); rank 0's stats."""
-        return self.group.call("publish")[0]
+        """Publish the current weights: every rank encodes its own slice; the stats (PublishStats
+        as a dict). Receivers fetch with `publisher.update_for(version)`."""
+        return self.publisher.publish().as_dict()
+
+    def begin_publish(self):
+        """Stage a publish on every rank and return at once, parts still encoding: receivers
+        brought up to date now overlap their fetch and decode with the encode."""
+        return self.publisher.begin()
+
+    def finish_publish(self, handle, sync_s: float | None = None) -> dict:
+        """Wait for `handle`'s encode to end; its stats. `sync_s` (begin to the last receiver's
+        commit) feeds the sparse/dense choice of later publishes."""
+        stats = self.publisher.finish(handle).as_dict()
+        if sync_s is not None:
+            self.publisher.observe(handle, sync_s)
+        return stats
 
     def shutdown(self) -> None:
         self.group.shutdown()

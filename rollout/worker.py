@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class RolloutWorker:
     def __init__(self, worker_id: int, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, task_cfg: TaskConfig,
                  incarnation: int = 0, engine: RolloutEngine | None = None):
-        from sync.transport import WeightReceiver
+        from sync.receiver import WeightReceiver
 
         torch.set_num_threads(rollout_cfg.num_threads)
         if rollout_cfg.nice:

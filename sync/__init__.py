@@ -1,7 +1,11 @@
 """Lossless sparse-delta weight synchronizer.
 
 - codec.py: encode(old, new) -> buckets and apply(state, version, buckets) (pure, no Ray)
-- transport.py: WeightPublisher / WeightReceiver over the Ray object store
+- slices.py: which trainer rank publishes which elements (the slice plan and its keys)
+- publisher.py: one rank's side of a publish (its slice, encoded part by part)
+- transport.py: the driver's ShardedPublisher over the Ray object store (+ WeightPublisher, one process)
+- receiver.py: WeightReceiver: pipelined fetch, verify into a shadow, commit
+- policy.py: sparse or dense per publish, from measured end-to-end times
 - cli.py: `python -m sync encode|apply|inspect` on safetensors files
 - FORMAT.md: the wire format (buckets, encodings, DELTA file container)
 
@@ -14,10 +18,11 @@ import importlib
 _EXPORTS = {
     "encode": "sync.codec", "apply": "sync.codec", "inspect_payload": "sync.codec",
     "SyncConfig": "sync.config",
-    "WeightPublisher": "sync.transport", "WeightReceiver": "sync.transport",
+    "WeightPublisher": "sync.transport", "ShardedPublisher": "sync.transport", "WeightReceiver": "sync.receiver",
     "WeightUpdate": "sync.transport", "state_checksum": "sync.transport",
     "SyncError": "sync.errors", "CorruptBucketError": "sync.errors", "VersionMismatchError": "sync.errors",
     "TensorMismatchError": "sync.errors", "NotADeltaError": "sync.errors", "BadInputError": "sync.errors",
+    "UpdateUnavailableError": "sync.errors",
 }
 __all__ = list(_EXPORTS)
 

@@ -28,7 +28,7 @@ import xxhash
 import zstandard
 
 from sync import delta_kernels as K
-from sync.config import LEVELS
+from sync.config import CODEC_LEVELS
 from sync.dtypes import DtypeInfo, bits_of, info_by_name, info_for
 from sync.errors import CorruptBucketError, NotADeltaError, SyncError, TensorMismatchError, VersionMismatchError
 from sync.format import Bucket, digest, pack_bucket, parse_bucket
@@ -70,6 +70,8 @@ def chunk_ranges(numel: int, info: DtypeInfo, bucket_bytes: int) -> list[tuple[i
 def _encode_dense(n: np.ndarray, level: str) -> tuple[str, bytes]:
     isz = n.itemsize
     raw = n.view(np.uint8)
+    if level == "raw":
+        return "raw", raw.tobytes()
     planes = raw.reshape(-1, isz).T.tobytes() if isz > 1 else raw.tobytes()
     z = zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL[level]).compress(planes)
     if len(z) < raw.nbytes:
@@ -200,12 +202,14 @@ def encode(
     """Encode `new` as a delta against `old` (or a full snapshot when old is None) into
     self-describing buckets. Tensors are compared by bit pattern; the result is lossless.
     `metadata` (str -> str, e.g. a safetensors header's) travels in bucket 0."""
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if level not in CODEC_LEVELS:
+        raise ValueError(f"level must be one of {CODEC_LEVELS}, got {level!r}")
     if not isinstance(target_version, int):
         raise ValueError(f"target_version must be an int, got {target_version!r}")
     if old is not None and not isinstance(base_version, int):
         raise ValueError("a delta (old is not None) needs an integer base_version")
+    if level == "raw":  # a full send: every tensor whole, uncompressed
+        old = None
     if old is None:
         base_version = None
     if bucket_bytes < 4096:

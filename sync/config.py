@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LEVELS = ("fast", "best")
+LEVELS = ("fast", "best")  # what a user picks for deltas
+CODEC_LEVELS = LEVELS + ("raw",)  # "raw": a full send, every tensor whole and uncompressed
+MODES = ("auto", "sparse", "dense")
 
 
 @dataclass
@@ -12,11 +14,27 @@ class SyncConfig:
     bucket_bytes: int = 32 << 20  # target payload size of one bucket
     history: int = 8  # deltas the publisher keeps so a lagging receiver gets a chain
     published_dtype: str = "bfloat16"
+    # Each trainer rank encodes its slice in parts of about this many dense bytes; a receiver
+    # fetches and decodes part i while part i+1 is still being encoded (pipelining), and its
+    # transient memory is one part's payload.
+    part_bytes: int = 64 << 20
+    # What a publish sends: "sparse" (a delta at `level`), "dense" (the full weights, raw), or
+    # "auto": whichever was fastest end to end, from measured publish times (sync/policy.py).
+    mode: str = "auto"
+    # Seconds a receiver waits for one part of an update (a stalled link or a dead trainer rank
+    # ends in a typed error instead of a hang).
+    fetch_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"sync.level must be one of {LEVELS}, got {self.level!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"sync.mode must be one of {MODES}, got {self.mode!r}")
         if self.bucket_bytes < 4096:
             raise ValueError(f"sync.bucket_bytes must be >= 4096, got {self.bucket_bytes}")
+        if self.part_bytes < 4096:
+            raise ValueError(f"sync.part_bytes must be >= 4096, got {self.part_bytes}")
         if self.history < 0:
             raise ValueError(f"sync.history must be >= 0, got {self.history}")
+        if not self.fetch_timeout_s > 0:
+            raise ValueError(f"sync.fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")

@@ -26,3 +26,8 @@ class NotADeltaError(SyncError):
 
 class BadInputError(SyncError):
     """An input state file (e.g. a safetensors checkpoint) cannot be read."""
+
+
+class UpdateUnavailableError(SyncError):
+    """Part of an update could not be fetched: the trainer rank that encodes it failed or died,
+    its object was lost, or it did not arrive within sync.fetch_timeout_s (a stalled link)."""

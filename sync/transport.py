@@ -1,133 +1,272 @@
-"""Weight sync over the Ray object store: a publisher in the trainer, receivers in rollout workers.
+"""Weight sync over the Ray object store: the driver's side of a publish, across trainer ranks.
 
-The publisher encodes each published version as a delta against the previous one (a snapshot
-the first time), puts the buckets into the object store, and keeps the last `history` deltas.
-A receiver asks for an update from its own version: the latest delta when it is one behind, the
-chain of deltas it missed, or a snapshot, whichever is fewer bytes.
+Every trainer rank publishes its own slice (sync/slices.py) with a SlicePublisher
+(sync/publisher.py) and encodes it part by part; each part is the return value of an actor call,
+so it lands in the object store of the rank's own node and no rank ever holds the full model.
+The driver (ShardedPublisher) keeps only ObjectRefs and small stats:
 
-The receiver decodes into a private CPU "shadow" of its weights, in place with an undo log, and
-checks every checksum there (fetch). Only a fully verified update is then replayed onto the
-target tensors (commit), so a corrupt or mismatched update leaves the target and the version
-exactly as they were. fetch() can run in a background thread while the target is in use.
+    begin()          every rank stages its slice (masked, in the published dtype) and the driver
+                     queues one encode call per part: it returns as soon as the ranks have staged,
+                     with the parts still encoding, so receivers start fetching part 0 while
+                     later parts are encoded (pipelining)
+    finish(handle)   waits for every part's stats: payload bytes, encode time, errors
+    update_for(v)    the cheapest update that brings a receiver at version v to the newest one:
+                     the latest delta, the chain of deltas it missed, or a snapshot (encoded on
+                     demand from the ranks' last published copies), whichever is fewer bytes
+    observe(h, s)    the publish took s seconds end to end: feeds the sparse/dense choice
+                     (sync/policy.py), made per publish in begin()
+
+Receivers (sync/receiver.py) fetch every rank's parts. Objects of one node are transferred to
+another node once and shared by every receiver there (Ray's object manager), so with K receivers
+on a node the trainer nodes send each byte to that node once, not K times.
+WeightPublisher is the same publisher in one process (a single rank, tests and tools).
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 import xxhash
 
-from sync.codec import DecodedPayload, decode_into, encode, tensor_from_bits
 from sync.config import SyncConfig
 from sync.dtypes import bits_of, info_for
-from sync.errors import SyncError, TensorMismatchError
+from sync.errors import SyncError, UpdateUnavailableError
 from sync.format import digest
+from sync.policy import ModeChooser
+from sync.publisher import PartStats, SlicePublisher, StagedSlice
 
-_INT_NUMPY = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}
+
+# ---------------------------------------------------------------- checksums
+
+
+def checksum_entries(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Per tensor (or slice) key: its name, dtype, shape and bit-pattern digest. Ranks compute
+    these for their slices; the union gives the checksum of the whole published state."""
+    return {name: f"{name}|{info_for(t.dtype, name).name}|{list(t.shape)}|{digest(bits_of(t))};"
+            for name, t in state.items()}
+
+
+def combine_checksums(entries: dict[str, str]) -> str:
+    h = xxhash.xxh3_64()
+    for name in sorted(entries):
+        h.update(entries[name].encode())
+    return h.hexdigest()
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:
     """Digest of names, dtypes, shapes and bit patterns of a state dict (order-independent)."""
-    h = xxhash.xxh3_64()
-    for name in sorted(state):
-        t = state[name]
-        h.update(f"{name}|{info_for(t.dtype, name).name}|{list(t.shape)}|{digest(bits_of(t))};".encode())
-    return h.hexdigest()
+    return combine_checksums(checksum_entries(state))
+
+
+# ---------------------------------------------------------------- what crosses to receivers
+
+
+@dataclass
+class Part:
+    """One independent payload: the slice keys it covers and an ObjectRef to its bucket list."""
+
+    keys: list[str]
+    ref: Any
 
 
 @dataclass
 class WeightUpdate:
-    """A small picklable handle. `payloads` holds one list of bucket ObjectRefs per payload, to be
-    applied in order; the refs are nested in lists so Ray passes them through unresolved."""
+    """A small picklable handle. `steps` are applied in order (one for a delta or a snapshot,
+    several for a chain); each step is the parts of every trainer rank for one version."""
 
     kind: str  # "none" | "delta" | "chain" | "snapshot"
     base_version: int | None
     target_version: int | None
-    payload_bytes: int
-    payloads: list = field(default_factory=list)
+    payload_bytes: int  # known sizes only (a version still encoding counts 0)
+    steps: list[list[Part]] = field(default_factory=list)
 
 
 @dataclass
-class _Published:
+class PublishStats:
+    version: int
+    kind: str  # "delta" | "snapshot" (dense or first)
+    dense: bool
+    payload_bytes: int
+    dense_bytes: int
+    ratio: float
+    changed: int  # elements whose bits changed (0 for snapshots)
+    encode_s: float  # the slowest rank's encode time
+    parts: int
+    checksum: str
+    density: float  # nonzero fraction of the published weights
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass
+class _Record:
     base_version: int | None
     target_version: int
-    refs: list
-    payload_bytes: int
+    parts: list[Part]
+    stats_refs: list
+    plan: list[list[list[str]]]  # per rank: the keys of each of its parts
+    payload_bytes: int | None = None  # resolved by finish()
 
 
-def _to_published(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Owned CPU copies in the published dtype (floating tensors converted, others kept)."""
-    out = {}
-    for name, t in state.items():
-        src = t.detach()
-        c = src.to(dtype) if src.is_floating_point() and src.dtype != dtype else src
-        c = c.cpu().contiguous()
-        if c.data_ptr() == src.data_ptr() and c.numel() > 0:
-            c = c.clone()
-        out[name] = c
-    return out
+@dataclass
+class PublishHandle:
+    version: int
+    dense: bool
+    record: _Record
+    staged: list[StagedSlice]
+    checksum: str
+    dense_bytes: int
+    started: float
 
 
-class WeightPublisher:
-    """Lives in the trainer (rank 0). Publishes versions as deltas in the Ray object store."""
+# ---------------------------------------------------------------- rank channels
 
-    def __init__(self, cfg: SyncConfig | None = None):
+
+class ActorChannel:
+    """A trainer rank actor that exposes `sync_stage(dense)`, `sync_encode(i)` and
+    `sync_snapshot(i)` (trainer/algos/rl_worker.py): calls return ObjectRefs at once."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def stage(self, dense: bool):
+        return self.handle.sync_stage.remote(dense)
+
+    def encode(self, index: int):
+        return self.handle.sync_encode.options(num_returns=2).remote(index)
+
+    def snapshot(self, index: int):
+        return self.handle.sync_snapshot.options(num_returns=2).remote(index)
+
+
+class LocalChannel:
+    """A SlicePublisher in this process; results are put into the object store here."""
+
+    def __init__(self, publisher: SlicePublisher):
+        self.publisher = publisher
+        self.state: dict[str, torch.Tensor] = {}
+        self.version = 0
+
+    def stage(self, dense: bool):
+        import ray
+
+        return ray.put(self.publisher.stage(self.state, self.version, dense))
+
+    def _put(self, result: tuple[list[bytes], PartStats]):
+        import ray
+
+        return ray.put(result[0]), ray.put(result[1])
+
+    def encode(self, index: int):
+        return self._put(self.publisher.encode_part(index))
+
+    def snapshot(self, index: int):
+        return self._put(self.publisher.snapshot_part(index))
+
+
+# ---------------------------------------------------------------- the driver's publisher
+
+
+class ShardedPublisher:
+    def __init__(self, channels: list, cfg: SyncConfig | None = None):
+        self.channels = channels
         self.cfg = cfg or SyncConfig()
-        self.dtype = getattr(torch, self.cfg.published_dtype)
+        self.chooser = ModeChooser(self.cfg.mode)
         self.version: int | None = None
-        self._last: dict[str, torch.Tensor] | None = None
-        self._history: deque[_Published] = deque(maxlen=max(1, self.cfg.history))
-        self._snapshot: _Published | None = None
+        self._history: deque[_Record] = deque(maxlen=max(1, self.cfg.history))
+        self._snapshot: _Record | None = None
+        self._checksums: dict[str, str] = {}
+        self._dense_bytes = 0
+        self._open: PublishHandle | None = None
+        self._force_dense = False  # after a failed publish the ranks' bases may differ
 
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> dict:
+    def begin(self) -> PublishHandle:
         import ray
 
-        if self.version is not None and version <= self.version:
-            raise ValueError(f"publish version {version} must be greater than the last one ({self.version})")
-        new = _to_published(state, self.dtype)
-        t0 = time.perf_counter()
-        base = None if self._last is None else self.version
-        buckets = encode(self._last, new, base_version=base, target_version=version,
-                         level=self.cfg.level, bucket_bytes=self.cfg.bucket_bytes)
-        encode_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        refs = [ray.put(b) for b in buckets]
-        put_s = time.perf_counter() - t1
-        payload = sum(len(b) for b in buckets)
-        record = _Published(base, version, refs, payload)
-        if base is None:
-            self._snapshot = record
-        else:
-            self._history.append(record)
-        self._last, self.version = new, version
-        dense = sum(t.numel() * t.element_size() for t in new.values())
-        return {
-            "version": version, "kind": "snapshot" if base is None else "delta",
-            "payload_bytes": payload, "dense_bytes": dense, "ratio": dense / max(1, payload),
-            "encode_s": encode_s, "put_s": put_s, "buckets": len(buckets),
-        }
+        if self._open is not None:
+            self.finish(self._open)
+        dense = self._force_dense or self.chooser.choose(self._dense_bytes)
+        staged: list[StagedSlice] = ray.get([c.stage(dense) for c in self.channels])
+        versions = {s.version for s in staged}
+        bases = {s.base_version for s in staged}
+        if len(versions) != 1 or len(bases) != 1:
+            self._force_dense = True
+            raise SyncError(f"trainer ranks staged different versions {sorted(versions)} / bases {bases}; "
+                            "the next publish is a full one")
+        version, base = staged[0].version, staged[0].base_version
+        parts, stats_refs = [], []
+        for channel, s in zip(self.channels, staged):
+            for i, keys in enumerate(s.parts):
+                buckets_ref, stats_ref = channel.encode(i)
+                parts.append(Part(list(keys), buckets_ref))
+                stats_refs.append(stats_ref)
+        record = _Record(base, version, parts, stats_refs, [s.parts for s in staged])
+        self._history.append(record)
+        self._snapshot = record if base is None else None
+        self.version = version
+        self._checksums = {k: v for s in staged for k, v in s.checksums.items()}
+        self._dense_bytes = sum(s.dense_bytes for s in staged)
+        self._force_dense = False
+        self._open = PublishHandle(version, base is None and dense, record, staged,
+                                   combine_checksums(self._checksums), self._dense_bytes, time.perf_counter())
+        return self._open
 
-    def _snapshot_now(self) -> _Published:
+    def finish(self, handle: PublishHandle) -> PublishStats:
+        """Wait until every part of `handle`'s version is encoded; its stats. A part that failed
+        (or a rank that died) raises UpdateUnavailableError; the next publish is then dense."""
         import ray
 
-        if self._snapshot is None or self._snapshot.target_version != self.version:
-            buckets = encode(None, self._last, base_version=None, target_version=self.version,
-                             level=self.cfg.level, bucket_bytes=self.cfg.bucket_bytes)
-            self._snapshot = _Published(None, self.version, [ray.put(b) for b in buckets], sum(map(len, buckets)))
-        return self._snapshot
+        try:
+            stats: list[PartStats] = ray.get(handle.record.stats_refs)
+        except Exception as e:
+            self._force_dense = True
+            if self._open is handle:
+                self._open = None
+            raise UpdateUnavailableError(f"publish of version {handle.version} failed on a trainer rank: "
+                                         f"{type(e).__name__}: {e}") from e
+        if self._open is handle:
+            self._open = None
+        record = handle.record
+        record.payload_bytes = sum(s.payload_bytes for s in stats)
+        per_rank: dict[int, float] = {}
+        at = 0
+        for r, s in enumerate(handle.staged):
+            per_rank[r] = sum(p.encode_s for p in stats[at:at + len(s.parts)])
+            at += len(s.parts)
+        nonzero = sum(s.nonzero for s in handle.staged)
+        numel = sum(s.numel for s in handle.staged)
+        return PublishStats(
+            version=handle.version, kind="snapshot" if record.base_version is None else "delta", dense=handle.dense,
+            payload_bytes=record.payload_bytes, dense_bytes=handle.dense_bytes,
+            ratio=handle.dense_bytes / max(1, record.payload_bytes), changed=sum(p.changed for p in stats), encode_s=max(per_rank.values(), default=0.0),
+            parts=len(record.parts), checksum=handle.checksum, density=nonzero / max(1, numel),
+        )
+
+    def observe(self, handle: PublishHandle, seconds: float) -> None:
+        """`handle`'s publish took `seconds` from begin() to the last receiver's commit."""
+        self.chooser.observe(handle.dense, seconds, handle.dense_bytes)
+
+    def publish(self) -> PublishStats:
+        """begin() + finish(): encode everything (no receiver overlap)."""
+        return self.finish(self.begin())
+
+    # -- updates for receivers ----------------------------------------------------------------
 
     def update_for(self, receiver_version: int | None) -> WeightUpdate:
         """The cheapest update that brings a receiver at `receiver_version` to the latest version."""
         if self.version is None or receiver_version == self.version:
             return WeightUpdate("none", receiver_version, receiver_version, 0)
-        chain: list[_Published] = []
+        chain: list[_Record] = []
         if receiver_version is not None:
             want = self.version
             for rec in reversed(self._history):
-                if rec.target_version != want:
+                if rec.target_version != want or rec.base_version is None:
                     break
                 chain.append(rec)
                 want = rec.base_version
@@ -138,174 +277,69 @@ class WeightPublisher:
         chain.reverse()
         if len(chain) == 1:
             rec = chain[0]
-            return WeightUpdate("delta", rec.base_version, rec.target_version, rec.payload_bytes, [list(rec.refs)])
+            return WeightUpdate("delta", rec.base_version, rec.target_version, rec.payload_bytes or 0, [list(rec.parts)])
         snap = self._snapshot_now()
-        chain_bytes = sum(r.payload_bytes for r in chain)
-        if chain and chain_bytes < snap.payload_bytes:
-            return WeightUpdate("chain", receiver_version, self.version, chain_bytes, [list(r.refs) for r in chain])
-        return WeightUpdate("snapshot", None, self.version, snap.payload_bytes, [list(snap.refs)])
+        chain_bytes = sum(self._size(r) for r in chain)
+        if chain and chain_bytes < self._size(snap):
+            return WeightUpdate("chain", receiver_version, self.version, chain_bytes, [list(r.parts) for r in chain])
+        return WeightUpdate("snapshot", None, self.version, snap.payload_bytes or 0, [list(snap.parts)])
 
-    def state_checksum(self) -> str:
-        """Checksum of the last published (published-dtype) state."""
-        return state_checksum(self._last or {})
+    def updates_for(self, receiver_versions: list[int | None]) -> dict:
+        return {v: self.update_for(v) for v in receiver_versions}
 
-
-@dataclass
-class StagedUpdate:
-    """A fetched, decoded and verified update, not yet visible in the target."""
-
-    kind: str
-    base_version: int | None
-    target_version: int | None
-    payload_bytes: int
-    transfer_s: float
-    decode_s: float
-    decoded: list = field(default_factory=list)  # [(DecodedPayload, shadow dict before it)]
-
-
-class WeightReceiver:
-    """Lives in a rollout worker. `target` tensors (e.g. dict(model.named_parameters())) are
-    updated in place on commit; without a target the receiver keeps its own state (`.state`)."""
-
-    def __init__(self, target: dict[str, torch.Tensor] | None = None, version: int | None = None):
-        self.target = target
-        self.version = version
-        self.state: dict[str, torch.Tensor] = {} if target is None else target
-        if target is None and version is not None:
-            raise ValueError("a receiver without target tensors starts with no state: version must be None")
-        # The shadow mirrors the committed state in the published dtype; only a given version
-        # means the target already holds published weights.
-        self._shadow = {k: v.detach().cpu().contiguous().clone() for k, v in target.items()} if (target and version is not None) else {}
-        self._pending: StagedUpdate | None = None
-
-    # ------------------------------------------------------------ fetch
-    def fetch(self, update: WeightUpdate) -> StagedUpdate:
-        """Download, decode and verify into the shadow. Raises SyncError subclasses; then the
-        shadow, the target and the version are unchanged."""
+    def _size(self, rec: _Record) -> int:
         import ray
 
-        if self._pending is not None:
-            self._rollback(self._pending)
-            self._pending = None
-        t0 = time.perf_counter()
-        payloads = [ray.get(list(refs)) for refs in update.payloads]
-        transfer_s = time.perf_counter() - t0
-        staged = StagedUpdate(update.kind, self.version, update.target_version, update.payload_bytes, transfer_s, 0.0)
-        return self._stage(staged, payloads)
+        if rec.payload_bytes is None:
+            rec.payload_bytes = sum(s.payload_bytes for s in ray.get(rec.stats_refs))
+        return rec.payload_bytes
 
-    def stage_buckets(self, payloads: list[list[bytes]], kind: str = "delta") -> StagedUpdate:
-        """fetch() for payloads already in memory (lists of bucket bytes, applied in order)."""
-        if self._pending is not None:
-            self._rollback(self._pending)
-            self._pending = None
-        nbytes = sum(len(b) for p in payloads for b in p)
-        return self._stage(StagedUpdate(kind, self.version, None, nbytes, 0.0, 0.0), payloads)
-
-    def _stage(self, staged: StagedUpdate, payloads: list) -> StagedUpdate:
-        t1 = time.perf_counter()
-        version = self.version
-        try:
-            for buckets in payloads:
-                before = self._shadow
-                decoded = decode_into(self._shadow, version, buckets, in_place=True)
-                staged.decoded.append((decoded, before))
-                self._shadow = self._install(decoded, before)
-                version = decoded.target_version
-            if self.target is not None and staged.decoded:
-                self._check_target_fits()
-        except BaseException:
-            self._rollback(staged)
-            raise
-        staged.target_version = version
-        staged.decode_s = time.perf_counter() - t1
-        self._pending = staged
-        return staged
-
-    @staticmethod
-    def _install(decoded: DecodedPayload, before: dict) -> dict:
-        shadow = {}
-        for name in decoded.order:
-            if name in decoded.whole:
-                info, shape = decoded.meta[name]
-                shadow[name] = tensor_from_bits(decoded.arrays[name], info, shape)
-            else:
-                shadow[name] = before[name]
-        return shadow
-
-    def _check_target_fits(self) -> None:
-        names, have = set(self._shadow), set(self.target)
-        if names != have:
-            raise TensorMismatchError(
-                f"update's tensors differ from the target's: missing {sorted(names - have)[:5]}, extra {sorted(have - names)[:5]}"
-            )
-        for name, t in self._shadow.items():
-            if tuple(self.target[name].shape) != tuple(t.shape):
-                raise TensorMismatchError(f"tensor {name!r}: update has shape {list(t.shape)}, target has {list(self.target[name].shape)}")
-
-    def _rollback(self, staged: StagedUpdate) -> None:
-        for decoded, before in reversed(staged.decoded):
-            decoded.rollback()
-            self._shadow = before
-        staged.decoded.clear()
-
-    # ------------------------------------------------------------ commit
-    def commit(self, staged: StagedUpdate) -> dict:
-        """Replay a verified update onto the target (or own state). Cheap: only changed elements."""
-        if staged is not self._pending:
-            raise SyncError("commit of an update that is not the receiver's pending one (stale or already committed)")
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for decoded, _ in staged.decoded:
-                self._replay(decoded)
-        self.version = staged.target_version
-        self._pending = None
-        return {
-            "version": self.version, "kind": staged.kind, "payload_bytes": staged.payload_bytes,
-            "transfer_s": staged.transfer_s, "decode_s": staged.decode_s, "apply_s": time.perf_counter() - t0,
-        }
-
-    def _replay(self, decoded: DecodedPayload) -> None:
-        if self.target is None:
-            state = {}
-            for name in decoded.order:
-                if name in decoded.whole or name not in self.state:
-                    state[name] = self._shadow[name].clone()
-                else:
-                    state[name] = self.state[name]
-            self.state = state
-        for name in decoded.whole:
-            if self.target is not None:
-                self.target[name].copy_(self._shadow[name])
-        for name, op, a, vals in decoded.ops:
-            if name in decoded.whole:
-                continue
-            info, _ = decoded.meta[name]
-            t = self.state[name]
-            if t.device.type == "cpu" and t.dtype == info.torch_dtype and t.is_contiguous():
-                # numpy's fancy assignment into a view of the target: several times faster
-                # than torch's index_put for a scatter of scattered elements
-                dst_np = t.detach().view(-1).view(info.int_view).numpy().view(info.uint)
-                if op == "scatter":
-                    dst_np[a] = vals
-                else:
-                    dst_np[a : a + vals.shape[0]] = vals
-                continue
-            flat = t.view(-1)
-            src = torch.from_numpy(vals.view(_INT_NUMPY[info.width]))
-            if t.dtype == info.torch_dtype:
-                dst = flat.view(info.int_view)
-            else:
-                dst, src = flat, src.view(info.torch_dtype).to(t.dtype)
-            src = src.to(t.device)
-            if op == "scatter":
-                dst[torch.from_numpy(a).to(t.device)] = src
-            else:
-                dst[a : a + src.numel()] = src
-
-    def apply(self, update: WeightUpdate) -> dict:
-        return self.commit(self.fetch(update))
+    def _snapshot_now(self) -> _Record:
+        if self._snapshot is not None and self._snapshot.target_version == self.version:
+            return self._snapshot
+        plan = self._history[-1].plan
+        parts, stats_refs = [], []
+        for channel, keys_per_part in zip(self.channels, plan):
+            for i, keys in enumerate(keys_per_part):
+                buckets_ref, stats_ref = channel.snapshot(i)
+                parts.append(Part(list(keys), buckets_ref))
+                stats_refs.append(stats_ref)
+        self._snapshot = _Record(None, self.version, parts, stats_refs, plan)
+        return self._snapshot
 
     def state_checksum(self) -> str:
-        """Checksum of the latest verified state in the published dtype (the committed state
-        once commit() has run); compare with WeightPublisher.state_checksum()."""
-        return state_checksum(self._shadow)
+        """Checksum of the latest published (published-dtype) state, over all ranks' slices."""
+        return combine_checksums(self._checksums)
+
+
+class WeightPublisher:
+    """The publisher in one process: a single rank whose slice is the whole state."""
+
+    def __init__(self, cfg: SyncConfig | None = None):
+        self.cfg = cfg or SyncConfig(mode="sparse")
+        self.slice = SlicePublisher(self.cfg)
+        self._channel = LocalChannel(self.slice)
+        self._sharded = ShardedPublisher([self._channel], self.cfg)
+
+    @property
+    def version(self) -> int | None:
+        return self._sharded.version
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> dict:
+        self._channel.state, self._channel.version = state, version
+        return self._sharded.publish().as_dict()
+
+    def update_for(self, receiver_version: int | None) -> WeightUpdate:
+        return self._sharded.update_for(receiver_version)
+
+    def state_checksum(self) -> str:
+        return self._sharded.state_checksum()
+
+
+def __getattr__(name: str):
+    # The receiver lives in sync/receiver.py (it imports this module); old imports keep working.
+    if name in ("WeightReceiver", "StagedUpdate"):
+        from sync import receiver
+
+        return getattr(receiver, name)
+    raise AttributeError(f"module 'sync.transport' has no attribute {name!r}")

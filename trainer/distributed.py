@@ -56,6 +56,25 @@ def set_distributed_env(rank: int, world_size: int, master_addr: str, master_por
         "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
         "DS_ACCELERATOR": "cuda" if device == "cuda" else "cpu",
     })
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        # gloo binds to the address the hostname resolves to, which on a multi-homed host (or
+        # inside a network namespace) may not be the one the ranks reach each other on: use the
+        # interface that holds this node's Ray address.
+        ifname = interface_of(node_ip())
+        if ifname is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
+
+
+def interface_of(ip: str) -> str | None:
+    """The network interface holding IPv4 address `ip`, if any."""
+    import socket
+
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
+            return name
+    return None
 
 
 def destroy_distributed() -> None:

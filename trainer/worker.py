@@ -169,6 +169,40 @@ class TrainerWorker:
             return {}
         return {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}
 
+    def published_slice(self) -> dict[str, torch.Tensor]:
+        """This rank's share of the published weights (sync/slices.py): the flat element range
+        [rank * ceil(n / W), ...) of every parameter, masked by the sparsifier, keyed
+        `name[start:stop]` (the plain name when one rank owns all of it). Local, no collective,
+        no copy of anything but the slice: under ZeRO-3 it is the rank's own partition; under
+        ZeRO 0-2 it is cut from the rank's full working copy, whose values are the masters
+        rounded to the working dtype, which is what publishing them in bf16 gives anyway."""
+        from sync.slices import slice_key, slice_range
+
+        layers = self.sparsifier.layers if self.sparsifier is not None else {}
+        out = {}
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                if hasattr(p, "ds_tensor"):  # ZeRO-3: partition r holds [r * ceil(n/W), ...), padded
+                    numel, shape = p.ds_numel, tuple(p.ds_shape)
+                    start, stop = slice_range(numel, self.rank, self.world_size)
+                    flat = p.ds_tensor.detach().view(-1)[: stop - start]
+                else:
+                    numel, shape = p.numel(), tuple(p.shape)
+                    start, stop = slice_range(numel, self.rank, self.world_size)
+                    flat = p.detach().reshape(-1)[start:stop]
+                if numel == 0:
+                    if self.rank == 0:
+                        out[name] = p.detach()
+                    continue
+                if start == stop:
+                    continue
+                layer = layers.get(name)
+                if layer is not None and layer.mask is not None:
+                    flat = flat * layer.mask.reshape(-1)[start:stop].to(flat.device, flat.dtype)
+                key = slice_key(name, start, stop, numel)
+                out[key] = flat.reshape(shape) if key == name else flat
+        return out
+
     def export(self, path: str) -> str | None:
         """Write the final weights (fp32 masters, masked) into `path` with models/export.py: the
         built-in GPT as model.safetensors + config.json, an HF model as a save_pretrained

@@ -11,7 +11,7 @@ import torch
 
 from sync.config import SyncConfig
 from sync.errors import SyncError, VersionMismatchError
-from sync.transport import WeightPublisher, WeightReceiver, state_checksum
+from sync.transport import Part, WeightPublisher, WeightReceiver, WeightUpdate, state_checksum
 from cluster_nodes import HEAD_NODE, SECOND_NODE
 
 # Test modules are not importable on Ray workers: ship this module's classes by value.
@@ -133,9 +133,12 @@ def test_receiver_rejects_bad_updates_and_keeps_weights(ray_cluster):
     before = {k: v.clone() for k, v in model_like.items()}
     checksum = rec.state_checksum()
     # corrupt one bucket of the good update
-    bad_bytes = bytearray(ray.get(good.payloads[0][0]))
+    part = good.steps[0][0]
+    buckets = list(ray.get(part.ref))
+    bad_bytes = bytearray(buckets[0])
     bad_bytes[len(bad_bytes) // 2] ^= 0x10
-    bad = type(good)(good.kind, good.base_version, good.target_version, good.payload_bytes, [[ray.put(bytes(bad_bytes))] + good.payloads[0][1:]])
+    bad_part = Part(part.keys, ray.put([bytes(bad_bytes)] + buckets[1:]))
+    bad = WeightUpdate(good.kind, good.base_version, good.target_version, good.payload_bytes, [[bad_part] + good.steps[0][1:]])
     with pytest.raises(SyncError):
         rec.apply(bad)
     # an update for another base version

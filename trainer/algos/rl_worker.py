@@ -6,8 +6,10 @@ Built by launch/trainer_group.py (`worker_cls=RLTrainerWorker`), then configured
     sft_step(batch)   supervised warm-up on the task's answers (rl.sft_warmup_steps of them)
     begin_rl()        switch the objective to the RL algorithm (reference policy frozen here)
     train_step(batch) one RL optimizer step (TrainerWorker's step with the RL objective)
-    publish()         bf16 weights (masked) -> sync WeightPublisher on rank 0, version = step (+ offset)
-    update_for(v)     the WeightUpdate that brings a receiver at version v to the latest one
+    sync_stage(dense)  this rank's slice of the bf16 weights (masked) staged for publishing as
+                       version = step (+ offset); sync_encode(i) / sync_snapshot(i) encode its
+                       parts (sync/publisher.py); the driver's ShardedPublisher (sync/transport.py)
+                       makes these calls and answers receivers
 
 The weight version is the number of optimizer steps taken, so SFT steps count too, plus an
 offset that only a restored trainer has (`set_version_floor`): rollout workers may already hold
@@ -39,12 +41,10 @@ class RLTrainerWorker(TrainerWorker):
         self.rl_opt = constant_lr(self.opt_cfg, rl_lr)
         self.reset_optimizer = reset_optimizer
         self.algo = build_objective(algo_cfg)
-        self.publisher = None
         self.version_offset = 0
-        if self.rank == 0:
-            from sync.transport import WeightPublisher
+        from sync.publisher import SlicePublisher
 
-            self.publisher = WeightPublisher(sync_cfg)
+        self.slice_publisher = SlicePublisher(sync_cfg)
 
     def sft_step(self, batch: dict) -> dict[str, float]:
         self.objective, self.opt_cfg = SFT(), self.sft_opt
@@ -78,23 +78,13 @@ class RLTrainerWorker(TrainerWorker):
     def version(self) -> int:
         return self.step + self.version_offset
 
-    def publish(self) -> dict:
-        """Publish the current weights as version `self.version()`; rank 0 returns the sync stats
-        plus the published state's checksum (collective under ZeRO: call on every rank)."""
-        state = self.published_state(self.sync_cfg.published_dtype)
-        if self.rank != 0:
-            return {}
-        from sync.transport import state_checksum
+    # -- the rank's side of a sharded publish (sync/transport.py's ActorChannel calls these) --
 
-        stats = dict(self.publisher.publish(state, self.version()))
-        stats["checksum"] = state_checksum(state)
-        stats["density"] = float(sum(int((v != 0).sum()) for v in state.values()) / sum(v.numel() for v in state.values()))
-        return stats
+    def sync_stage(self, dense: bool):
+        return self.slice_publisher.stage(self.published_slice(), self.version(), dense)
 
-    def update_for(self, receiver_version: int | None):
-        return self.publisher.update_for(receiver_version)
+    def sync_encode(self, index: int):
+        return self.slice_publisher.encode_part(index)
 
-    def updates_for(self, receiver_versions: list[int | None]) -> dict:
-        """{version: update_for(version)} in one call (async offers to workers at any of them)."""
-        return {v: self.publisher.update_for(v) for v in receiver_versions}
-
+    def sync_snapshot(self, index: int):
+        return self.slice_publisher.snapshot_part(index)

@@ -1,0 +1,97 @@
+"""A two-host network inside this machine: Linux network namespaces joined by a veth pair, with
+`tc` rate limits on the link and byte counters read from the interfaces.
+
+    with NetLab("stb") as lab:                 # namespaces stb_a (10.231.0.1), stb_b (10.231.0.2)
+        lab.limit(100)                         # 100 Mbit/s each way (None: unlimited)
+        before = lab.tx_bytes()                # bytes each end has sent
+        subprocess.run(lab.exec_in("a", [...]))
+
+Needs root (CAP_NET_ADMIN); `NetLab.check()` says why not, so a caller can skip cleanly. Every
+address lives inside the namespaces this code creates; exit removes them (and the veth pair
+with them), also after an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+
+class NetLabUnavailable(RuntimeError):
+    """Network namespaces or tc cannot be used here (not root, no `ip`/`tc`, not permitted)."""
+
+
+def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if check and out.returncode != 0:
+        raise NetLabUnavailable(f"{' '.join(cmd)} failed: {out.stderr.strip() or out.stdout.strip()}")
+    return out
+
+
+class NetLab:
+    def __init__(self, prefix: str = "stb", subnet: str = "10.231.0"):
+        self.ns = {"a": f"{prefix}_a", "b": f"{prefix}_b"}
+        self.dev = {"a": f"{prefix}-va", "b": f"{prefix}-vb"}
+        self.ip = {"a": f"{subnet}.1", "b": f"{subnet}.2"}
+        self.rate_mbit: float | None = None
+
+    @staticmethod
+    def check() -> None:
+        """Raise NetLabUnavailable with the reason when namespaces cannot be made here."""
+        if os.geteuid() != 0:
+            raise NetLabUnavailable("network namespaces need root (CAP_NET_ADMIN); run the benchmark as root")
+        for tool in ("ip", "tc"):
+            if shutil.which(tool) is None:
+                raise NetLabUnavailable(f"`{tool}` is not installed (iproute2)")
+        probe = f"stbprobe{os.getpid()}"
+        _run(["ip", "netns", "add", probe])
+        _run(["ip", "netns", "del", probe], check=False)
+
+    def __enter__(self) -> "NetLab":
+        self.check()
+        self.close()  # leftovers of an earlier run that was killed
+        try:
+            for side in ("a", "b"):
+                _run(["ip", "netns", "add", self.ns[side]])
+                _run(["ip", "-n", self.ns[side], "link", "set", "lo", "up"])
+            _run(["ip", "link", "add", self.dev["a"], "netns", self.ns["a"], "type", "veth",
+                  "peer", "name", self.dev["b"], "netns", self.ns["b"]])
+            for side in ("a", "b"):
+                _run(["ip", "-n", self.ns[side], "addr", "add", f"{self.ip[side]}/24", "dev", self.dev[side]])
+                _run(["ip", "-n", self.ns[side], "link", "set", self.dev[side], "up"])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for side in ("a", "b"):
+            _run(["ip", "netns", "del", self.ns[side]], check=False)
+
+    def limit(self, rate_mbit: float | None) -> None:
+        """Rate-limit both directions of the link (a token bucket per end); None removes it."""
+        for side in ("a", "b"):
+            ns, dev = self.ns[side], self.dev[side]
+            _run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+            if rate_mbit is not None:
+                # burst: ~2 ms at the rate (at least 64 KiB) so the bucket shapes, not buffers
+                burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.002))
+                _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                      "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "200ms"])
+        self.rate_mbit = rate_mbit
+
+    def tx_bytes(self) -> dict[str, int]:
+        """Bytes each end's interface has sent so far (the wire, headers included)."""
+        out = {}
+        for side in ("a", "b"):
+            info = json.loads(_run(["ip", "-n", self.ns[side], "-s", "-j", "link", "show", "dev", self.dev[side]]).stdout)
+            out[side] = int(info[0]["stats64"]["tx"]["bytes"])
+        return out
+
+    def exec_in(self, side: str, cmd: list[str]) -> list[str]:
+        """`cmd` prefixed to run inside namespace `side`."""
+        return ["ip", "netns", "exec", self.ns[side], *cmd]

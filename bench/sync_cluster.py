@@ -1,0 +1,352 @@
+"""End-to-end weight sync on rate-limited links: sparse deltas vs full sends, two Ray nodes.
+
+    python -m bench.sync_cluster [--quick] [--out FILE]    (root: it makes network namespaces)
+
+Two Ray nodes run in their own network namespaces joined by a veth pair (bench/netlab.py): the
+trainer node (a trainer group of 2 DeepSpeed ranks, ZeRO-1, fp32 AdamW masters, lr 1e-6) and the
+rollout node (3 receivers, each a bf16 copy of the model with a WeightReceiver). Per link rate
+(100 Mbit/s, 1 Gbit/s, 10 Gbit/s and unlimited, set with `tc`), after real optimizer steps, it
+times publishes from "optimizer step done" to "every receiver committed" (median of several):
+- sparse: the fast-level delta of every rank's slice, pipelined (sync/transport.py);
+- full: the full bf16 weights, raw, over the same path (what a full broadcast ships);
+- auto: what `sync.mode=auto` does once it has measured both (sync/policy.py);
+and reads the bytes on the wire from the interfaces' counters. Every publish ends with every
+receiver's checksum equal to the trainer's (bit-identical), or the benchmark fails.
+
+Output: JSON (default bench/results/sync_cluster.json) and a PNG beside it (sync seconds vs link
+rate). Without root (or without `ip`/`tc`) it says so and exits 0 without measuring.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from trainer.algos.rl_worker import RLTrainerWorker
+
+LINKS = [100, 1000, 10000, None]  # Mbit/s; None = no limit
+TRAINER_RES, ROLLOUT_RES = "stb_trainer_node", "stb_rollout_node"
+PORT = 6390
+
+
+class RssPeak:
+    """Peak growth of this process's resident memory while the block runs (sampled every 2 ms)."""
+
+    def __init__(self):
+        self.peak = self.base = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def start(self) -> None:
+        self.base = self.peak = self.rss()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+        return self.peak - self.base
+
+
+class BenchRank(RLTrainerWorker):
+    """A trainer rank that also reports its RSS growth between rss_start() and rss_stop()."""
+
+    def rss_start(self) -> None:
+        self._rss = RssPeak()
+        self._rss.start()
+
+    def rss_stop(self) -> int:
+        return self._rss.stop()
+
+    def slice_bytes(self) -> int:
+        return sum(t.numel() * 2 for t in self.published_slice().values())
+
+
+class BenchReceiver:
+    def __init__(self, model_cfg):
+        import torch
+
+        from models import build_model
+        from sync.receiver import WeightReceiver
+
+        torch.set_num_threads(1)
+        model, _ = build_model(model_cfg)
+        self.model = model.to(torch.bfloat16)
+        self.receiver = WeightReceiver(dict(self.model.named_parameters()), fetch_timeout_s=300)
+
+    def apply(self, update) -> dict:
+        rss = RssPeak()
+        rss.start()
+        stats = self.receiver.apply(update)
+        stats["extra_rss"] = rss.stop()
+        return stats
+
+    def checksum(self) -> str:
+        return self.receiver.state_checksum()
+
+
+# ---------------------------------------------------------------- the driver (inside namespace a)
+
+
+def drive(args) -> dict:
+    import ray
+    import torch
+
+    from launch.cluster import ClusterConfig
+    from launch.trainer_group import TrainerGroup
+    from models import ModelConfig
+    from sync.config import SyncConfig
+    from sync.transport import ActorChannel, ShardedPublisher
+    from trainer.algos.config import AlgoConfig
+    from trainer.config import OptimizerConfig, TrainerConfig
+    from bench.netlab import NetLab
+
+    lab = NetLab(args.lab)
+    ray.init(address=args.address, logging_level="ERROR")
+    deadline = time.time() + 600  # the second node registers once its raylet is up (slow on a busy machine)
+    while not {TRAINER_RES, ROLLOUT_RES} <= set(ray.cluster_resources()):
+        if time.time() > deadline:
+            raise SystemExit(f"the rollout node did not join the cluster within 600 s: {ray.cluster_resources()}")
+        time.sleep(1)
+    model_cfg = ModelConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.embd, block_size=64)
+    trainer_cfg = TrainerConfig(max_steps=10_000, micro_batch_size=1, seq_len=32, zero_stage=1, num_threads=1)
+    opt_cfg = OptimizerConfig(lr=1e-6, min_lr=1e-6, warmup_steps=0, weight_decay=0.0)
+    cluster = ClusterConfig(address=args.address, trainers=2, cpus_per_trainer=1,
+                            resources_per_trainer={TRAINER_RES: 1}, setup_timeout_s=900)
+    sync_cfg = SyncConfig(level="fast", mode="sparse", part_bytes=args.part_mb << 20)
+    group = TrainerGroup(cluster, model_cfg, trainer_cfg, opt_cfg, None, worker_cls=BenchRank)
+    group.call("configure_rl", AlgoConfig(), sync_cfg, 1e-6, 1e-6)
+    publisher = ShardedPublisher([ActorChannel(w) for w in group.workers], sync_cfg)
+    receivers = [ray.remote(BenchReceiver).options(num_cpus=0.5, resources={ROLLOUT_RES: 1}).remote(model_cfg)
+                 for _ in range(3)]
+    params = group.info[0]["parameters"]
+    slice_bytes = group.call("slice_bytes")
+    gen = torch.Generator().manual_seed(0)
+    versions: list[int | None] = [None] * len(receivers)
+
+    def train_step() -> None:
+        batches = [{"tokens": torch.randint(0, 256, (1, 33), generator=gen)} for _ in group.workers]
+        group.call_per_rank("train_step", batches)
+
+    def sync(mode: str) -> dict:
+        """One publish in `mode`, timed from here (the optimizer step is done) to every commit."""
+        publisher.chooser.mode = mode
+        tx0 = lab.tx_bytes()
+        group.call("rss_start")
+        t0 = time.perf_counter()
+        handle = publisher.begin()
+        applied = ray.get([r.apply.remote(publisher.update_for(versions[i])) for i, r in enumerate(receivers)])
+        seconds = time.perf_counter() - t0
+        stats = publisher.finish(handle)
+        publisher.observe(handle, seconds)
+        rank_rss = group.call("rss_stop")
+        tx1 = lab.tx_bytes()
+        for i, a in enumerate(applied):
+            versions[i] = a["version"]
+        checksums = ray.get([r.checksum.remote() for r in receivers])
+        if any(c != handle.checksum for c in checksums):
+            raise SystemExit(f"receivers are not bit-identical to the trainer after version {handle.version}")
+        return {"mode": mode, "dense": handle.dense, "seconds": seconds, "payload_bytes": stats.payload_bytes,
+                "dense_bytes": stats.dense_bytes, "changed": stats.changed, "encode_s": stats.encode_s,
+                "wire_bytes": tx1["a"] - tx0["a"], "wire_bytes_back": tx1["b"] - tx0["b"],
+                "rank_extra_rss": rank_rss, "receiver_extra_rss": max(a["extra_rss"] for a in applied),
+                "receiver_decode_s": max(a["decode_s"] for a in applied)}
+
+    lab.limit(None)
+    first = sync("dense")  # every receiver gets version 0 (a full send)
+    print(f"model {params / 1e6:.0f}M params, first full send {first['seconds']:.2f} s", flush=True)
+    train_step()
+    sync("sparse")  # the first delta after a fresh optimizer changes far more: not measured
+    rows, all_sparse = [], []
+    for rate in LINKS:
+        lab.limit(rate)
+        runs = {"sparse": [], "dense": [], "auto": []}
+        for mode, count in (("sparse", args.publishes), ("dense", args.full_publishes), ("auto", args.publishes)):
+            for _ in range(count):
+                train_step()
+                runs[mode].append(sync(mode))
+        all_sparse += runs["sparse"]
+        med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+        row = {
+            "rate_mbit": rate,
+            "sparse_s": med(runs["sparse"], "seconds"), "full_s": med(runs["dense"], "seconds"),
+            "auto_s": med(runs["auto"], "seconds"),
+            "auto_choice": "dense" if sum(r["dense"] for r in runs["auto"]) * 2 > len(runs["auto"]) else "sparse",
+            "sparse_payload_bytes": int(med(runs["sparse"], "payload_bytes")),
+            "sparse_wire_bytes": int(med(runs["sparse"], "wire_bytes")),
+            "full_wire_bytes": int(med(runs["dense"], "wire_bytes")),
+            "full_payload_bytes": int(med(runs["dense"], "payload_bytes")),
+            "sparse_encode_s": med(runs["sparse"], "encode_s"),
+            "sparse_receiver_decode_s": med(runs["sparse"], "receiver_decode_s"),
+        }
+        row["speedup"] = row["full_s"] / row["sparse_s"]
+        row["auto_vs_full"] = row["auto_s"] / row["full_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lab.limit(None)
+    numel = params
+    result = {
+        "model_params": params, "trainer_ranks": len(group.workers), "receivers": len(receivers),
+        "change_fraction": statistics.median(r["changed"] / numel for r in all_sparse),
+        "published_bytes_total": first["dense_bytes"], "published_bytes_per_rank": slice_bytes,
+        "publish_extra_rss_bytes_per_rank": [max(r["rank_extra_rss"][k] for r in all_sparse) for k in range(len(slice_bytes))],
+        "receiver_extra_rss_bytes": max(r["receiver_extra_rss"] for r in all_sparse),
+        "links": rows,
+        "setup": {"zero_stage": 1, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
+                  "level": "fast", "part_bytes": args.part_mb << 20, "publishes_per_mode": args.publishes,
+                  "full_publishes": args.full_publishes, "layers": args.layers, "embd": args.embd},
+    }
+    group.shutdown()
+    return result
+
+
+# ---------------------------------------------------------------- the outer process
+
+
+def _start_ray(lab, side: str, cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(lab.exec_in(side, [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *cmd]),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process session we started (ray start --block and everything it spawned)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    # raylet's workers may outlive the group leader: kill whatever is left of the session
+    subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], capture_output=True)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    links = result["links"]
+    labels = [f"{r['rate_mbit'] / 1000:g} Gbit/s" if r["rate_mbit"] else "unlimited" for r in links]
+    x = range(len(links))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x, [r["full_s"] for r in links], "o-", label="full send (bf16, raw)")
+    ax.plot(x, [r["sparse_s"] for r in links], "o-", label="sparse delta (fast level)")
+    ax.plot(x, [r["auto_s"] for r in links], "x--", label="sync.mode=auto")
+    ax.set_xticks(list(x), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds, step done -> all receivers committed")
+    ax.set_title(f"{result['model_params'] / 1e6:.0f}M-param GPT, {result['trainer_ranks']} trainer ranks -> "
+                 f"{result['receivers']} receivers, {100 * result['change_fraction']:.1f}% changed")
+    for i, r in enumerate(links):
+        ax.annotate(f"{r['speedup']:.1f}x", (i, r["sparse_s"]), textcoords="offset points", xytext=(0, -14), ha="center")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a ~100M-param model and fewer publishes")
+    p.add_argument("--out", default="bench/results/sync_cluster.json")
+    p.add_argument("--publishes", type=int, default=None, help="sparse (and auto) publishes per link")
+    p.add_argument("--full-publishes", type=int, default=None)
+    p.add_argument("--part-mb", type=int, default=64)
+    p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--address", help=argparse.SUPPRESS)
+    p.add_argument("--lab", default="stb", help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--heads", type=int, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--embd", type=int, default=1024, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.layers is None:
+        args.layers = 8 if args.quick else 24  # 12 * L * 1024^2: ~101M / ~302M parameters
+    if args.publishes is None:
+        args.publishes = 3 if args.quick else 5
+    if args.full_publishes is None:
+        args.full_publishes = 2 if args.quick else 3
+
+    if args.driver:
+        result = drive(args)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return 0
+
+    from bench.netlab import NetLab, NetLabUnavailable
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the namespaces and Ray nodes are removed
+    out = Path(args.out)
+    try:
+        NetLab.check()
+    except NetLabUnavailable as e:
+        print(f"bench.sync_cluster skipped: {e}")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    procs = []
+    with NetLab(args.lab) as lab, tempfile.TemporaryDirectory(prefix="stb") as tmp:
+        tmp = Path(tmp)
+        head = f"{lab.ip['a']}:{PORT}"
+        common = ["--num-cpus=4", "--disable-usage-stats",
+                  f"--object-store-memory={(3 if args.quick else 6) << 30}"]
+        try:
+            procs.append(_start_ray(lab, "a", ["--head", f"--node-ip-address={lab.ip['a']}", f"--port={PORT}",
+                                               "--include-dashboard=false", f"--temp-dir={tmp / 'ray'}", f"--resources={json.dumps({TRAINER_RES: 4})}",
+                                               *common], tmp / "head.log"))
+            time.sleep(5)  # the worker node's `ray start` retries until the head's GCS answers
+            procs.append(_start_ray(lab, "b", [f"--address={head}", f"--node-ip-address={lab.ip['b']}",
+                                               f"--resources={json.dumps({ROLLOUT_RES: 4})}", *common], tmp / "node.log"))
+            time.sleep(3)
+            for proc, log in zip(procs, ("head.log", "node.log")):
+                if proc.poll() is not None:
+                    print((tmp / log).read_text()[-2000:])
+                    print(f"bench.sync_cluster: a Ray node failed to start (see {log} above)")
+                    return 1
+            raw = tmp / "result.json"
+            cmd = [sys.executable, "-m", "bench.sync_cluster", "--driver", f"--address={head}", f"--lab={args.lab}",
+                   f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
+                   f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}"]
+            rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400).returncode
+            if rc != 0 or not raw.exists():
+                for log in ("head.log", "node.log"):
+                    print(f"--- {log}\n" + (tmp / log).read_text()[-3000:])
+                print(f"bench.sync_cluster: the driver failed (exit {rc})")
+                return 1
+            result = json.loads(raw.read_text())
+        finally:
+            for proc in reversed(procs):
+                _stop(proc)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    png = out.with_suffix(".png")
+    plot(result, png)
+    print(f"wrote {out} and {png}")
+    for r in result["links"]:
+        rate = f"{r['rate_mbit']} Mbit/s" if r["rate_mbit"] else "unlimited"
+        print(f"{rate:>14}: sparse {r['sparse_s']:.2f} s, full {r['full_s']:.2f} s ({r['speedup']:.1f}x), "
+              f"auto {r['auto_s']:.2f} s ({r['auto_choice']}), wire {r['sparse_wire_bytes'] / 1e6:.1f} MB "
+              f"for a {r['sparse_payload_bytes'] / 1e6:.1f} MB payload x {result['receivers']} receivers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

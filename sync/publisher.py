@@ -1,0 +1,139 @@
+"""One trainer rank's side of a publish: its slice of the weights in, encoded parts out.
+
+A rank keeps the last published copy of its own slice only (sync/slices.py says which elements
+are its), never the full model. A publish is three steps, each a call the driver makes on the
+rank (sync/transport.py's ShardedPublisher):
+
+    stage(slice, version, dense)  owned copies in the published dtype; the part plan
+    encode_part(i)                part i as a payload (a delta against the last published copy,
+                                  or the whole part raw when dense), plus its stats
+    snapshot_part(i)              part i of the last published version as a snapshot (catch-up)
+
+Parts are groups of tensors of about `part_bytes` dense bytes, each an independent payload, so
+a receiver can fetch and apply part i while part i+1 is still being encoded. The staged copy
+becomes the base of the next delta once its last part is encoded.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sync.codec import encode, inspect_payload
+from sync.config import SyncConfig
+
+
+@dataclass
+class StagedSlice:
+    """What the driver learns from `stage` (small, picklable)."""
+
+    version: int
+    base_version: int | None  # None: the parts are snapshots
+    dense: bool  # the parts are the whole slice, raw (a full send)
+    parts: list[list[str]]  # the slice keys of each part
+    checksums: dict[str, str]  # slice key -> checksum entry (sync.transport.checksum_entries)
+    dense_bytes: int
+    nonzero: int
+    numel: int
+
+
+@dataclass
+class PartStats:
+    index: int
+    payload_bytes: int
+    dense_bytes: int
+    changed: int
+    encode_s: float
+
+
+def published_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An owned, contiguous CPU copy in the published dtype (floating tensors converted)."""
+    src = t.detach()
+    c = src.to(dtype) if src.is_floating_point() and src.dtype != dtype else src
+    c = c.cpu().contiguous()
+    if c.numel() > 0 and c.data_ptr() == src.data_ptr():
+        c = c.clone()
+    return c
+
+
+def plan_parts(state: dict[str, torch.Tensor], part_bytes: int) -> list[list[str]]:
+    """Consecutive groups of keys of about `part_bytes` dense bytes each (at least one key)."""
+    parts, cur, size = [], [], 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > part_bytes:
+            parts.append(cur)
+            cur, size = [], 0
+        cur.append(key)
+        size += nbytes
+    if cur or not parts:
+        parts.append(cur)
+    return parts
+
+
+class SlicePublisher:
+    def __init__(self, cfg: SyncConfig | None = None):
+        self.cfg = cfg or SyncConfig()
+        self.dtype = getattr(torch, self.cfg.published_dtype)
+        self.version: int | None = None  # of the last fully encoded publish
+        self._last: dict[str, torch.Tensor] | None = None
+        self._last_parts: list[list[str]] = []
+        self._next: dict[str, torch.Tensor] | None = None
+        self._staged: StagedSlice | None = None
+        self._encoded: set[int] = set()
+
+    def stage(self, state: dict[str, torch.Tensor], version: int, dense: bool = False) -> StagedSlice:
+        """Copy this rank's slice (already masked and cut) for publishing as `version`."""
+        from sync.transport import checksum_entries
+
+        if self.version is not None and version <= self.version:
+            raise ValueError(f"publish version {version} must be greater than the last one ({self.version})")
+        self._next = {k: published_copy(v, self.dtype) for k, v in state.items()}
+        parts = plan_parts(self._next, self.cfg.part_bytes)
+        base = None if (dense or self._last is None) else self.version
+        self._staged = StagedSlice(
+            version=version, base_version=base, dense=dense, parts=parts, checksums=checksum_entries(self._next),
+            dense_bytes=sum(t.numel() * t.element_size() for t in self._next.values()),
+            nonzero=sum(int(torch.count_nonzero(t)) for t in self._next.values()),
+            numel=sum(t.numel() for t in self._next.values()),
+        )
+        self._encoded = set()
+        return self._staged
+
+    def encode_part(self, index: int) -> tuple[list[bytes], PartStats]:
+        staged = self._staged
+        if staged is None or not 0 <= index < len(staged.parts):
+            raise ValueError(f"no staged publish with a part {index}")
+        keys = staged.parts[index]
+        t0 = time.perf_counter()
+        new = {k: self._next[k] for k in keys}
+        if staged.base_version is None:
+            buckets = encode(None, new, base_version=None, target_version=staged.version,
+                             level="raw" if staged.dense else self.cfg.level, bucket_bytes=self.cfg.bucket_bytes)
+        else:
+            old = {k: self._last[k] for k in keys if k in self._last}
+            buckets = encode(old, new, base_version=staged.base_version, target_version=staged.version,
+                             level=self.cfg.level, bucket_bytes=self.cfg.bucket_bytes)
+        stats = PartStats(index, sum(len(b) for b in buckets), sum(t.numel() * t.element_size() for t in new.values()),
+                          inspect_payload(buckets)["changed"], time.perf_counter() - t0)
+        self._encoded.add(index)
+        if len(self._encoded) == len(staged.parts):  # the whole version is out: it is the new base
+            self._last, self._last_parts, self.version = self._next, staged.parts, staged.version
+            self._next, self._staged = None, None
+        return buckets, stats
+
+    def snapshot_part(self, index: int) -> tuple[list[bytes], PartStats]:
+        """Part `index` of the last published version as a snapshot (a receiver that is behind)."""
+        if self._last is None or not 0 <= index < len(self._last_parts):
+            raise ValueError(f"nothing published with a part {index}")
+        t0 = time.perf_counter()
+        new = {k: self._last[k] for k in self._last_parts[index]}
+        buckets = encode(None, new, base_version=None, target_version=self.version, level=self.cfg.level,
+                         bucket_bytes=self.cfg.bucket_bytes)
+        return buckets, PartStats(index, sum(len(b) for b in buckets),
+                                  sum(t.numel() * t.element_size() for t in new.values()), 0, time.perf_counter() - t0)
+
+    def last_published(self) -> dict[str, torch.Tensor]:
+        return dict(self._last or {})
+

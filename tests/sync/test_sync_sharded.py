@@ -1,0 +1,153 @@
+"""Sharded publish: two trainer ranks each publish their slice (sync/slices.py) part by part, and
+receivers put the slices back together, bit-exact, over deltas, chains and snapshots."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sync.config import SyncConfig
+from sync.errors import SyncError, TensorMismatchError, UpdateUnavailableError
+from sync.policy import ModeChooser
+from sync.publisher import SlicePublisher
+from sync.receiver import WeightReceiver
+from sync.slices import parse_key, slice_range, take_slice, target_views
+from sync.transport import LocalChannel, Part, ShardedPublisher, WeightUpdate, state_checksum
+
+WORLD = 2
+
+
+def test_slice_ranges_tile_every_tensor_like_zero3_partitions():
+    for numel in (0, 1, 2, 3, 7, 64, 1001):
+        for world in (1, 2, 3, 4):
+            per = -(-numel // world)  # DeepSpeed ZeRO-3's partition size: ceil(numel / world)
+            ranges = [slice_range(numel, r, world) for r in range(world)]
+            covered = [i for a, b in ranges for i in range(a, b)]
+            assert covered == list(range(numel))
+            assert all(b - a <= per for a, b in ranges)
+            assert all(a == min(numel, r * per) for r, (a, _) in enumerate(ranges))
+
+
+def test_slice_keys_round_trip_and_views_write_into_the_target():
+    t = torch.zeros(3, 5)
+    keys = [take_slice("w", t, r, 2)[0] for r in range(2)]
+    assert keys == ["w[0:8]", "w[8:15]"]
+    assert parse_key(keys[1]) == ("w", 8, 15) and parse_key("w") == ("w", None, None)
+    views = target_views({"w": t}, keys)
+    views["w[8:15]"].fill_(1)
+    assert t.view(-1)[8:].eq(1).all() and t.view(-1)[:8].eq(0).all()
+    with pytest.raises(TensorMismatchError, match="do not tile"):
+        target_views({"w": t}, ["w[0:8]"])
+    with pytest.raises(TensorMismatchError, match="outside"):
+        target_views({"w": t}, ["w[0:8]", "w[8:16]"])
+
+
+def _model_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"emb": torch.randn(97, 64, generator=g), "blk.w": torch.randn(33, 64, generator=g),
+            "blk.b": torch.randn(33, generator=g), "norm": torch.ones(64), "empty": torch.zeros(0)}
+
+
+def _step(state: dict[str, torch.Tensor], seed: int, frac: float = 0.05) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + (torch.rand(v.shape, generator=g) < frac) * 0.05 * torch.randn(v.shape, generator=g)
+            for k, v in state.items()}
+
+
+class _Ranks:
+    """WORLD in-process ranks, each publishing its slice of a full fp32 state."""
+
+    def __init__(self, cfg: SyncConfig):
+        self.channels = [LocalChannel(SlicePublisher(cfg)) for _ in range(WORLD)]
+        self.publisher = ShardedPublisher(self.channels, cfg)
+
+    def publish(self, state: dict[str, torch.Tensor], version: int):
+        for r, ch in enumerate(self.channels):
+            ch.state = dict(s for name, t in state.items() if (s := take_slice(name, t, r, WORLD)) is not None)
+            ch.version = version
+        return self.publisher.publish()
+
+
+@pytest.mark.ray
+def test_two_ranks_publish_slices_and_receivers_end_bit_identical(ray_cluster):
+    cfg = SyncConfig(level="fast", mode="sparse", history=3, part_bytes=4096, bucket_bytes=4096)
+    ranks = _Ranks(cfg)
+    state = _model_state(0)
+    target = {k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in state.items()}
+    lagging_target = {k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in state.items()}
+    rec, lag = WeightReceiver(target), WeightReceiver(lagging_target)
+    kinds, lag_kinds = [], []
+    for version in range(8):
+        if version:
+            state = _step(state, version)
+        stats = ranks.publish(state, version)
+        assert stats.parts > WORLD  # several parts per rank: receivers can pipeline
+        published = {k: v.to(torch.bfloat16) for k, v in state.items()}
+        # the publisher's checksum over both ranks' slices is the receiver's over its views
+        kinds.append(rec.apply(ranks.publisher.update_for(rec.version))["kind"])
+        assert rec.version == version and rec.state_checksum() == ranks.publisher.state_checksum()
+        for k in published:  # an independent check: the target tensors equal the bf16 cast bit for bit
+            assert torch.equal(target[k].view(torch.int16), published[k].view(torch.int16)), k
+        if version in (2, 7):
+            lag_kinds.append(lag.apply(ranks.publisher.update_for(lag.version))["kind"])
+            assert all(torch.equal(lagging_target[k].view(torch.int16), published[k].view(torch.int16)) for k in published)
+    assert kinds == ["snapshot"] + ["delta"] * 7
+    assert lag_kinds[0] == "snapshot" and lag_kinds[1] in ("chain", "snapshot")
+    assert ranks.publisher.state_checksum() == state_checksum(
+        {k: v for r in range(WORLD) for k, v in ranks.channels[r].publisher.last_published().items()})
+
+
+@pytest.mark.ray
+def test_a_bad_or_missing_part_leaves_weights_and_version_untouched(ray_cluster):
+    import ray
+
+    cfg = SyncConfig(level="fast", mode="sparse", part_bytes=4096, bucket_bytes=4096)
+    ranks = _Ranks(cfg)
+    state = _model_state(1)
+    ranks.publish(state, 0)
+    target = {k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in state.items()}
+    rec = WeightReceiver(target, fetch_timeout_s=2.0)
+    rec.apply(ranks.publisher.update_for(None))
+    before = {k: v.clone() for k, v in target.items()}
+    checksum = rec.state_checksum()
+    ranks.publish(_step(state, 5, frac=0.3), 1)
+    good = ranks.publisher.update_for(0)
+    parts = good.steps[0]
+
+    def with_part(i: int, part: Part) -> WeightUpdate:
+        return WeightUpdate(good.kind, 0, 1, good.payload_bytes, [parts[:i] + [part] + parts[i + 1:]])
+
+    last = len(parts) - 1  # fails only after every other part was decoded into the shadow
+    buckets = list(ray.get(parts[last].ref))
+    flipped = bytearray(buckets[0])
+    flipped[len(flipped) // 2] ^= 1
+    never = ray.remote(lambda: __import__("time").sleep(60)).remote()  # a stalled link / rank
+    cases = {
+        "corrupt": (with_part(last, Part(parts[last].keys, ray.put([bytes(flipped)] + buckets[1:]))), SyncError),
+        "stalled": (with_part(last, Part(parts[last].keys, never)), UpdateUnavailableError),
+        "missing part": (WeightUpdate("delta", 0, 1, 0, [parts[:-1]]), TensorMismatchError),
+        "mislabelled": (with_part(last, Part(parts[0].keys, parts[last].ref)), SyncError),
+    }
+    for name, (update, error) in cases.items():
+        with pytest.raises(error):
+            rec.apply(update)
+        assert rec.version == 0 and rec.state_checksum() == checksum, name
+        assert all(torch.equal(target[k], before[k]) for k in target), name
+    ray.cancel(never, force=True)
+    rec.apply(good)
+    assert rec.version == 1 and rec.state_checksum() == ranks.publisher.state_checksum()
+
+
+def test_mode_chooser_picks_the_faster_measured_path():
+    c = ModeChooser("auto")
+    assert c.choose(1000) is True  # first publish: a full send measures the link
+    c.observe(True, 2.0, 1000)  # dense: 2 ms per byte
+    assert c.choose(1000) is False  # no sparse measurement yet: try sparse
+    c.observe(False, 0.5, 1000)
+    assert c.choose(1000) is False  # sparse 0.5 s < dense 2 s
+    c.observe(False, 3.5, 1000)  # sparse got slow (dense deltas): EMA 2.0 ...
+    c.observe(False, 3.5, 1000)  # ... 2.75 > 2.0 predicted for dense
+    assert c.choose(1000) is True
+    assert ModeChooser("sparse").choose(1) is False and ModeChooser("dense").choose(1) is True
+    # without measurements (a caller that never reports times) auto stays sparse after the first
+    quiet = ModeChooser("auto")
+    assert [quiet.choose(1) for _ in range(3)] == [True, False, False]

@@ -226,6 +226,19 @@ def _start_ray(lab, side: str, cmd: list[str], log: Path) -> subprocess.Popen:
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _wait_started(proc: subprocess.Popen, log: Path, head: subprocess.Popen, timeout_s: float) -> bool:
+    """Whether `ray start --block` came up (and stayed up for a few seconds) within the timeout."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None or head.poll() is not None:
+            return False
+        if "Ray runtime started" in log.read_text():
+            time.sleep(10)  # its raylet may still die waiting for its agents
+            return proc.poll() is None
+        time.sleep(1)
+    return False
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a process session we started (ray start --block and everything it spawned)."""
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
@@ -314,14 +327,18 @@ def main(argv: list[str] | None = None) -> int:
                                                "--include-dashboard=false", f"--temp-dir={tmp / 'ray'}", f"--resources={json.dumps({TRAINER_RES: 4})}",
                                                *common], tmp / "head.log"))
             time.sleep(5)  # the worker node's `ray start` retries until the head's GCS answers
-            procs.append(_start_ray(lab, "b", [f"--address={head}", f"--node-ip-address={lab.ip['b']}",
-                                               f"--resources={json.dumps({ROLLOUT_RES: 4})}", *common], tmp / "node.log"))
-            time.sleep(3)
-            for proc, log in zip(procs, ("head.log", "node.log")):
-                if proc.poll() is not None:
-                    print((tmp / log).read_text()[-2000:])
-                    print(f"bench.sync_cluster: a Ray node failed to start (see {log} above)")
-                    return 1
+            for attempt in range(3):  # on a busy machine a node's raylet can time out waiting for its agents
+                node = _start_ray(lab, "b", [f"--address={head}", f"--node-ip-address={lab.ip['b']}",
+                                             f"--resources={json.dumps({ROLLOUT_RES: 4})}", *common], tmp / "node.log")
+                procs.append(node)
+                if _wait_started(node, tmp / "node.log", procs[0], timeout_s=300):
+                    break
+                _stop(procs.pop())
+            else:
+                for log in ("head.log", "node.log"):
+                    print(f"--- {log}\n" + (tmp / log).read_text()[-2000:])
+                print("bench.sync_cluster: the Ray nodes did not start (see the logs above)")
+                return 1
             raw = tmp / "result.json"
             cmd = [sys.executable, "-m", "bench.sync_cluster", "--driver", f"--address={head}", f"--lab={args.lab}",
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",

@@ -128,8 +128,11 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                     bring every rollout worker to it (full snapshots); the publish stats."""
                     trainers.group.call("begin_rl", done)
                     trainers.group.call("set_version_floor", version_floor)
-                    pub = trainers.publish()
-                    for stats in rollouts.apply_all():
+                    started_sync = time.perf_counter()
+                    publish = trainers.begin_publish()
+                    applied = rollouts.apply_all()
+                    pub = trainers.finish_publish(publish, time.perf_counter() - started_sync)
+                    for stats in applied:
                         totals["snapshot_payload"] += stats["payload_bytes"]
                         totals["mismatches"] += stats["checksum"] != pub["checksum"]
                     return pub

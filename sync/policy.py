@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EMA = 0.5  # weight of the newest measurement
+# Dense must be predicted this much faster before it replaces sparse: near a tie, timing noise
+# would otherwise flip the choice, and sparse also spares the link for everything else.
+DENSE_MARGIN = 0.9
 
 
 @dataclass
@@ -30,7 +33,7 @@ class ModeChooser:
             return True
         if self.dense_s_per_byte is None or self.sparse_s is None:
             return False
-        return self.dense_s_per_byte * dense_bytes < self.sparse_s
+        return self.dense_s_per_byte * dense_bytes < DENSE_MARGIN * self.sparse_s
 
     def observe(self, dense: bool, seconds: float, dense_bytes: int) -> None:
         """A publish of `dense_bytes` full-weight bytes took `seconds` end to end."""

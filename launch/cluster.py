@@ -23,7 +23,7 @@ class ClusterConfig:
     num_gpus: int | None = None  # local Ray only (null: detected)
     trainers: int = 2  # data-parallel ranks, one Ray actor each
     cpus_per_trainer: float = 1.0
-    gpus_per_trainer: float = 0.0
+    gpus_per_trainer: float | None = 0.0  # null: 1 when the Ray cluster has GPUs, else 0 (cluster=existing)
     resources_per_trainer: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     placement_timeout_s: float = 60.0
@@ -37,10 +37,21 @@ class ClusterResourceError(RuntimeError):
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
+def gpus_per_trainer(cfg: ClusterConfig) -> float:
+    """cluster.gpus_per_trainer, with null derived from the running cluster: one GPU per rank
+    when it has GPUs, none on a CPU-only cluster."""
+    if cfg.gpus_per_trainer is not None:
+        return float(cfg.gpus_per_trainer)
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def trainer_bundle(cfg: ClusterConfig) -> dict[str, float]:
     bundle = {"CPU": float(cfg.cpus_per_trainer)}
-    if cfg.gpus_per_trainer:
-        bundle["GPU"] = float(cfg.gpus_per_trainer)
+    gpus = gpus_per_trainer(cfg)
+    if gpus:
+        bundle["GPU"] = gpus
     bundle.update({k: float(v) for k, v in cfg.resources_per_trainer.items()})
     return {k: v for k, v in bundle.items() if v > 0}
 
@@ -50,7 +61,7 @@ def validate_cluster_config(cfg: ClusterConfig) -> None:
         raise ClusterResourceError(f"cluster.trainers={cfg.trainers}: expected >= 1")
     if cfg.placement_strategy not in STRATEGIES:
         raise ClusterResourceError(f"cluster.placement_strategy={cfg.placement_strategy!r}: expected one of {STRATEGIES}")
-    if cfg.cpus_per_trainer < 0 or cfg.gpus_per_trainer < 0:
+    if cfg.cpus_per_trainer < 0 or (cfg.gpus_per_trainer or 0) < 0:
         raise ClusterResourceError("cluster.cpus_per_trainer and cluster.gpus_per_trainer must be >= 0")
 
 

@@ -80,7 +80,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
         getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and cfg.trainer.seq_len > limit:
         raise TrainerConfigError(f"trainer.seq_len={cfg.trainer.seq_len} exceeds the model's context of {limit} (model.block_size)")
-    if cfg.trainer.device == "cuda" and not cfg.cluster.gpus_per_trainer:
+    if cfg.trainer.device == "cuda" and cfg.cluster.gpus_per_trainer == 0:
         raise TrainerConfigError("trainer.device=cuda needs a GPU per trainer rank: set cluster.gpus_per_trainer=1 "
                                  "(or cluster=local_gpu)")
     validate_sparsity_config(cfg.sparsity, module_shapes(model))

@@ -1,0 +1,49 @@
+"""bench.sync_cluster's network lab: without the rights to make network namespaces the benchmark
+says why and skips (exit 0) instead of failing obscurely; with them, two hosts reach each other
+only across the veth pair, through the rate limit we set, and everything is removed afterwards."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench import netlab, sync_cluster
+from bench.netlab import NetLab, NetLabUnavailable
+
+
+def test_without_root_the_benchmark_skips_with_the_reason(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(netlab.os, "geteuid", lambda: 1000)
+    with pytest.raises(NetLabUnavailable, match="root"):
+        NetLab.check()
+    out = tmp_path / "r.json"
+    assert sync_cluster.main(["--quick", "--out", str(out)]) == 0
+    assert "skipped: network namespaces need root" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_lab_link_counts_bytes_obeys_the_rate_limit_and_is_removed(tmp_path):
+    try:
+        NetLab.check()
+    except NetLabUnavailable as e:
+        pytest.skip(str(e))
+    lab = NetLab("stbt", "10.233.0")
+    size = 4 << 20
+    server = "import socket,sys,time;s=socket.socket();s.bind((sys.argv[1],7001));s.listen();c,_=s.accept();n=0;t=time.time()\n" \
+             "while (b:=c.recv(1<<16)): n+=len(b)\nprint(n, time.time()-t)"
+    client = f"import socket,sys;s=socket.create_connection((sys.argv[1],7001),timeout=10);s.sendall(b'x'*{size});s.close()"
+    with lab:
+        lab.limit(20)  # 20 Mbit/s: 4 MiB take ~1.7 s
+        srv = subprocess.Popen(lab.exec_in("b", [sys.executable, "-c", server, lab.ip["b"]]), stdout=subprocess.PIPE, text=True)
+        import time
+
+        time.sleep(1.0)
+        before = lab.tx_bytes()
+        subprocess.run(lab.exec_in("a", [sys.executable, "-c", client, lab.ip["b"]]), check=True, timeout=60)
+        received, seconds = srv.communicate(timeout=60)[0].split()
+        sent = lab.tx_bytes()["a"] - before["a"]
+        assert int(received) == size
+        assert size <= sent < 1.1 * size  # the payload plus TCP/IP headers
+        assert float(seconds) > 1.2  # tbf shaped it (an unlimited veth takes milliseconds)
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "stbt_a" not in names and "stbt_b" not in names

@@ -22,7 +22,7 @@ ODD = dict(n_layer=1, n_head=3, n_embd=9, block_size=32)  # wte has 259 * 9 elem
 
 
 def nm_case(**sparsity) -> dict:
-    return dict(model=SMALL, total_steps=6, steps=4, sparsity=dict(method="nm", n=2, m=4, **sparsity))
+    return dict(model=SMALL, total_steps=6, steps=4, sparsity={"method": "nm", "n": 2, "m": 4, **sparsity})
 
 
 def dst_case(method: str, model: dict = SMALL, **sparsity) -> dict:

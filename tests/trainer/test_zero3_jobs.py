@@ -1,0 +1,52 @@
+"""The pretraining job with two trainer ranks under ZeRO-3 and a sparse method, on the shared Ray
+cluster: it trains, both ranks end with the same masks (per-rank checkpoint files), and the export
+is exactly 2:4 (N:M) or exactly at the layer budget with nonzeros only inside the mask (RigL)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from launch.config import compose_pretrain_config
+from launch.pretrain import run_pretrain
+from trainer.checkpoint import latest_checkpoint, rank_file
+
+TINY = ["model=gpt_tiny", "trainer.seq_len=32", "trainer.micro_batch_size=4", "trainer.eval_batches=1",
+        "data.max_bytes=200000", "optimizer.warmup_steps=1", "optimizer.lr=3e-3", "logger=console",
+        "logger.console=false", "cluster.trainers=2", "cluster.cpus_per_trainer=1", "trainer.max_steps=6",
+        "trainer.checkpoint_every=6", "trainer.eval_every=6", "trainer.zero_stage=3"]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("method", ["nm", "rigl"])
+def test_pretrain_two_ranks_zero3_exports_the_sparse_pattern(ray_cluster, tmp_path, method):
+    from safetensors.torch import load_file
+
+    extra = ["sparsity.density=0.3", "sparsity.update_interval=2", "sparsity.end_fraction=1.0"] if method == "rigl" else []
+    summary = run_pretrain(compose_pretrain_config([*TINY, f"sparsity={method}", *extra]), tmp_path)
+    assert summary["steps"] == 6 and summary["world_size"] == 2
+    assert summary["train/loss_final"] < 5.5  # from ln(259) = 5.56: it trained
+
+    checkpoint = latest_checkpoint(tmp_path / "checkpoints")
+    states = [torch.load(rank_file(checkpoint, r), map_location="cpu", weights_only=False)["sparsity"] for r in range(2)]
+    masks = {name: layer["mask"] for name, layer in states[0]["layers"].items()}
+    assert len(masks) == 8
+    for name, mask in masks.items():
+        assert torch.equal(mask, states[1]["layers"][name]["mask"]), f"{name}: the ranks' masks differ"
+
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    info = json.loads((tmp_path / "sparsity.json").read_text())
+    assert info["method"] == method and set(info["tensors"]) == set(masks)
+    for name, mask in masks.items():
+        weight = exported[name]
+        assert torch.count_nonzero(weight[~mask]) == 0, name
+        if method == "nm":
+            groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+            assert int(groups.max()) <= 2 and (groups == 2).float().mean() > 0.99, name
+            assert bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()), name
+        else:
+            layer = states[0]["layers"][name]
+            assert int(mask.sum()) == layer["extra"]["active"] == round(layer["extra"]["density"] * mask.numel())
+    if method == "rigl":
+        assert sum(int((layer["mask"] != layer["initial_mask"]).sum()) for layer in states[0]["layers"].values()) > 0

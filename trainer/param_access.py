@@ -88,6 +88,11 @@ class DeepSpeedParamAccess:
 
         p = self._param(name)
         full = safe_get_full_fp32_param(p)
+        if full is None and _zero3(p):  # a frozen ZeRO-3 parameter has no master: gather the weight
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+            with GatheredParameters([p]):
+                return p.detach().float().clone()
         # No DeepSpeed master copy (ZeRO 0, fp32): the parameter itself is the master weight.
         return p.detach() if full is None else full
 
@@ -182,7 +187,9 @@ class DeepSpeedParamAccess:
             from deepspeed.utils import safe_get_local_fp32_param
 
             start, end, _ = _zero3_partition(p)
-            return LocalPartition(start, end, safe_get_local_fp32_param(p).detach()[: end - start])
+            local = safe_get_local_fp32_param(p)  # None for a frozen parameter: no master, the working copy is it
+            local = p.ds_tensor.float() if local is None else local
+            return LocalPartition(start, end, local.detach().reshape(-1)[: end - start])
         if hasattr(p, "_hp_mapping"):
             fragment = p._hp_mapping
             if fragment is None:  # none of this parameter falls in this rank's partition

@@ -92,7 +92,7 @@ def test_partition_range_is_deepspeeds_padded_split():
 
 
 def test_nm_and_rigl_train_under_zero3_like_one_rank(tmp_path):
-    cases = [nm_case(estimator="sr_ste") | {"resume_at": 2},
+    cases = [nm_case(estimator="sr_ste") | {"resume_at": 2, "frozen_copy": True},
              dst_case("rigl", model=ODD) | {"probe_set": "wte.weight"}]
     results = run_two_ranks(cases, tmp_path)
     for case, ranks in zip(cases, results):
@@ -110,6 +110,11 @@ def test_nm_and_rigl_train_under_zero3_like_one_rank(tmp_path):
             assert torch.equal(resumed["sparsity"]["layers"][name]["mask"], layer["mask"])
         for name, value in full["masters"].items():
             assert torch.equal(resumed["masters"][name], value), name
+
+    # The frozen copy (the RL KL reference) computes exactly what the ZeRO-3 engine computes.
+    for rank in range(2):
+        probe = results[0][rank]["frozen_copy"]
+        assert not probe["copy_is_partitioned"] and torch.equal(probe["copy"], probe["engine"])
 
     # ParamAccess.set / reset_optimizer_state on a padded partition, then what a forward gathers.
     for rank in range(2):

@@ -94,6 +94,22 @@ def probe_set(worker: TrainerWorker, name: str) -> dict:
             "working": working, "moments_before": before, "moments_after": after}
 
 
+def frozen_copy_logits(worker: TrainerWorker, batch: dict) -> dict:
+    """Eval logits of the engine (ZeRO-3, masked forward) and of trainer/frozen_copy.py's copy."""
+    from models import build_model
+    from trainer.frozen_copy import frozen_copy
+
+    masks = {name: layer.mask for name, layer in worker.sparsifier.layers.items()}
+    copy = frozen_copy(worker.module, lambda: build_model(worker.model_cfg)[0], masks)
+    tokens = torch.as_tensor(batch["tokens"])[:, :-1]
+    worker.engine.eval()
+    with torch.no_grad():
+        engine = worker.engine(tokens).logits.clone()
+        frozen = copy.eval()(tokens).logits.clone()
+    worker.engine.train()
+    return {"engine": engine, "copy": frozen, "copy_is_partitioned": any(hasattr(p, "ds_id") for p in copy.parameters())}
+
+
 def rank_main(rank: int, port: int, cases: list[dict], out_dir: str) -> None:
     """Train every case for its `steps` on this rank and save `case_{i}_rank_{rank}.pt`; a case
     with `resume_at` also saves there, continues, and has a fresh worker load and continue."""
@@ -113,6 +129,8 @@ def rank_main(rank: int, port: int, cases: list[dict], out_dir: str) -> None:
             assert fresh.load_checkpoint(str(checkpoint)) == {"case": i}
             resumed = [fresh.train_step(rank_batch(step, rank))["loss"] for step in range(resume_at, case["steps"])]
             result["resumed"] = _result(fresh, resumed)
+        if case.get("frozen_copy"):
+            result["frozen_copy"] = frozen_copy_logits(worker, rank_batch(99, rank))
         if case.get("probe_set"):
             result["probe_set"] = probe_set(worker, case["probe_set"])
         torch.save(result, Path(out_dir) / f"case_{i}_rank_{rank}.pt")

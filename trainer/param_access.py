@@ -35,6 +35,14 @@ class LocalPartition(NamedTuple):
     end: int
     fp32: torch.Tensor
 
+    def masked(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """`fp32` times the matching slice of `mask` (a bool tensor of the parameter's shape, e.g.
+        a sparsifier layer's `mask`; None: dense): this rank's share of the published weight, pruned
+        entries exactly 0. A new tensor."""
+        if mask is None:
+            return self.fp32.clone()
+        return self.fp32 * mask.reshape(-1)[self.start:self.end].to(self.fp32.device)
+
 
 def partition_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
     """ZeRO-3's partition of `numel` elements for `rank`: [r * P, (r + 1) * P) with

@@ -74,13 +74,14 @@ def check_local_partitions(ranks: list[dict]) -> None:
     for name, master in ranks[0]["masters"].items():
         numel, cursor = master.numel(), 0
         for rank, result in enumerate(ranks):
-            start, end, fp32 = result["partitions"][name]
+            start, end, fp32, share = result["partitions"][name]
             assert (start, end) == partition_range(numel, 2, rank) and start == cursor, name
             cursor = end
             assert fp32.dtype == torch.float32 and fp32.shape == (end - start,)
             assert torch.equal(fp32, result["masters"][name].reshape(-1)[start:end]), f"{name}: rank {rank}"
             mask = layers[name]["mask"].reshape(-1)[start:end] if name in layers else torch.ones(end - start, dtype=torch.bool)
             assert torch.equal(ranks[0]["published"][name].reshape(-1)[start:end], fp32 * mask), f"{name}: rank {rank}"
+            assert torch.equal(share, fp32 * mask)  # LocalPartition.masked
         assert cursor == numel, f"{name}: partitions cover {cursor} of {numel} elements"
         assert ranks[0]["partitioned"][name], f"{name} was not partitioned: the test would not exercise ZeRO-3"
 

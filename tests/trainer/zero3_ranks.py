@@ -59,10 +59,12 @@ def _result(worker: TrainerWorker, losses: list[float]) -> dict:
     access = worker.param_access
     names = access.names()
     masters = {n: access.get(n).detach().cpu().clone() for n in names}  # collective: same order on every rank
+    layers = worker.sparsifier.layers
     partitions = {}
     for n in names:
         part = access.local_partition(n)
-        partitions[n] = (part.start, part.end, part.fp32.detach().cpu().clone())
+        share = part.masked(layers[n].mask if n in layers else None)  # what this rank would publish
+        partitions[n] = (part.start, part.end, part.fp32.detach().cpu().clone(), share.cpu())
     param = dict(worker.module.named_parameters())
     return {
         "losses": losses,

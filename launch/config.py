@@ -69,7 +69,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
     import torch
 
     from models import build_model
-    from trainer.sparsity import check_zero_stage, module_shapes, validate_sparsity_config
+    from trainer.sparsity import module_shapes, validate_sparsity_config
 
     validate_trainer_config(cfg.trainer, cfg.optimizer)
     validate_cluster_config(cfg.cluster)
@@ -84,7 +84,6 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
         raise TrainerConfigError("trainer.device=cuda needs a GPU per trainer rank: set cluster.gpus_per_trainer=1 "
                                  "(or cluster=local_gpu)")
     validate_sparsity_config(cfg.sparsity, module_shapes(model))
-    check_zero_stage(cfg.sparsity, cfg.trainer.zero_stage)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
         raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint directory (use null, auto or a step_XXXXXXXX path)")
     return {name: list(p.shape) for name, p in model.named_parameters()}

@@ -95,7 +95,7 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
     from models import build_model
     from rollout.tasks import build_task
     from trainer.algos.config import build_objective
-    from trainer.sparsity import check_zero_stage, module_shapes, validate_sparsity_config
+    from trainer.sparsity import module_shapes, validate_sparsity_config
 
     rl = cfg.rl
     if rl.mode not in ("sync", "async"):
@@ -145,7 +145,6 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
             raise RLConfigError(f"prompt {longest.text[:40]!r} + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
                                 f"need {need} positions; the model's context is {limit} (model.block_size)")
     validate_sparsity_config(cfg.sparsity, module_shapes(model))
-    check_zero_stage(cfg.sparsity, cfg.trainer.zero_stage)
 
 
 def check_resources(cfg: RLJobConfig, cluster_resources: dict[str, float]) -> None:

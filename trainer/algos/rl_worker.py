@@ -17,7 +17,6 @@ versions past the checkpoint, and versions never go backwards.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 from trainer.algos.config import AlgoConfig, build_objective
@@ -58,9 +57,17 @@ class RLTrainerWorker(TrainerWorker):
         self.objective, self.opt_cfg = self.algo, self.rl_opt
         self.rl_start_step = self.step - rl_steps_done
         if self.algo_cfg.kl_coef > 0:
-            self.algo.set_reference(copy.deepcopy(self.module))
+            self.algo.set_reference(self.frozen_policy())
         if self.reset_optimizer and rl_steps_done == 0:
             self.optimizer.state.clear()
+
+    def frozen_policy(self):
+        """The current policy as a frozen copy (also under ZeRO-3; see trainer/frozen_copy.py). Collective."""
+        from models import build_model
+        from trainer.frozen_copy import frozen_copy
+
+        masks = None if self.sparsifier is None else {n: layer.mask for n, layer in self.sparsifier.layers.items()}
+        return frozen_copy(self.module, lambda: build_model(self.model_cfg)[0], masks)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """One RL step; the lr ramps up linearly over the first rl_warmup_steps RL steps

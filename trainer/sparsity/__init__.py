@@ -2,7 +2,6 @@
 
     cfg = SparsityConfig(method="nm", n=2, m=4)            # or Hydra: sparsity=nm sparsity.n=2 ...
     validate_sparsity_config(cfg, module_shapes(meta_model))  # at config load, before any actor
-    check_zero_stage(cfg, zero_stage)                      # ZeRO-3 is rejected
     sparsifier = build_sparsifier(model, cfg, total_steps)
     sparsifier.attach()                                    # before the optimizer / DeepSpeed
     for step in range(start, total_steps):                 # step = optimizer steps already taken
@@ -36,7 +35,7 @@ from trainer.sparsity.nm import NMSparsifier, sdgf_stages
 __all__ = [
     "SparsityConfig", "SparsityConfigError", "SparsityPatternError", "SparsityStateError",
     "Sparsifier", "ParamAccess", "TorchParamAccess", "validate_sparsity_config",
-    "build_sparsifier", "check_zero_stage", "module_shapes", "layer_densities",
+    "build_sparsifier", "module_shapes", "layer_densities",
 ]
 
 
@@ -139,16 +138,6 @@ def layer_densities(cfg: SparsityConfig, shapes: Mapping[str, tuple[int, ...]]) 
         densities = {n: cfg.density for n in rest}
     densities.update(fixed)
     return densities
-
-
-def check_zero_stage(cfg: SparsityConfig, stage: int) -> None:
-    """ZeRO-3 partitions each weight across ranks, so no rank can compute a mask over a whole
-    matrix or its N:M groups: rejected for every method except dense."""
-    if cfg.method != "dense" and int(stage) >= 3:
-        raise SparsityConfigError(
-            f"sparsity.method={cfg.method!r} does not support DeepSpeed ZeRO stage {stage} "
-            f"(weights partitioned across ranks); use ZeRO stage 0, 1 or 2"
-        )
 
 
 def build_sparsifier(model: nn.Module, cfg: SparsityConfig, total_steps: int) -> Sparsifier:

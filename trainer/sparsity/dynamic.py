@@ -19,6 +19,7 @@ import torch.distributed as dist
 from trainer.sparsity.base import ParamAccess, Sparsifier, check_unstructured, zero_inactive
 from trainer.sparsity.config import SparsityConfig
 from trainer.sparsity.masked_forward import SparseLayer
+from trainer.sparsity.partitioned import full_weight
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
@@ -90,8 +91,7 @@ class DynamicSparsifier(Sparsifier):
         # forward masks them until then, and attach never writes weights (they may be loaded later).
         for layer in self.layers.values():
             if layer.mask is None:
-                weight = layer.module.weight.detach()
-                scores = weight.abs().float() if self.cfg.init == "magnitude" and self.method == "static" \
+                scores = full_weight(layer).abs().float() if self.cfg.init == "magnitude" and self.method == "static" \
                     else self.random_scores(layer)
                 layer.record_mask(topk_mask(scores, layer.extra["active"]))
         super().attach()

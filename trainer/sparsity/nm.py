@@ -16,6 +16,7 @@ from trainer.sparsity.base import Sparsifier
 from trainer.sparsity.config import SparsityConfig
 from trainer.sparsity.errors import SparsityConfigError, SparsityPatternError
 from trainer.sparsity.masked_forward import SparseLayer
+from trainer.sparsity.partitioned import full_weight
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int, input_dim: int = 1) -> torch.Tensor:
@@ -117,7 +118,7 @@ class NMSparsifier(Sparsifier):
             for layer in self.layers.values():
                 if layer.mask is None:
                     n, m = self.stage(layer, 0)
-                    layer.mask = nm_mask(layer.module.weight, n, m, layer.input_dim)
+                    layer.mask = nm_mask(full_weight(layer), n, m, layer.input_dim)
                     layer.extra["current"] = [n, m]
         super().attach()
 
@@ -141,7 +142,7 @@ class NMSparsifier(Sparsifier):
         for layer in self.layers.values():
             n, m = self.stage(layer, step)
             if due or layer.mask is None or [n, m] != layer.extra.get("current"):
-                layer.record_mask(nm_mask(layer.module.weight, n, m, layer.input_dim))
+                layer.record_mask(nm_mask(full_weight(layer), n, m, layer.input_dim))
                 layer.extra["current"] = [n, m]
                 recomputed = True
             layer.beta = self.beta

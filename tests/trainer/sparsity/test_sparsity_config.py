@@ -10,7 +10,7 @@ from sparsity_testlib import tiny_gpt
 
 from models import GPT, GPTConfig
 from trainer.sparsity import (
-    SparsityConfig, SparsityConfigError, build_sparsifier, check_zero_stage, module_shapes,
+    SparsityConfig, SparsityConfigError, build_sparsifier, module_shapes,
     validate_sparsity_config,
 )
 
@@ -63,14 +63,6 @@ def test_bad_config_raises_naming_the_value(shapes, kwargs, match):
 def test_build_validates_too():
     with pytest.raises(SparsityConfigError, match="M=128"):
         build_sparsifier(tiny_gpt(), SparsityConfig(method="nm", n=2, m=128), 10)
-
-
-def test_zero3_rejected_for_sparse_methods():
-    check_zero_stage(SparsityConfig(method="dense"), 3)
-    for stage in (0, 1, 2):
-        check_zero_stage(SparsityConfig(method="nm"), stage)
-    with pytest.raises(SparsityConfigError, match="ZeRO stage 3"):
-        check_zero_stage(SparsityConfig(method="rigl"), 3)
 
 
 def test_hydra_group_files_load_into_the_structured_config(shapes):

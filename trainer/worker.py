@@ -182,10 +182,10 @@ class TrainerWorker:
         out = {}
         with torch.no_grad():
             for name, p in self.module.named_parameters():
-                if hasattr(p, "ds_tensor"):  # ZeRO-3: partition r holds [r * ceil(n/W), ...), padded
+                if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's own partition of the fp32 masters
                     numel, shape = p.ds_numel, tuple(p.ds_shape)
-                    start, stop = slice_range(numel, self.rank, self.world_size)
-                    flat = p.ds_tensor.detach().view(-1)[: stop - start]
+                    start, stop, flat = self.param_access.local_partition(name)
+                    assert (start, stop) == slice_range(numel, self.rank, self.world_size) or start == stop
                 else:
                     numel, shape = p.numel(), tuple(p.shape)
                     start, stop = slice_range(numel, self.rank, self.world_size)

@@ -151,3 +151,54 @@ def test_mode_chooser_picks_the_faster_measured_path():
     # without measurements (a caller that never reports times) auto stays sparse after the first
     quiet = ModeChooser("auto")
     assert [quiet.choose(1) for _ in range(3)] == [True, False, False]
+
+
+class _SlowRank:
+    """A trainer rank actor exposing the ActorChannel protocol over a fixed state; its encode of
+    part 1 and later takes a while, so it can be killed mid-publish."""
+
+    def __init__(self, rank: int, cfg: SyncConfig):
+        self.rank, self.pub, self.version = rank, SlicePublisher(cfg), -1
+
+    def sync_stage(self, dense: bool):
+        self.version += 1
+        state = _step(_model_state(2), self.version) if self.version else _model_state(2)
+        return self.pub.stage(dict(s for n, t in state.items() if (s := take_slice(n, t, self.rank, WORLD))), self.version, dense)
+
+    def sync_encode(self, index: int):
+        if self.version and index:
+            __import__("time").sleep(3)
+        return self.pub.encode_part(index)
+
+    def sync_snapshot(self, index: int):
+        return self.pub.snapshot_part(index)
+
+
+@pytest.mark.ray
+def test_a_trainer_rank_dying_mid_publish_is_a_typed_error_and_no_partial_commit(ray_cluster):
+    import sys
+
+    import ray
+    import ray.cloudpickle
+
+    from sync.transport import ActorChannel
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = SyncConfig(level="fast", mode="sparse", part_bytes=4096, bucket_bytes=4096, fetch_timeout_s=30)
+    ranks = [ray.remote(num_cpus=0.1)(_SlowRank).remote(r, cfg) for r in range(WORLD)]
+    publisher = ShardedPublisher([ActorChannel(r) for r in ranks], cfg)
+    publisher.publish()
+    target = {k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in _model_state(2).items()}
+    rec = WeightReceiver(target, fetch_timeout_s=30)
+    rec.apply(publisher.update_for(None))
+    before, checksum = {k: v.clone() for k, v in target.items()}, rec.state_checksum()
+    handle = publisher.begin()  # rank 1 is still encoding its later parts when it dies
+    update = publisher.update_for(0)
+    ray.kill(ranks[1])
+    with pytest.raises(UpdateUnavailableError):
+        rec.apply(update)
+    assert rec.version == 0 and rec.state_checksum() == checksum
+    assert all(torch.equal(target[k], before[k]) for k in target)
+    with pytest.raises(UpdateUnavailableError, match="version 1"):
+        publisher.finish(handle)
+    ray.kill(ranks[0])

@@ -225,9 +225,15 @@ class ShardedPublisher:
         try:
             stats: list[PartStats] = ray.get(handle.record.stats_refs)
         except Exception as e:
+            # The ranks' bases may now differ (some finished, some not): no update is handed out
+            # for this version, and the next publish is a full one on every rank.
             self._force_dense = True
             if self._open is handle:
                 self._open = None
+            if handle.record in self._history:
+                self._history.remove(handle.record)
+            if self._snapshot is handle.record:
+                self._snapshot = None
             raise UpdateUnavailableError(f"publish of version {handle.version} failed on a trainer rank: "
                                          f"{type(e).__name__}: {e}") from e
         if self._open is handle:
@@ -262,6 +268,8 @@ class ShardedPublisher:
         """The cheapest update that brings a receiver at `receiver_version` to the latest version."""
         if self.version is None or receiver_version == self.version:
             return WeightUpdate("none", receiver_version, receiver_version, 0)
+        if not self._history or self._history[-1].target_version != self.version:
+            raise UpdateUnavailableError(f"version {self.version} failed to publish; the next publish brings receivers up to date")
         chain: list[_Record] = []
         if receiver_version is not None:
             want = self.version

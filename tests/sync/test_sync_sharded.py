@@ -201,4 +201,7 @@ def test_a_trainer_rank_dying_mid_publish_is_a_typed_error_and_no_partial_commit
     assert all(torch.equal(target[k], before[k]) for k in target)
     with pytest.raises(UpdateUnavailableError, match="version 1"):
         publisher.finish(handle)
+    with pytest.raises(UpdateUnavailableError, match="failed to publish"):
+        publisher.update_for(0)  # the broken version is not handed out again
+    assert publisher._force_dense  # the next publish is a full one on every rank
     ray.kill(ranks[0])

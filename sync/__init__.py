@@ -1,6 +1,8 @@
 """Lossless sparse-delta weight synchronizer.
 
-- codec.py: encode(old, new) -> buckets and apply(state, version, buckets) (pure, no Ray)
+- encoder.py: encode(old, new) -> buckets; decoder.py: apply(state, version, buckets), checked
+  limits first (pure, no Ray); codec.py re-exports both sides' public names
+- format.py: bucket and container framing, checksums, limits; dtypes.py: dtype tables and bit views
 - transport.py: WeightPublisher / WeightReceiver over the Ray object store
 - cli.py: `python -m sync encode|apply|inspect` on safetensors files
 - FORMAT.md: the wire format (buckets, encodings, DELTA file container)
@@ -18,6 +20,7 @@ _EXPORTS = {
     "WeightUpdate": "sync.transport", "state_checksum": "sync.transport",
     "SyncError": "sync.errors", "CorruptBucketError": "sync.errors", "VersionMismatchError": "sync.errors",
     "TensorMismatchError": "sync.errors", "NotADeltaError": "sync.errors", "BadInputError": "sync.errors",
+    "LimitError": "sync.errors",
 }
 __all__ = list(_EXPORTS)
 

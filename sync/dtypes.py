@@ -87,3 +87,18 @@ def bits_of(t: torch.Tensor) -> np.ndarray:
     if arr.ctypes.data % 8:
         arr = arr.copy()
     return arr
+
+
+_INT_NUMPY = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}
+
+
+def kernel_params(info: DtypeInfo) -> tuple:
+    """The dtype's parameters as delta_kernels.py's functions take them (last: the width mask)."""
+    mask = np.uint64((1 << info.width) - 1)
+    return (info.ctx_kind, info.mant_bits, info.exp_mask, info.exp_drop, info.width, mask)
+
+
+def tensor_from_bits(arr: np.ndarray, info: DtypeInfo, shape) -> torch.Tensor:
+    """A torch tensor (sharing memory) holding the given bit patterns."""
+    t = torch.from_numpy(arr.view(_INT_NUMPY[info.width]))
+    return t.view(info.torch_dtype).reshape(shape)

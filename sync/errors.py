@@ -26,3 +26,9 @@ class NotADeltaError(SyncError):
 
 class BadInputError(SyncError):
     """An input state file (e.g. a safetensors checkpoint) cannot be read."""
+
+
+class LimitError(SyncError):
+    """A payload declares more than a reader allows (header size, element count, output bytes):
+    refused before anything of that size is allocated or decompressed. The message names the
+    field and the limit, and how to raise it where it is configurable."""

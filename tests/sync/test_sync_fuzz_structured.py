@@ -321,6 +321,15 @@ _LIMITED = textwrap.dedent("""
             print("ACCEPTED", path)
         except SyncError as e:
             print("typed", type(e).__name__, round(time.time() - t0, 1), path)
+    # and the structure-aware fuzzing itself, under the same limit
+    sys.path.insert(0, "tests/sync")
+    from test_sync_fuzz_structured import run_structured_fuzz
+
+    class Patch:
+        setattr = staticmethod(setattr)
+
+    outcomes = run_structured_fuzz(300, seed=31, monkeypatch=Patch())
+    print("fuzz", outcomes["error"], outcomes["ok"])
 """)
 
 
@@ -361,8 +370,9 @@ def test_decoder_under_a_memory_limit_raises_typed_errors_only(bombs):
     out = subprocess.run([sys.executable, "-c", _LIMITED, *map(str, bombs[:-1])], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
+    *lines, fuzz = out.stdout.splitlines()
     assert len(lines) == len(bombs) - 1 and all(ln.startswith("typed ") for ln in lines), out.stdout
+    assert fuzz.startswith("fuzz ") and int(fuzz.split()[1]) > 250, out.stdout
 
 
 def _cli_apply_under_ulimit(bombs: list[Path], tmp_path: Path) -> None:
@@ -387,3 +397,26 @@ def test_cli_apply_under_ulimit_exits_2_with_one_error_line_and_no_output(bombs,
 @pytest.mark.slow
 def test_cli_apply_under_ulimit_every_bomb(bombs, tmp_path):
     _cli_apply_under_ulimit(bombs, tmp_path)
+
+
+def test_cli_limits_and_no_partial_output(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from sync.cli import main, parse_size
+
+    assert parse_size("8G") == 8 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1000") == 1000
+    old, new = _states()
+    new.pop("empty")  # safetensors cannot hold a tensor without elements in every version
+    save_file(old, str(tmp_path / "base.safetensors"))
+    save_file(new, str(tmp_path / "new.safetensors"))
+    delta = tmp_path / "d.spdl"
+    assert main(["encode", str(tmp_path / "base.safetensors"), str(tmp_path / "new.safetensors"), "-o", str(delta)]) == 0
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")  # a failing apply leaves an existing file as it was
+    assert main(["apply", str(tmp_path / "base.safetensors"), str(delta), "-o", str(out), "--max-bytes", "1K"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: LimitError:") and "--max-bytes" in err[0]
+    assert out.read_bytes() == b"precious"
+    assert main(["apply", str(tmp_path / "base.safetensors"), str(delta), "-o", str(out)]) == 0
+    assert_same_state(load_file(str(out)), new)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -420,3 +420,45 @@ def test_cli_limits_and_no_partial_output(tmp_path, capsys):
     assert main(["apply", str(tmp_path / "base.safetensors"), str(delta), "-o", str(out)]) == 0
     assert_same_state(load_file(str(out)), new)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("relabel_base", [False, True])
+def test_ray_receiver_refuses_a_delta_relabelled_to_another_dtype(relabel_base):
+    """The receiver case of issue 11: a delta whose entry says float16 where the receiver holds
+    bfloat16 (same width, checksums consistent) used to commit weights that differ from the
+    verified staging copy. Now it is refused and target, shadow and version stay as they were."""
+    from sync.transport import WeightReceiver
+
+    old, new = _states()
+    new = {k: new.get(k, v) for k, v in old.items()}  # a receiver with a target keeps its tensor names
+    target = {k: v.clone() for k, v in old.items()}
+    receiver = WeightReceiver(target, version=1)
+    before = receiver.state_checksum()
+    (b0, *rest) = encoder.encode(old, new, base_version=1, target_version=2, level="fast")
+    h, body = split(b0)
+    _set_everywhere(h, "emb", "dtype", "float16")
+    if relabel_base:
+        next(m for m in h["manifest"] if m["name"] == "emb")["base"]["dtype"] = "float16"
+    forged = [bucket(h, body)] + [bucket(*_relabel(split(b), "emb", "float16")) for b in rest]
+    with pytest.raises(SyncError, match="emb"):
+        receiver.stage_buckets([forged])
+    assert receiver.version == 1 and receiver.state_checksum() == before
+    assert_same_state(target, old)
+    # the untouched payload still applies, and target and staging copy agree
+    receiver.commit(receiver.stage_buckets([encoder.encode(old, new, base_version=1, target_version=2, level="fast")]))
+    assert_same_state(target, new)
+    assert receiver.state_checksum() == codec_state_checksum(new)
+
+
+def _relabel(parts, name, dtype):
+    h, body = parts
+    for e in h.get("entries", []):
+        if e["name"] == name:
+            e["dtype"] = dtype
+    return h, body
+
+
+def codec_state_checksum(state):
+    from sync.transport import state_checksum
+
+    return state_checksum(state)

@@ -462,3 +462,20 @@ def codec_state_checksum(state):
     from sync.transport import state_checksum
 
     return state_checksum(state)
+
+
+def test_cli_output_path_problems_are_one_line_errors(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from sync.cli import main
+
+    save_file({"w": torch.ones(3)}, str(tmp_path / "b.st"))
+    save_file({"w": torch.ones(3) * 2}, str(tmp_path / "n.st"))
+    assert main(["encode", str(tmp_path / "b.st"), str(tmp_path / "n.st"), "-o", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    for out, message in ((tmp_path / "nope" / "o.st", "does not exist"), (tmp_path, "is a directory")):
+        assert main(["apply", str(tmp_path / "b.st"), str(tmp_path / "d"), "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: BadInputError:") and message in err[0]
+    assert main(["apply", str(tmp_path / "b.st"), str(tmp_path / "d"), "-o", str(tmp_path / "o.st")]) == 0
+    assert (tmp_path / "o.st").stat().st_mode & 0o044  # readable as files normally are

@@ -22,10 +22,7 @@ import numpy as np  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from launch.config import PretrainConfig, register_configs, to_pretrain_config, validate_pretrain_config  # noqa: E402
-
-
-class ResumeError(RuntimeError):
-    """`resume` cannot be honoured as asked (e.g. checkpoints exist but resume is null)."""
+from trainer.checkpoint import ResumeError  # noqa: E402,F401  (raised by plan_run; importable from here)
 
 
 @dataclass
@@ -88,7 +85,7 @@ def plan_run(cfg: PretrainConfig, run_dir: Path) -> RunPlan:
     fingerprint = {"world_size": world, "zero_stage": tc.zero_stage, "precision": tc.precision,
                    "sparsity_method": cfg.sparsity.method, "param_shapes": param_shapes,
                    "seq_len": tc.seq_len, "max_steps": tc.max_steps}
-    resume_from = find_resume_checkpoint(cfg.resume, run_dir / "checkpoints")
+    resume_from = ckpt.find_resume_checkpoint(cfg.resume, run_dir / "checkpoints")
     start_step = 0 if resume_from is None else ckpt.validate_checkpoint(resume_from, fingerprint)["step"]
     return RunPlan(cfg, run_dir, sampler, [[{"tokens": b} for b in eval_sets[r::world]] for r in range(world)],
                    corpus.description, fingerprint, resume_from, start_step)
@@ -169,32 +166,13 @@ def train_log(metrics: dict) -> dict:
     return out
 
 
-def find_resume_checkpoint(resume: str | None, ckpt_root: Path) -> Path | None:
-    """The checkpoint to continue from, or None to start fresh (see PretrainConfig.resume)."""
-    from trainer import checkpoint as ckpt
-
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    if resume is None:
-        if latest is not None:
-            raise ResumeError(f"{ckpt_root} already holds checkpoints (latest {latest.name}); pass resume=auto to "
-                              "continue it, or choose a fresh hydra.run.dir (existing checkpoints are never overwritten)")
-        return None
-    if resume == "auto":
-        return latest
-    return Path(resume)
-
-
 def save_checkpoint(group, plan: RunPlan, state: dict) -> Path:
     """All ranks write into a staging dir; then the manifest and an atomic rename commit it."""
     from trainer import checkpoint as ckpt
 
-    root, step = plan.checkpoint_root, state["step"]
-    staging = ckpt.new_staging_dir(root, step)
-    group.save_checkpoint(str(staging), {"data": plan.sampler.state_dict(), "driver": dict(state)})
-    path = ckpt.commit(staging, root, step, plan.fingerprint)
-    ckpt.remove_staging(root)  # leftovers of a killed earlier attempt
-    ckpt.prune(root, plan.cfg.trainer.keep_checkpoints)
-    return path
+    return ckpt.save_checkpoint(group, plan.checkpoint_root, state["step"], plan.fingerprint,
+                                {"data": plan.sampler.state_dict(), "driver": dict(state)},
+                                keep=plan.cfg.trainer.keep_checkpoints)
 
 
 register_configs()

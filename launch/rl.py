@@ -89,7 +89,7 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
 
     ckpt_root = run_dir / "checkpoints"
     fingerprint = rl_fingerprint(cfg)
-    resume_from = find_resume_checkpoint(rl.resume, ckpt_root)
+    resume_from = ckpt.find_resume_checkpoint(rl.resume, ckpt_root, key="rl.resume", error=RLConfigError)
     if resume_from is not None:  # checked before Ray starts
         ckpt.validate_checkpoint(resume_from, fingerprint)
 
@@ -161,8 +161,8 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                 version = first["version"]
                 checksums = {version: first["checksum"]}
                 if rl.checkpoint_every and resume_from is None:  # a trainer restart needs one from step 0 on
-                    save_checkpoint(trainers.group, ckpt_root, version, fingerprint, trainer_cfg.keep_checkpoints,
-                                    driver_state(0))
+                    ckpt.save_checkpoint(trainers.group, ckpt_root, version, fingerprint, driver_state(0),
+                                         keep=trainer_cfg.keep_checkpoints)
 
                 # -- RL loop ----------------------------------------------------------------------
                 per_worker = rc.prompts_per_step // rc.workers
@@ -246,8 +246,8 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
                                        f"staleness {metrics['staleness/mean']:.2f} sync x{metrics['sync/ratio']:.1f} "
                                        f"step {step_s:.2f}s")
                         if rl.checkpoint_every and (step % rl.checkpoint_every == 0 or step == rl.steps):
-                            save_checkpoint(trainers.group, ckpt_root, version, fingerprint,
-                                            trainer_cfg.keep_checkpoints, driver_state(step))
+                            ckpt.save_checkpoint(trainers.group, ckpt_root, version, fingerprint,
+                                                 driver_state(step), keep=trainer_cfg.keep_checkpoints)
                     except (ray.exceptions.RayActorError, UpdateUnavailableError) as e:
                         if trainers.alive():
                             raise  # a rollout worker's death the rollout group did not absorb
@@ -306,32 +306,6 @@ def rl_fingerprint(cfg: RLJobConfig) -> dict:
     return {"world_size": cfg.cluster.trainers, "zero_stage": cfg.trainer.zero_stage,
             "precision": cfg.trainer.precision, "sparsity_method": cfg.sparsity.method,
             "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()}, "algo": cfg.algo.name}
-
-
-def find_resume_checkpoint(resume: str | None, ckpt_root: Path) -> Path | None:
-    """The checkpoint to continue from, or None to start fresh (see RLConfig.resume)."""
-    from trainer import checkpoint as ckpt
-
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    if resume is None:
-        if latest is not None:
-            raise RLConfigError(f"{ckpt_root} already holds checkpoints (latest {latest.name}); pass rl.resume=auto "
-                                "to continue it, or choose a fresh hydra.run.dir")
-        return None
-    if resume == "auto":
-        return latest
-    return Path(resume)
-
-
-def save_checkpoint(group, root: Path, version: int, fingerprint: dict, keep: int, extra: dict) -> Path:
-    """All ranks write into a staging dir; the manifest and an atomic rename commit it."""
-    from trainer import checkpoint as ckpt
-
-    staging = ckpt.new_staging_dir(root, version)
-    group.save_checkpoint(str(staging), extra)
-    path = ckpt.commit(staging, root, version, fingerprint)
-    ckpt.prune(root, keep)
-    return path
 
 
 def shard(batch: dict, rank: int, world: int) -> dict:

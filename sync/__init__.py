@@ -1,6 +1,8 @@
 """Lossless sparse-delta weight synchronizer.
 
-- codec.py: encode(old, new) -> buckets and apply(state, version, buckets) (pure, no Ray)
+- encoder.py: encode(old, new) -> buckets; decoder.py: apply(state, version, buckets), checked
+  limits first (pure, no Ray); codec.py re-exports both sides' public names
+- format.py: bucket and container framing, checksums, limits; dtypes.py: dtype tables and bit views
 - slices.py: which trainer rank publishes which elements (the slice plan and its keys)
 - publisher.py: one rank's side of a publish (its slice, encoded part by part)
 - transport.py: the driver's ShardedPublisher over the Ray object store (+ WeightPublisher, one process)
@@ -22,7 +24,7 @@ _EXPORTS = {
     "WeightUpdate": "sync.transport", "state_checksum": "sync.transport",
     "SyncError": "sync.errors", "CorruptBucketError": "sync.errors", "VersionMismatchError": "sync.errors",
     "TensorMismatchError": "sync.errors", "NotADeltaError": "sync.errors", "BadInputError": "sync.errors",
-    "UpdateUnavailableError": "sync.errors",
+    "UpdateUnavailableError": "sync.errors", "LimitError": "sync.errors",
 }
 __all__ = list(_EXPORTS)
 

@@ -7,61 +7,79 @@ for integer types it is the bit length of the magnitude."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import numpy as np
-import torch
 
 from sync.errors import TensorMismatchError
+
+# torch is imported on first use, not here: checking a payload's headers (decoder.plan_payload)
+# needs only names and widths, and the CLI rejects a bad file without paying torch's start-up.
 
 
 @dataclass(frozen=True)
 class DtypeInfo:
-    name: str  # wire name, e.g. "bfloat16"
-    torch_dtype: torch.dtype
+    name: str  # wire name, e.g. "bfloat16" (also the torch attribute name)
     width: int  # bits per element
     uint: type  # numpy unsigned type of the same width
-    int_view: torch.dtype  # torch integer dtype of the same width (for .view)
     ctx_kind: int  # 0: float exponent field, 1: integer magnitude bit length
     mant_bits: int  # float: mantissa bits below the exponent
     exp_mask: int  # float: exponent field mask (after shifting out the mantissa)
     exp_drop: int  # float: low exponent bits dropped so at most 256 contexts remain
 
+    @cached_property
+    def torch_dtype(self):
+        import torch
 
-def _f(name, td, width, mant, exp_bits):
-    uint = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
-    iv = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
-    return DtypeInfo(name, td, width, uint, iv, 0, mant, (1 << exp_bits) - 1, max(0, exp_bits - 8))
+        return getattr(torch, self.name)
+
+    @cached_property
+    def int_view(self):
+        """torch integer dtype of the same width (for .view)."""
+        import torch
+
+        return {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}[self.width]
 
 
-def _i(name, td, width):
-    uint = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
-    iv = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
-    return DtypeInfo(name, td, width, uint, iv, 1, 0, 0, 0)
+_UINT = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+
+def _f(name, width, mant, exp_bits):
+    return DtypeInfo(name, width, _UINT[width], 0, mant, (1 << exp_bits) - 1, max(0, exp_bits - 8))
+
+
+def _i(name, width):
+    return DtypeInfo(name, width, _UINT[width], 1, 0, 0, 0)
 
 
 _TABLE = [
-    _f("bfloat16", torch.bfloat16, 16, 7, 8),
-    _f("float16", torch.float16, 16, 10, 5),
-    _f("float32", torch.float32, 32, 23, 8),
-    _f("float64", torch.float64, 64, 52, 11),
-    _i("int8", torch.int8, 8),
-    _i("uint8", torch.uint8, 8),
-    _i("bool", torch.bool, 8),
-    _i("int16", torch.int16, 16),
-    _i("int32", torch.int32, 32),
-    _i("int64", torch.int64, 64),
+    _f("bfloat16", 16, 7, 8),
+    _f("float16", 16, 10, 5),
+    _f("float32", 32, 23, 8),
+    _f("float64", 64, 52, 11),
+    _i("int8", 8),
+    _i("uint8", 8),
+    _i("bool", 8),
+    _i("int16", 16),
+    _i("int32", 32),
+    _i("int64", 64),
+    _i("float8_e4m3fn", 8),  # coded as integers: their bit patterns, no exponent contexts
+    _i("float8_e5m2", 8),
 ]
-for _name in ("float8_e4m3fn", "float8_e5m2"):
-    if hasattr(torch, _name):
-        _TABLE.append(_i(_name, getattr(torch, _name), 8))
 
 BY_NAME: dict[str, DtypeInfo] = {d.name: d for d in _TABLE}
-BY_TORCH: dict[torch.dtype, DtypeInfo] = {d.torch_dtype: d for d in _TABLE}
 
 
-def info_for(dtype: torch.dtype, what: str = "tensor") -> DtypeInfo:
+@lru_cache(maxsize=1)
+def _by_torch() -> dict:
+    import torch
+
+    return {getattr(torch, d.name): d for d in _TABLE if hasattr(torch, d.name)}
+
+
+def info_for(dtype, what: str = "tensor") -> DtypeInfo:
     try:
-        return BY_TORCH[dtype]
+        return _by_torch()[dtype]
     except KeyError:
         raise TensorMismatchError(
             f"{what}: dtype {dtype} is not supported by the sync codec "
@@ -76,7 +94,7 @@ def info_by_name(name: str, what: str = "tensor") -> DtypeInfo:
         raise TensorMismatchError(f"{what}: unknown dtype {name!r} in payload") from None
 
 
-def bits_of(t: torch.Tensor) -> np.ndarray:
+def bits_of(t) -> np.ndarray:
     """Flat unsigned-integer numpy view of a tensor's bits (CPU, contiguous, 8-byte aligned)."""
     t = t.detach()
     if t.device.type != "cpu":
@@ -87,3 +105,20 @@ def bits_of(t: torch.Tensor) -> np.ndarray:
     if arr.ctypes.data % 8:
         arr = arr.copy()
     return arr
+
+
+_INT_NUMPY = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}
+
+
+def kernel_params(info: DtypeInfo) -> tuple:
+    """The dtype's parameters as delta_kernels.py's functions take them (last: the width mask)."""
+    mask = np.uint64((1 << info.width) - 1)
+    return (info.ctx_kind, info.mant_bits, info.exp_mask, info.exp_drop, info.width, mask)
+
+
+def tensor_from_bits(arr: np.ndarray, info: DtypeInfo, shape):
+    """A torch tensor (sharing memory) holding the given bit patterns."""
+    import torch
+
+    t = torch.from_numpy(arr.view(_INT_NUMPY[info.width]))
+    return t.view(info.torch_dtype).reshape(shape)

@@ -31,3 +31,9 @@ class BadInputError(SyncError):
 class UpdateUnavailableError(SyncError):
     """Part of an update could not be fetched: the trainer rank that encodes it failed or died,
     its object was lost, or it did not arrive within sync.fetch_timeout_s (a stalled link)."""
+
+
+class LimitError(SyncError):
+    """A payload declares more than a reader allows (header size, element count, output bytes):
+    refused before anything of that size is allocated or decompressed. The message names the
+    field and the limit, and how to raise it where it is configurable."""

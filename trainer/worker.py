@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from models import ModelConfig, build_model
-from trainer.checkpoint import CheckpointError, rank_file, rng_state, set_rng_state
+from trainer.checkpoint import (CheckpointError, deepspeed_safe_globals, files_for_rank, load_rank_state, rank_file,
+                                read_manifest, rng_state, save_rank_state, set_rng_state, verify_files,
+                                weights_only_torch_load)
 from trainer.config import OptimizerConfig, TrainerConfig
 from trainer.distributed import (destroy_distributed, free_port, node_id, node_ip, resolve_device,
                                  set_distributed_env)
@@ -230,29 +232,35 @@ class TrainerWorker:
         """Write this rank's part of a checkpoint into `path` (a staging directory; see
         trainer/checkpoint.py for the atomic commit). Collective."""
         self.engine.save_checkpoint(path, tag=DS_TAG, save_latest=False)
-        torch.save({"step": self.step, "rank": self.rank, "world_size": self.world_size, "rng": rng_state(),
-                    "sparsity": None if self.sparsifier is None else self.sparsifier.state_dict(),
-                    "extra": extra or {}}, rank_file(path, self.rank))
+        save_rank_state(path, self.rank, {
+            "step": self.step, "rank": self.rank, "world_size": self.world_size, "rng": rng_state(),
+            "sparsity": None if self.sparsifier is None else self.sparsifier.state_dict(), "extra": extra or {}})
 
     def load_checkpoint(self, path: str) -> dict:
-        """Restore model, optimizer, sparsity state, RNG and step from `path`; return `extra`.
-        Raises CheckpointError naming the checkpoint when anything does not load."""
+        """Restore model, optimizer, sparsity state, RNG and step from committed checkpoint
+        `path`; return `extra`. The files this rank reads are checked against the manifest's
+        sizes and digests first, and nothing is loaded in a way that can run code from it.
+        Raises CheckpointError naming the checkpoint when anything does not check or load."""
+        manifest = read_manifest(path)
+        verify_files(path, manifest, files_for_rank(manifest, self.rank))
+        state = load_rank_state(path, self.rank)
+        if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
+            raise CheckpointError(f"checkpoint {path}: {rank_file(path, self.rank).name} was written by rank "
+                                  f"{state.get('rank')} of {state.get('world_size')}; this is rank {self.rank} of {self.world_size}")
+        for key in ("step", "rng", "sparsity", "extra"):
+            if key not in state:
+                raise CheckpointError(f"checkpoint {path}: {rank_file(path, self.rank).name} has no {key!r}")
+        if (state["sparsity"] is None) != (self.sparsifier is None):
+            raise CheckpointError(f"checkpoint {path}: sparsity state {'missing' if state['sparsity'] is None else 'present'}, "
+                                  f"but this run is {'sparse' if self.sparsifier is not None else 'dense'}")
         try:
-            state = torch.load(rank_file(path, self.rank), map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {path}: cannot read {rank_file(path, self.rank).name}: {e}") from e
-        if state.get("world_size") != self.world_size:
-            raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size')} ranks; this run has {self.world_size}")
-        try:
-            loaded, _ = self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=False)
+            with weights_only_torch_load(deepspeed_safe_globals()):
+                loaded, _ = self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=False)
         except Exception as e:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it: {type(e).__name__}: {e}") from e
         if loaded is None:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state under {DS_TAG}/")
-        if (state["sparsity"] is None) != (self.sparsifier is None):
-            raise CheckpointError(f"checkpoint {path}: sparsity state {'missing' if state['sparsity'] is None else 'present'}, "
-                                  f"but this run is {'sparse' if self.sparsifier is not None else 'dense'}")
         if self.sparsifier is not None:
             self.sparsifier.load_state_dict(state["sparsity"])
         set_rng_state(state["rng"])

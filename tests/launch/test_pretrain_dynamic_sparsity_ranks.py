@@ -9,7 +9,7 @@ import torch
 
 from launch.config import compose_pretrain_config
 from launch.pretrain import run_pretrain
-from trainer.checkpoint import latest_checkpoint, rank_file
+from trainer.checkpoint import latest_checkpoint, load_rank_state
 
 TINY = ["model=gpt_tiny", "trainer.seq_len=32", "trainer.micro_batch_size=4", "trainer.eval_batches=1",
         "data.max_bytes=200000", "optimizer.warmup_steps=1", "optimizer.lr=3e-3", "logger=console",
@@ -25,8 +25,7 @@ def test_every_rank_ends_with_the_same_masks(ray_cluster, tmp_path, method, zero
                                    f"trainer.zero_stage={zero_stage}"])
     run_pretrain(cfg, tmp_path)
     checkpoint = latest_checkpoint(tmp_path / "checkpoints")
-    states = [torch.load(rank_file(checkpoint, r), map_location="cpu", weights_only=False)["sparsity"]
-              for r in range(2)]
+    states = [load_rank_state(checkpoint, r)["sparsity"] for r in range(2)]
     layers = states[0]["layers"]
     assert layers and states[0]["step"] == states[1]["step"]
     changed = 0

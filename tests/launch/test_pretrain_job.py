@@ -148,3 +148,63 @@ def test_corrupt_or_misfit_checkpoint_fails_before_ray(two_node_run, tmp_path):
     with pytest.raises(ResumeError, match="resume=auto"):
         run_pretrain(tiny_config("sparsity=nm", "cluster.trainers=2", "trainer.max_steps=8"), tmp_path)
     assert {p: p.stat().st_size for p in ckpt.rglob("*")} == before
+
+
+class _Poison:
+    """Unpickling this runs code (it writes `marker`), as a crafted checkpoint file would."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.ray
+def test_poisoned_checkpoint_runs_no_code_on_resume_auto(two_node_run, tmp_path):
+    """The attacker replaces DeepSpeed's model file with a code-running pickle and rewrites the
+    manifest's size and digest to match: resume=auto refuses it and runs nothing."""
+    from trainer.checkpoint import file_digest
+
+    full_dir, _ = two_node_run
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    shutil.copytree(full_dir / "checkpoints" / "step_00000004", ckpt)
+    marker = tmp_path / "marker"
+    victim = "ds/mp_rank_00_model_states.pt"
+    torch.save({"module": _Poison(marker), "optimizer": _Poison(marker)}, ckpt / victim)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][victim] = {"bytes": (ckpt / victim).stat().st_size, "xxh3_128": file_digest(ckpt / victim)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny_config("sparsity=nm", "cluster.trainers=2", "trainer.max_steps=8", "trainer.checkpoint_every=4",
+                      "resume=auto")
+    with pytest.raises(CheckpointError, match="Weights only load failed"):
+        run_pretrain(cfg, tmp_path)
+    assert not marker.exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004"]  # nothing trained, nothing written
+
+
+@pytest.mark.ray
+def test_bit_flip_or_older_resume_fails_before_ray(two_node_run, tmp_path, monkeypatch):
+    import launch.cluster
+
+    full_dir, _ = two_node_run
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    shutil.copytree(full_dir / "checkpoints" / "step_00000004", ckpt)
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(launch.cluster, "ray_cluster", no_ray)
+    cfg = tiny_config("sparsity=nm", "cluster.trainers=2", "trainer.max_steps=8", "trainer.checkpoint_every=4",
+                      "resume=auto")
+    for rel in json.loads((ckpt / "manifest.json").read_text())["files"]:
+        original = (ckpt / rel).read_bytes()
+        (ckpt / rel).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, one bit
+        with pytest.raises(CheckpointError, match=f"{rel} is corrupt"):
+            run_pretrain(cfg, tmp_path)
+        (ckpt / rel).write_bytes(original)
+    # An explicit resume of step 4 while step 8 exists would write step 8 again: refused up front.
+    shutil.copytree(full_dir / "checkpoints" / "step_00000008", tmp_path / "checkpoints" / "step_00000008")
+    with pytest.raises(ResumeError, match="newer checkpoints"):
+        run_pretrain(tiny_config("sparsity=nm", "cluster.trainers=2", "trainer.max_steps=8", f"resume={ckpt}"), tmp_path)
+    assert not list((tmp_path / "checkpoints").glob(".staging-*"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sync import codec
+from sync import codec, encoder
 from sync.errors import TensorMismatchError, VersionMismatchError
 from sync_helpers import assert_same_state, bits, clone_state, perturb_bf16
 
@@ -193,7 +193,7 @@ def _entries(buckets):
 def test_mask_encoding_round_trips_with_escapes(frac, monkeypatch):
     """Level fast codes many-change chunks as "mask"; large moves (sign flips, +-100 ulp)
     take the escape path; odd sizes leave partial 8-element groups and an odd nibble."""
-    monkeypatch.setattr(codec, "GAP_ALSO_MAX_ELEMS", 0)  # small chunks would also try "gap"
+    monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)  # small chunks would also try "gap"
     gen = _gen(21)
     n = 100_003
     old = {
@@ -244,7 +244,7 @@ def test_mask_body_inconsistent_with_changes_is_rejected(monkeypatch):
     from sync.errors import CorruptBucketError
     from sync.format import pack_bucket, parse_bucket
 
-    monkeypatch.setattr(codec, "GAP_ALSO_MAX_ELEMS", 0)
+    monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)
     gen = _gen(23)
     old = {"w": (torch.randn(4000, generator=gen) * 0.02).to(torch.bfloat16)}
     new = {"w": perturb_bf16(old["w"], 0.3, gen)}

@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from sync import codec
+from sync import codec, encoder
 from sync.errors import SyncError
 from sync.format import pack_bucket, parse_bucket
 from sync_helpers import assert_same_state, bits, clone_state, perturb_bf16
@@ -143,13 +143,13 @@ def _run_fuzz(count: int, seed: int) -> dict:
 
 
 def test_fuzz_default(monkeypatch):
-    monkeypatch.setattr(codec, "GAP_ALSO_MAX_ELEMS", 0)  # small chunks: "mask" rather than also "gap"
+    monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)  # small chunks: "mask" rather than also "gap"
     outcomes = _run_fuzz(1000, seed=1234)
     assert outcomes["error"] > 900
 
 
 @pytest.mark.slow
 def test_fuzz_slow(monkeypatch):
-    monkeypatch.setattr(codec, "GAP_ALSO_MAX_ELEMS", 0)
+    monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)
     outcomes = _run_fuzz(10_000, seed=99)
     assert outcomes["error"] > 9000

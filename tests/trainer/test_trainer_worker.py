@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
 import torch
 
 from models import GPT, GPTConfig, ModelConfig
+from trainer import checkpoint as ckpt
 from trainer.checkpoint import CheckpointError, rank_file
 from trainer.config import OptimizerConfig, TrainerConfig
 from trainer.distributed import free_port
@@ -76,13 +78,14 @@ def test_checkpoint_round_trip_continues_identically(tmp_path):
     w = make_worker(sp)
     for s in range(3):
         w.train_step(batch(s))
-    w.save_checkpoint(str(tmp_path), {"data": {"epoch": 1}})
+    path = committed(w, tmp_path, {"data": {"epoch": 1}, "rng": random.Random(5).getstate(), "k": {3: (1.5, None)}})
     rng_after_save = torch.rand(3)
     later = [w.train_step(batch(s))["loss"] for s in (3, 4)]
     final = w.published_state("float32")
 
     fresh = make_worker(sp)
-    assert fresh.load_checkpoint(str(tmp_path)) == {"data": {"epoch": 1}}
+    assert fresh.load_checkpoint(str(path)) == {"data": {"epoch": 1}, "rng": random.Random(5).getstate(),
+                                                "k": {3: (1.5, None)}}
     assert fresh.step == 3
     torch.testing.assert_close(torch.rand(3), rng_after_save)  # RNG restored
     resumed = [fresh.train_step(batch(s))["loss"] for s in (3, 4)]
@@ -91,13 +94,84 @@ def test_checkpoint_round_trip_continues_identically(tmp_path):
         torch.testing.assert_close(value, final[name], atol=1e-6, rtol=1e-6)
 
 
+def committed(w: TrainerWorker, root, extra: dict):
+    """Save `w` the way the jobs do: a staging directory, then the manifest and the rename."""
+    staging = ckpt.new_staging_dir(root, w.step)
+    w.save_checkpoint(str(staging), extra)
+    return ckpt.commit(staging, root, w.step, {})
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     w = make_worker()
     w.train_step(batch(0))
-    w.save_checkpoint(str(tmp_path), {})
-    rank_file(tmp_path, 0).write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="rank_00000.pt"):
-        make_worker().load_checkpoint(str(tmp_path))
+    path = committed(w, tmp_path, {})
+    rank_file(path, 0).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="rank_00000.safetensors"):
+        make_worker().load_checkpoint(str(path))
+
+
+class _Poison:
+    """Unpickling this runs code: it writes `marker` (what an attacker's payload would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+def _forge_manifest_entry(path, rel):
+    """An attacker who can write the directory also rewrites the manifest's size and digest."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][rel] = {"bytes": (path / rel).stat().st_size, "xxh3_128": ckpt.file_digest(path / rel)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("victim, message", [
+    ("ds/mp_rank_00_model_states.pt", "Weights only load failed"),
+    ("ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "Weights only load failed"),
+    ("rank_00000.safetensors", "rank_00000.safetensors: cannot read"),
+])
+def test_poisoned_checkpoint_runs_no_code(tmp_path, victim, message):
+    w = make_worker(SparsityConfig(method="nm", n=2, m=4))
+    w.train_step(batch(0))
+    path = committed(w, tmp_path / "ck", {})
+    assert victim in json.loads((path / "manifest.json").read_text())["files"]
+    marker = tmp_path / "marker"
+    # The poison is real: an unrestricted torch.load of it runs the payload.
+    torch.save({"model": _Poison(tmp_path / "proof")}, tmp_path / "proof.pt")
+    torch.load(tmp_path / "proof.pt", weights_only=False)
+    assert (tmp_path / "proof").exists()
+    torch.save({"module": _Poison(marker), "optimizer_state_dict": _Poison(marker)}, path / victim)
+    _forge_manifest_entry(path, victim)
+    fresh = make_worker(SparsityConfig(method="nm", n=2, m=4))
+    with pytest.raises(CheckpointError, match=message):
+        fresh.load_checkpoint(str(path))
+    assert not marker.exists()
+    assert fresh.step == 0
+
+
+def test_same_size_bit_flip_in_any_file_fails_before_loading(tmp_path):
+    w = make_worker(SparsityConfig(method="nm", n=2, m=4))
+    w.train_step(batch(0))
+    path = committed(w, tmp_path, {})
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert len(files) >= 3
+    fresh = make_worker(SparsityConfig(method="nm", n=2, m=4))
+    before = fresh.published_state("float32")
+    for rel in files:
+        original = (path / rel).read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0x10
+        (path / rel).write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match=f"{rel} is corrupt"):
+            ckpt.validate_checkpoint(path, {})
+        with pytest.raises(CheckpointError, match=f"{rel} is corrupt"):
+            fresh.load_checkpoint(str(path))
+        (path / rel).write_bytes(original)
+    assert fresh.step == 0
+    for name, value in fresh.published_state("float32").items():  # nothing was loaded
+        assert torch.equal(value, before[name])
 
 
 def test_export_writes_masked_safetensors_and_config(tmp_path):

@@ -59,6 +59,9 @@ class WeightReceiver:
         # means the target already holds published weights.
         self._shadow = {k: v.detach().cpu().contiguous().clone() for k, v in target.items()} if (target and version is not None) else {}
         self._pending: StagedUpdate | None = None
+        # An update cannot create more tensor bytes than the target holds: a payload declaring
+        # more is refused before anything is allocated (sync/decoder.py's max_bytes).
+        self._max_bytes = None if target is None else max(4096, sum(t.numel() * t.element_size() for t in target.values()))
 
     # ------------------------------------------------------------ fetch
     def fetch(self, update: WeightUpdate) -> StagedUpdate:
@@ -127,7 +130,7 @@ class WeightReceiver:
             before = self._shadow
             keys = list(start_shadow) if part.keys is None else part.keys
             sub = {k: start_shadow[k] for k in keys if k in start_shadow}
-            decoded = decode_into(sub, version, buckets, in_place=True)
+            decoded = decode_into(sub, version, buckets, in_place=True, max_bytes=self._max_bytes)
             staged.decoded.append((decoded, before))
             if part.keys is not None and set(decoded.order) != set(part.keys):
                 raise TensorMismatchError(f"a part of version {decoded.target_version} covers tensors "

@@ -205,3 +205,17 @@ def test_a_trainer_rank_dying_mid_publish_is_a_typed_error_and_no_partial_commit
         publisher.update_for(0)  # the broken version is not handed out again
     assert publisher._force_dense  # the next publish is a full one on every rank
     ray.kill(ranks[0])
+
+
+@pytest.mark.ray
+def test_an_update_creating_more_bytes_than_the_target_holds_is_refused_before_decoding(ray_cluster):
+    from sync.errors import LimitError
+    from sync.transport import WeightPublisher
+
+    pub = WeightPublisher(SyncConfig(level="fast", mode="sparse"))
+    pub.publish({"w": torch.randn(64, 1024)}, 0)  # 128 KiB of bf16
+    target = {"w": torch.zeros(4, 16, dtype=torch.bfloat16)}  # 128 bytes: floor of 4 KiB
+    rec = WeightReceiver(target)
+    with pytest.raises(LimitError):
+        rec.apply(pub.update_for(None))
+    assert rec.version is None and target["w"].eq(0).all()

@@ -69,7 +69,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
     import torch
 
     from models import build_model
-    from trainer.sparsity import check_zero_stage, module_shapes, validate_sparsity_config
+    from trainer.sparsity import check_sparsity_for_job, check_zero_stage, module_shapes, validate_sparsity_config
 
     validate_trainer_config(cfg.trainer, cfg.optimizer)
     validate_cluster_config(cfg.cluster)
@@ -85,6 +85,8 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
                                  "(or cluster=local_gpu)")
     validate_sparsity_config(cfg.sparsity, module_shapes(model))
     check_zero_stage(cfg.sparsity, cfg.trainer.zero_stage)
+    check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.kind == "hf" or cfg.resume is not None,
+                           peak_lr=cfg.optimizer.lr)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
         raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint directory (use null, auto or a step_XXXXXXXX path)")
     return {name: list(p.shape) for name, p in model.named_parameters()}

@@ -57,7 +57,10 @@ def run_pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
                            start_step=plan.start_step)
     try:
         with ray_cluster(cfg.cluster):
-            group = TrainerGroup(cfg.cluster, cfg.model, cfg.trainer, cfg.optimizer, cfg.sparsity)
+            from trainer.distill import build_objective
+
+            group = TrainerGroup(cfg.cluster, cfg.model, cfg.trainer, cfg.optimizer, cfg.sparsity,
+                                 objective=build_objective(cfg.distill, cfg.model))
             try:
                 state = restore(group, plan)
                 train(group, plan, state, logger)

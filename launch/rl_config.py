@@ -146,6 +146,10 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
                                 f"need {need} positions; the model's context is {limit} (model.block_size)")
     validate_sparsity_config(cfg.sparsity, module_shapes(model))
     check_zero_stage(cfg.sparsity, cfg.trainer.zero_stage)
+    from trainer.sparsity import check_sparsity_for_job  # issue 12: init=magnitude needs pretrained weights
+
+    check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.kind == "hf" or rl.resume is not None,
+                           peak_lr=cfg.optimizer.lr)
 
 
 def check_resources(cfg: RLJobConfig, cluster_resources: dict[str, float]) -> None:

@@ -3,9 +3,11 @@
     cfg = SparsityConfig(method="nm", n=2, m=4)            # or Hydra: sparsity=nm sparsity.n=2 ...
     validate_sparsity_config(cfg, module_shapes(meta_model))  # at config load, before any actor
     check_zero_stage(cfg, zero_stage)                      # ZeRO-3 is rejected
-    sparsifier = build_sparsifier(model, cfg, total_steps)
+    check_sparsity_for_job(cfg, pretrained=..., peak_lr=...)  # init=magnitude needs pretrained weights
+    sparsifier = build_sparsifier(model, cfg, total_steps, pretrained=...)
     sparsifier.attach()                                    # before the optimizer / DeepSpeed
     for step in range(start, total_steps):                 # step = optimizer steps already taken
+        sparsifier.set_step_context(lr_t, peak_lr, grad_accum)  # decoupled SR-STE decays by lr_t
         sparsifier.before_forward(step)                    # every micro-batch (idempotent per step)
         loss.backward(); optimizer.step()
         sparsifier.after_optimizer_step(step, params)      # params: a ParamAccess over the masters

@@ -1,9 +1,12 @@
 """Unstructured sparsity at a constant parameter budget: SET (Mocanu et al. 2018), RigL
 (Evci et al. 2020) and static masks; layer densities uniform or ERK.
 
-Inactive weights get no gradient and stay 0 in the masters; every `update_interval` steps
-until `end_fraction` of training, drop the k = f(t) * n_active smallest-|w| active weights
-(f(t) = alpha/2 (1 + cos(pi t / T_end))) and grow k inactive ones: RigL by the largest |dense
+Starting masks: the largest |w| of the starting weights (init=magnitude, the default from a
+pretrained model) or random; init_scale=fan_in rescales a fresh init per output row (RigL's
+sparse init). Inactive weights get no gradient and stay 0 in the masters; every
+`update_interval` steps until `end_fraction` of training, drop the k = f(t) * n_active
+smallest-|w| active weights (f(t) = alpha/2 (1 + cos(pi t / T_end)), or alpha for SET's
+constant schedule) and grow k inactive ones: RigL by the largest |dense
 gradient| of the update step's batch (captured in backward, all-reduced across data-parallel
 ranks), SET at random from a generator seeded identically on every rank. Grown weights start
 at 0 and their optimizer moments are reset.

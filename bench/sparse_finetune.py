@@ -83,7 +83,7 @@ def train(model, objective, sampler, steps: int, batch_size: int, opt_cfg, spars
         opt.step()
         if sparsifier is not None:
             sparsifier.after_optimizer_step(step, params)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -221,7 +221,13 @@ class NMSparsifier(Sparsifier):
 
         def master(layer: SparseLayer) -> torch.Tensor:
             if layer.name not in masters:
-                masters[layer.name] = params.get(layer.name).float()
+                weight = layer.module.weight
+                if weight.dtype == torch.float32 and not hasattr(weight, "ds_id"):
+                    # fp32 working copy, not partitioned (ZeRO 0-2): after the optimizer step it
+                    # holds the masters' exact values; reading it saves a collective per layer.
+                    masters[layer.name] = weight.detach()
+                else:
+                    masters[layer.name] = params.get(layer.name).float()
             return masters[layer.name]
 
         self._prepare_masks(step + 1, master)

@@ -40,7 +40,8 @@ def test_rigl_magnitude_init_keeps_a_pretrained_models_largest_weights(llama, ra
 
     cfg = compose_pretrain_config([
         "model=hf", f"model.path={llama}", "sparsity=rigl", "sparsity.density=0.5", "sparsity.distribution=uniform",
-        "sparsity.init=magnitude", "trainer.max_steps=3", "optimizer.lr=1e-6", "optimizer.warmup_steps=0", *SHORT,
+        "sparsity.init=magnitude", "trainer.max_steps=3", "optimizer.lr=1e-6", "optimizer.min_lr=1e-7",
+        "optimizer.warmup_steps=0", *SHORT,
     ])
     run_pretrain(cfg, tmp_path)
     before = load_file(str(llama / "model.safetensors"))
@@ -61,7 +62,8 @@ def test_nm_squarehead_from_a_pretrained_model_exports_exact_2_4(llama, ray_clus
 
     cfg = compose_pretrain_config([
         "model=hf", f"model.path={llama}", "sparsity=nm", "distill=squarehead", "distill.teacher_dtype=float32",
-        "trainer.max_steps=3", "optimizer.lr=1e-4", "optimizer.warmup_steps=1", "trainer.log_every=1", *SHORT,
+        "trainer.max_steps=3", "optimizer.lr=1e-4", "optimizer.min_lr=1e-5", "optimizer.warmup_steps=1", "trainer.log_every=1",
+        *SHORT,
     ])
     summary = run_pretrain(cfg, tmp_path)
     assert summary["distill"] == "squarehead" and 0 <= summary["sparsity/pruned_to_kept_norm"] < 1.5

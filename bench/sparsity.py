@@ -70,6 +70,7 @@ class MethodRun:
             [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps)
         self.params = TorchParamAccess(self.model, self.optimizer)
+        self.peak_lr = opt_cfg.lr
         self.times: list[float] = []
         self.losses: list[float] = []
 
@@ -77,6 +78,7 @@ class MethodRun:
         start = clock()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.sparsifier.set_step_context(lr=lr, peak_lr=self.peak_lr, micro_batches=1)
         self.sparsifier.before_forward(step)
         logits = self.model(tokens[:, :-1]).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))

@@ -16,6 +16,7 @@ from launch.cluster import ClusterConfig, validate_cluster_config
 from launch.loggers import LoggerConfig, validate_logger_config
 from models import ModelConfig
 from trainer.config import OptimizerConfig, TrainerConfig, TrainerConfigError, validate_trainer_config
+from trainer.distill import DistillConfig
 from trainer.sparsity.config import SparsityConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -25,6 +26,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # sparse fine-tuning from the dense model
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -69,7 +71,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
     import torch
 
     from models import build_model
-    from trainer.sparsity import module_shapes, validate_sparsity_config
+    from trainer.sparsity import check_sparsity_for_job, module_shapes, validate_sparsity_config
 
     validate_trainer_config(cfg.trainer, cfg.optimizer)
     validate_cluster_config(cfg.cluster)
@@ -84,6 +86,11 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
         raise TrainerConfigError("trainer.device=cuda needs a GPU per trainer rank: set cluster.gpus_per_trainer=1 "
                                  "(or cluster=local_gpu)")
     validate_sparsity_config(cfg.sparsity, module_shapes(model))
+    check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.kind == "hf" or cfg.resume is not None,
+                           peak_lr=cfg.optimizer.lr)
+    from trainer.distill import validate_distill_config
+
+    validate_distill_config(cfg.distill, cfg.model, model)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
         raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint directory (use null, auto or a step_XXXXXXXX path)")
     return {name: list(p.shape) for name, p in model.named_parameters()}

@@ -54,7 +54,10 @@ def run_pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
                            start_step=plan.start_step)
     try:
         with ray_cluster(cfg.cluster):
-            group = TrainerGroup(cfg.cluster, cfg.model, cfg.trainer, cfg.optimizer, cfg.sparsity)
+            from trainer.distill import build_objective
+
+            group = TrainerGroup(cfg.cluster, cfg.model, cfg.trainer, cfg.optimizer, cfg.sparsity,
+                                 objective=build_objective(cfg.distill, cfg.model))
             try:
                 state = restore(group, plan)
                 train(group, plan, state, logger)
@@ -140,6 +143,7 @@ def finish(group, plan: RunPlan, state: dict, logger, wall_s: float) -> dict:
     rates = state["tokens_per_s"]
     summary = {
         "steps": state["step"], "world_size": group.world_size, "sparsity_method": plan.cfg.sparsity.method,
+        "distill": plan.cfg.distill.name,
         "trainer_nodes": [i["node_id"] for i in group.info], "device": group.info[0]["device"],
         "eval/loss_first": state["first_eval_loss"], "eval/loss_final": state["last_eval_loss"],
         "train/loss_final": state["train_loss_final"],

@@ -145,6 +145,10 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
             raise RLConfigError(f"prompt {longest.text[:40]!r} + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
                                 f"need {need} positions; the model's context is {limit} (model.block_size)")
     validate_sparsity_config(cfg.sparsity, module_shapes(model))
+    from trainer.sparsity import check_sparsity_for_job  # issue 12: init=magnitude needs pretrained weights
+
+    check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.kind == "hf" or rl.resume is not None,
+                           peak_lr=cfg.optimizer.lr)
 
 
 def check_resources(cfg: RLJobConfig, cluster_resources: dict[str, float]) -> None:

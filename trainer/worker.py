@@ -69,7 +69,9 @@ class TrainerWorker:
         if self.sparsity_cfg is not None:  # dense too: its sparsifier reports density 1
             from trainer.sparsity import build_sparsifier
 
-            self.sparsifier = build_sparsifier(model, self.sparsity_cfg, self.cfg.max_steps)
+            # pretrained: an HF model's loaded weights rank the starting masks (sparsity.init=auto)
+            self.sparsifier = build_sparsifier(model, self.sparsity_cfg, self.cfg.max_steps,
+                                               pretrained=self.model_cfg.kind == "hf")
             self.sparsifier.attach()
         self.optimizer = torch.optim.AdamW(  # a torch optimizer: DeepSpeed's fused ones JIT-compile on CPU
             _param_groups(model, self.opt_cfg.weight_decay), lr=lr_at(0, self.opt_cfg, self.cfg.max_steps),
@@ -108,7 +110,10 @@ class TrainerWorker:
             group["lr"] = lr
         self.engine.train()
         sums = _MetricSums()
-        for micro in self._micro_batches(batch):
+        micro_batches = self._micro_batches(batch)
+        if self.sparsifier is not None:  # decoupled SR-STE decays by lr_t; coupled divides by micro-batches
+            self.sparsifier.set_step_context(lr=lr, peak_lr=self.opt_cfg.lr, micro_batches=len(micro_batches))
+        for micro in micro_batches:
             if self.sparsifier is not None:
                 self.sparsifier.before_forward(self.step)
             loss, metrics = self.objective(self.engine, micro)
@@ -219,7 +224,8 @@ class TrainerWorker:
         if self.sparsifier is not None and self.sparsifier.sparsified:
             self.sparsifier.check_pattern(state)
             info = self.sparsifier.sparsified
-            meta = {"method": self.sparsity_cfg.method, "config": _plain(self.sparsity_cfg)}
+            meta = {"method": self.sparsity_cfg.method, "config": _plain(self.sparsity_cfg),
+                    **_plain(self.sparsifier.describe())}  # estimator, stage in force, init...
         if self.model_cfg.kind == "hf":
             out = export_hf_directory(self.module, self.model_cfg.path, path, state, info, meta)
         else:

@@ -2,9 +2,11 @@
 
     cfg = SparsityConfig(method="nm", n=2, m=4)            # or Hydra: sparsity=nm sparsity.n=2 ...
     validate_sparsity_config(cfg, module_shapes(meta_model))  # at config load, before any actor
-    sparsifier = build_sparsifier(model, cfg, total_steps)
+    check_sparsity_for_job(cfg, pretrained=..., peak_lr=...)  # init=magnitude needs pretrained weights
+    sparsifier = build_sparsifier(model, cfg, total_steps, pretrained=...)
     sparsifier.attach()                                    # before the optimizer / DeepSpeed
     for step in range(start, total_steps):                 # step = optimizer steps already taken
+        sparsifier.set_step_context(lr_t, peak_lr, grad_accum)  # decoupled SR-STE decays by lr_t
         sparsifier.before_forward(step)                    # every micro-batch (idempotent per step)
         loss.backward(); optimizer.step()
         sparsifier.after_optimizer_step(step, params)      # params: a ParamAccess over the masters
@@ -22,7 +24,8 @@ import torch.nn as nn
 
 from trainer.sparsity.base import ParamAccess, Sparsifier, TorchParamAccess
 from trainer.sparsity.config import (
-    DISTRIBUTIONS, ESTIMATORS, GRADIENT_FLOWS, METHODS, SDGF_SCHEDULES, STATIC_INITS, SparsityConfig,
+    DISTRIBUTIONS, DROP_SCHEDULES, ESTIMATORS, GRADIENT_FLOWS, INIT_SCALES, INITS, METHODS, SDGF_SCHEDULES,
+    SR_STE_FORMS, SparsityConfig, effective_distribution, effective_estimator, effective_init, sr_ste_decay,
 )
 from trainer.sparsity.dense import DenseSparsifier
 from trainer.sparsity.dynamic import DynamicSparsifier, erk_densities
@@ -35,7 +38,8 @@ from trainer.sparsity.nm import NMSparsifier, sdgf_stages
 __all__ = [
     "SparsityConfig", "SparsityConfigError", "SparsityPatternError", "SparsityStateError",
     "Sparsifier", "ParamAccess", "TorchParamAccess", "validate_sparsity_config",
-    "build_sparsifier", "module_shapes", "layer_densities",
+    "build_sparsifier", "module_shapes", "layer_densities", "check_sparsity_for_job",
+    "effective_estimator", "effective_init", "effective_distribution",
 ]
 
 
@@ -76,15 +80,26 @@ def validate_sparsity_config(
     _choice(cfg.gradient_flow, GRADIENT_FLOWS, "gradient_flow")
     _choice(cfg.sdgf_schedule, SDGF_SCHEDULES, "sdgf_schedule")
     _choice(cfg.distribution, DISTRIBUTIONS, "distribution")
-    _choice(cfg.init, STATIC_INITS, "init")
+    _choice(cfg.init, INITS, "init")
+    _choice(cfg.sr_ste_form, SR_STE_FORMS, "sr_ste_form")
+    _choice(cfg.drop_schedule, DROP_SCHEDULES, "drop_schedule")
+    _choice(cfg.init_scale, INIT_SCALES, "init_scale")
     if cfg.method == "dense":
         return
     for key in ("mask_interval", "update_interval", "prune_interval"):
         if int(getattr(cfg, key)) < 1:
             raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected an integer >= 1")
-    for key in ("sr_ste_lambda", "decay_coef"):
+    for key in ("sr_ste_lambda", "decay_coef", "erk_power_scale"):
         if getattr(cfg, key) < 0:
             raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected a value >= 0")
+    if cfg.sr_ste_lambda >= 1:
+        raise SparsityConfigError(f"sparsity.sr_ste_lambda={cfg.sr_ste_lambda!r}; expected a value in [0, 1) "
+                                  f"(the paper's is 2e-4)")
+    if cfg.sr_ste_decay is not None and cfg.sr_ste_decay < 0:
+        raise SparsityConfigError(f"sparsity.sr_ste_decay={cfg.sr_ste_decay!r}; expected null or a value >= 0")
+    if cfg.gradient_flow == "mdgf_linear" and cfg.decay_coef > 1:
+        raise SparsityConfigError(f"sparsity.decay_coef={cfg.decay_coef!r}; expected a value in [0, 1] for "
+                                  f"mdgf_linear (beta = 1 - c t would reach 0 within the first step)")
     for key in ("dense_fraction", "fine_tune_fraction", "drop_fraction", "end_fraction",
                 "prune_start_fraction", "prune_end_fraction", "initial_sparsity"):
         _fraction(getattr(cfg, key), key)
@@ -121,6 +136,11 @@ def validate_sparsity_config(
                 stages = sdgf_stages(n, m, cfg.sdgf_schedule, cfg.sdgf_stages)
                 if not stages:
                     raise SparsityConfigError("sparsity.sdgf_schedule=custom needs sparsity.sdgf_stages, e.g. ['4:8', '1:8']")
+                if stages[-1] != (n, m):
+                    raise SparsityConfigError(
+                        f"{where}: sparsity.gradient_flow=sdgf with sdgf_stages={list(cfg.sdgf_stages)} ends at "
+                        f"{stages[-1][0]}:{stages[-1][1]}, not the target {n}:{m}; the last stage must be the target"
+                    )
                 for sn, sm in stages:
                     _check_nm(sn, sm, f"layer {name}, SDGF stage {sn}:{sm} (sdgf_schedule={cfg.sdgf_schedule})", in_features)
         elif "density" in override:
@@ -132,16 +152,41 @@ def layer_densities(cfg: SparsityConfig, shapes: Mapping[str, tuple[int, ...]]) 
     a `density` override fixes that layer's density (the ERK budget covers the others)."""
     fixed = {n: layer_override(cfg, n)["density"] for n in shapes if "density" in layer_override(cfg, n)}
     rest = {n: s for n, s in shapes.items() if n not in fixed}
-    if cfg.distribution == "erk" and rest:
-        densities = erk_densities(rest, cfg.density)
+    if effective_distribution(cfg) == "erk" and rest:
+        densities = erk_densities(rest, cfg.density, cfg.erk_power_scale)
     else:
         densities = {n: cfg.density for n in rest}
     densities.update(fixed)
     return densities
 
 
-def build_sparsifier(model: nn.Module, cfg: SparsityConfig, total_steps: int) -> Sparsifier:
-    """Validate `cfg` against `model` and build its method's Sparsifier (call attach() next)."""
+def check_sparsity_for_job(cfg: SparsityConfig, *, pretrained: bool, peak_lr: float) -> None:
+    """Checks that need the job around the model: `pretrained` (the job starts from pretrained
+    weights: model=hf or a resumed checkpoint) and the optimizer's peak lr."""
+    if cfg.method in ("rigl", "set", "static"):
+        if cfg.init == "magnitude" and not pretrained:
+            raise SparsityConfigError(
+                "sparsity.init=magnitude ranks pretrained weights, but this job starts from a random "
+                "initialisation (model.kind=gpt, no resume); use init=random or auto, or model=hf"
+            )
+        if cfg.init_scale == "fan_in" and pretrained:
+            raise SparsityConfigError(
+                "sparsity.init_scale=fan_in rescales a fresh initialisation; this job starts from "
+                "pretrained weights (model=hf or resume), which it would distort; use init_scale=none"
+            )
+    if cfg.method == "nm" and effective_estimator(cfg) == "sr_ste" and cfg.sr_ste_form == "decoupled":
+        per_step = peak_lr * sr_ste_decay(cfg, peak_lr)
+        if not 0 <= per_step < 1:
+            raise SparsityConfigError(
+                f"sparsity.sr_ste_decay={cfg.sr_ste_decay!r}: optimizer.lr * sr_ste_decay = {per_step:g}; "
+                f"expected < 1 (the pruned weights decay by that fraction per step)"
+            )
+
+
+def build_sparsifier(model: nn.Module, cfg: SparsityConfig, total_steps: int,
+                     pretrained: bool = False) -> Sparsifier:
+    """Validate `cfg` against `model` and build its method's Sparsifier (call attach() next).
+    `pretrained`: the model holds pretrained weights (sparsity.init=auto ranks them)."""
     if int(total_steps) < 1:
         raise SparsityConfigError(f"total_steps={total_steps!r}; expected >= 1")
     validate_sparsity_config(cfg, model)
@@ -167,4 +212,4 @@ def build_sparsifier(model: nn.Module, cfg: SparsityConfig, total_steps: int) ->
     densities = {layer.name: module_densities[layer.module_name] for layer in layers}
     if cfg.method == "magnitude":
         return MagnitudeSparsifier(model, cfg, total_steps, layers, densities)
-    return DynamicSparsifier(model, cfg, total_steps, layers, densities)
+    return DynamicSparsifier(model, cfg, total_steps, layers, densities, pretrained=pretrained)

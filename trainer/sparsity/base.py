@@ -80,6 +80,16 @@ class Sparsifier:
         self.layers: dict[str, SparseLayer] = {layer.name: layer for layer in layers}
         self.step: int | None = None  # the step before_forward last prepared
         self.attached = False
+        # set by the trainer before each optimizer step (set_step_context)
+        self.lr: float | None = None
+        self.peak_lr: float | None = None
+        self.micro_batches = 1
+        seen: set[int] = set()
+        self.model_numel = 0  # every parameter once (tied weights once), for the whole-model density
+        for p in model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                self.model_numel += int(getattr(p, "ds_numel", p.numel()))
 
     # --- the interface -------------------------------------------------------------------
     def attach(self) -> None:
@@ -91,6 +101,12 @@ class Sparsifier:
         for layer in self.layers.values():
             unpatch_forward(layer)
         self.attached = False
+
+    def set_step_context(self, lr: float, peak_lr: float, micro_batches: int) -> None:
+        """What the coming optimizer step does: its learning rate lr_t, the schedule's peak lr
+        (optimizer.lr) and how many micro-batches' gradients it averages (grad_accum). Call once
+        per step, before its first before_forward."""
+        self.lr, self.peak_lr, self.micro_batches = float(lr), float(peak_lr), int(micro_batches)
 
     def before_forward(self, step: int) -> None:
         self.step = step
@@ -107,6 +123,10 @@ class Sparsifier:
     def pattern(self, layer: SparseLayer) -> dict[str, Any]:
         raise NotImplementedError
 
+    def describe(self) -> dict[str, Any]:
+        """Method settings in force that sparsity.json records beside the patterns."""
+        return {}
+
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         total = active = sad = sad_total = since = ever = 0
@@ -122,6 +142,8 @@ class Sparsifier:
                 ever += int(layer.ever_flipped.sum())
                 if layer.mask is not None:
                     since += int((layer.mask ^ layer.initial_mask).sum())
+        if self.model_numel:
+            out["sparsity/model_density"] = (self.model_numel - (total - active)) / self.model_numel
         if total:
             out["sparsity/density"] = active / total
             out["sparsity/sad"] = float(sad)
@@ -231,3 +253,14 @@ def zero_inactive(layer: SparseLayer, params: ParamAccess) -> None:
     mask = layer.mask.to(weight.device)
     params.set(layer.name, weight * mask)
     params.reset_optimizer_state(layer.name, ~mask)
+
+
+def pruned_to_kept_norm(weights_and_masks) -> float:
+    """||W * (1 - mask)|| / ||W * mask|| over all given (fp32 master, bool mask) pairs together."""
+    pruned = kept = 0.0
+    for weight, mask in weights_and_masks:
+        w = weight.float()
+        m = mask.to(w.device)
+        kept += float(torch.where(m, w, 0).pow(2).sum())
+        pruned += float(torch.where(m, 0, w).pow(2).sum())
+    return (pruned ** 0.5) / (kept ** 0.5) if kept > 0 else 0.0

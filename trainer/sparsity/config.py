@@ -10,11 +10,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("dense", "nm", "rigl", "set", "static", "magnitude")
-ESTIMATORS = ("sr_ste", "ste")
+ESTIMATORS = ("auto", "sr_ste", "ste")
+SR_STE_FORMS = ("decoupled", "coupled")
+DROP_SCHEDULES = ("cosine", "constant")
+INIT_SCALES = ("none", "fan_in")
 GRADIENT_FLOWS = ("none", "mdgf_linear", "mdgf_exp", "sdgf")
 SDGF_SCHEDULES = ("sparsify", "densify", "fine", "custom")
-DISTRIBUTIONS = ("erk", "uniform")
-STATIC_INITS = ("random", "magnitude")
+DISTRIBUTIONS = ("auto", "erk", "uniform")
+INITS = ("auto", "random", "magnitude")
+STATIC_INITS = INITS  # the name older code imports
+
+# SR-STE's strength in the paper (Zhou et al. 2021): lambda_W = 2e-4 added to the gradient, trained
+# with SGD, momentum 0.9, lr 0.1 (cosine). There the term is a decay of the pruned weights by
+# lr_t * lambda_W / (1 - momentum) per step: 2e-4 of each pruned weight per step at the peak lr.
+PAPER_SR_STE_DECAY_PER_STEP = 0.1 * 2e-4 / (1 - 0.9)
 
 # Linear layers inside a numbered list of blocks (`h.0.attn.c_attn`, `model.layers.3.mlp.up_proj`):
 # the transformer blocks of the built-in GPT and of Hugging Face causal LMs. Embeddings, the head,
@@ -29,8 +38,19 @@ class SparsityConfig:
     # --- N:M fine-grained structured sparsity (Zhou et al. 2021) ---
     n: int = 2
     m: int = 4
-    estimator: str = "sr_ste"  # sr_ste | ste
-    sr_ste_lambda: float = 2e-4  # the paper's lambda_W
+    # auto: SR-STE without progressive gradient flow, plain STE with MDGF/SDGF (as the reference
+    # code of Bambhaniya et al. does); sr_ste | ste force one.
+    estimator: str = "auto"
+    # decoupled (for Adam-family optimizers, the default): after each optimizer step the pruned
+    # fp32 master weights decay, W[~mask] *= 1 - lr_t * sr_ste_decay (like AdamW's weight decay).
+    # coupled (the paper's form, meant for SGD): lambda_W * (1 - mask) * W / grad_accum added to
+    # the gradient in backward.
+    sr_ste_form: str = "decoupled"
+    # lambda_d of the decoupled form; null: the paper's per-step strength at the peak lr,
+    # PAPER_SR_STE_DECAY_PER_STEP / optimizer.lr (0.1 at the default AdamW lr 2e-3), so the pruned
+    # weights lose 2e-4 of their value per step at the peak lr and proportionally less as lr decays.
+    sr_ste_decay: float | None = None
+    sr_ste_lambda: float = 2e-4  # the paper's lambda_W (coupled form)
     mask_interval: int = 1  # recompute the N:M mask from the dense weights every this many steps
 
     # --- progressive gradient flow (Bambhaniya et al. 2024), N:M only ---
@@ -43,11 +63,19 @@ class SparsityConfig:
 
     # --- unstructured: dynamic (SET, RigL), static, gradual magnitude pruning ---
     density: float = 0.1  # target fraction of active weights over the sparsified layers
-    distribution: str = "erk"  # erk | uniform
+    distribution: str = "auto"  # erk | uniform | auto: uniform for magnitude (Zhu & Gupta), ERK otherwise (RigL)
     update_interval: int = 100  # RigL/SET: Delta_T
-    drop_fraction: float = 0.3  # RigL/SET: alpha, cosine-decayed
+    drop_fraction: float = 0.3  # RigL/SET: alpha (zeta in SET)
+    drop_schedule: str = "cosine"  # cosine: alpha/2 (1 + cos(pi t / T_end)) (RigL); constant: alpha (SET)
     end_fraction: float = 0.75  # RigL/SET: no mask updates from this fraction of training on
-    init: str = "random"  # static: random | magnitude
+    # RigL/SET/static starting mask: random, magnitude (the largest |w| of the starting weights),
+    # auto: magnitude when the job starts from pretrained weights (model=hf or a resumed
+    # checkpoint), random otherwise.
+    init: str = "auto"
+    # RigL/SET/static from scratch: fan_in rescales each output row's kept initial weights by
+    # sqrt(fan_in / active fan_in) so activations keep the dense init's scale (RigL's sparse init).
+    init_scale: str = "none"
+    erk_power_scale: float = 1.0  # ERK raw density (sum(dims) / prod(dims)) ** erk_power_scale (RigL)
     prune_start_fraction: float = 0.0  # magnitude: t0 as a fraction of training
     prune_end_fraction: float = 0.75  # magnitude: t0 + n*dt as a fraction of training
     prune_interval: int = 100  # magnitude: dt
@@ -59,3 +87,30 @@ class SparsityConfig:
     exclude: list[str] = field(default_factory=list)
     # per-layer overrides, first matching pattern wins: {"h.0.*": {"n": 4, "m": 8}} or {"h.3.mlp.*": {"density": 0.3}}
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def effective_estimator(cfg: SparsityConfig) -> str:
+    """The estimator in force: `auto` is SR-STE without progressive gradient flow, STE with it."""
+    if cfg.estimator != "auto":
+        return cfg.estimator
+    return "sr_ste" if cfg.gradient_flow == "none" else "ste"
+
+
+def sr_ste_decay(cfg: SparsityConfig, peak_lr: float) -> float:
+    """lambda_d of the decoupled SR-STE form (see SparsityConfig.sr_ste_decay)."""
+    if cfg.sr_ste_decay is not None:
+        return float(cfg.sr_ste_decay)
+    return PAPER_SR_STE_DECAY_PER_STEP / peak_lr
+
+
+def effective_init(cfg: SparsityConfig, pretrained: bool) -> str:
+    """The starting-mask rule in force: `auto` is magnitude from pretrained weights, else random."""
+    if cfg.init != "auto":
+        return cfg.init
+    return "magnitude" if pretrained else "random"
+
+
+def effective_distribution(cfg: SparsityConfig) -> str:
+    if cfg.distribution != "auto":
+        return cfg.distribution
+    return "uniform" if cfg.method == "magnitude" else "erk"

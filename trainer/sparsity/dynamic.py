@@ -1,9 +1,12 @@
 """Unstructured sparsity at a constant parameter budget: SET (Mocanu et al. 2018), RigL
 (Evci et al. 2020) and static masks; layer densities uniform or ERK.
 
-Inactive weights get no gradient and stay 0 in the masters; every `update_interval` steps
-until `end_fraction` of training, drop the k = f(t) * n_active smallest-|w| active weights
-(f(t) = alpha/2 (1 + cos(pi t / T_end))) and grow k inactive ones: RigL by the largest |dense
+Starting masks: the largest |w| of the starting weights (init=magnitude, the default from a
+pretrained model) or random; init_scale=fan_in rescales a fresh init per output row (RigL's
+sparse init). Inactive weights get no gradient and stay 0 in the masters; every
+`update_interval` steps until `end_fraction` of training, drop the k = f(t) * n_active
+smallest-|w| active weights (f(t) = alpha/2 (1 + cos(pi t / T_end)), or alpha for SET's
+constant schedule) and grow k inactive ones: RigL by the largest |dense
 gradient| of the update step's batch (captured in backward, all-reduced across data-parallel
 ranks), SET at random from a generator seeded identically on every rank. Grown weights start
 at 0 and their optimizer moments are reset.
@@ -17,17 +20,17 @@ import torch
 import torch.distributed as dist
 
 from trainer.sparsity.base import ParamAccess, Sparsifier, check_unstructured, zero_inactive
-from trainer.sparsity.config import SparsityConfig
+from trainer.sparsity.config import SparsityConfig, effective_init
 from trainer.sparsity.masked_forward import SparseLayer
 from trainer.sparsity.partitioned import full_weight
 
 
-def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
-    """Erdos-Renyi-Kernel densities (RigL): density_l = eps * sum(dims_l) / prod(dims_l), with eps
-    chosen so the active count equals density * total; layers that would exceed 1 are dense and
-    eps is solved again over the rest."""
+def erk_densities(shapes: dict[str, tuple[int, ...]], density: float, power_scale: float = 1.0) -> dict[str, float]:
+    """Erdos-Renyi-Kernel densities (RigL): density_l = eps * (sum(dims_l) / prod(dims_l)) ** power_scale
+    (RigL's erk_power_scale; 1 is ERK, 0 uniform), with eps chosen so the active count equals
+    density * total; layers that would exceed 1 are dense and eps is solved again over the rest."""
     numel = {name: math.prod(s) for name, s in shapes.items()}
-    raw = {name: sum(s) / math.prod(s) for name, s in shapes.items()}
+    raw = {name: (sum(s) / math.prod(s)) ** power_scale for name, s in shapes.items()}
     dense: set[str] = set()
     while True:
         budget = density * sum(numel.values()) - sum(numel[n] for n in dense)
@@ -44,6 +47,20 @@ def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[st
 def cosine_drop_fraction(step: int, alpha: float, end_step: int) -> float:
     """RigL's f(t) = alpha / 2 * (1 + cos(pi * t / T_end))."""
     return alpha / 2 * (1 + math.cos(math.pi * step / end_step))
+
+
+def drop_fraction_at(step: int, alpha: float, end_step: int, schedule: str) -> float:
+    """cosine (RigL) or constant alpha (SET's zeta)."""
+    return alpha if schedule == "constant" else cosine_drop_fraction(step, alpha, end_step)
+
+
+def fan_in_scale(mask: torch.Tensor, input_dim: int) -> torch.Tensor:
+    """Per-output-row factor sqrt(fan_in / active fan_in) (1 for rows with no active weight),
+    shaped to broadcast over the weight: RigL's sparse init keeps each unit's pre-activation
+    variance at the dense init's."""
+    fan_in = mask.shape[input_dim]
+    active = mask.sum(dim=input_dim, keepdim=True).float()
+    return torch.where(active > 0, (fan_in / active.clamp(min=1)).sqrt(), torch.ones_like(active))
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -64,9 +81,11 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 class DynamicSparsifier(Sparsifier):
     """method = rigl | set | static (static never updates)."""
 
-    def __init__(self, model, cfg: SparsityConfig, total_steps: int, layers: list[SparseLayer], densities: dict[str, float]):
+    def __init__(self, model, cfg: SparsityConfig, total_steps: int, layers: list[SparseLayer],
+                 densities: dict[str, float], pretrained: bool = False):
         super().__init__(model, cfg, total_steps, layers)
         self.method = cfg.method
+        self.init = effective_init(cfg, pretrained)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.end_step = int(cfg.end_fraction * total_steps)
         for layer in self.layers.values():
@@ -86,14 +105,21 @@ class DynamicSparsifier(Sparsifier):
         return torch.rand(layer.shape, generator=self.generator).to(layer.module.weight.device)
 
     def attach(self) -> None:
-        # Initial masks (random, or magnitude for static init=magnitude), unless a state was loaded.
+        # Initial masks unless a state was loaded: the largest |w| of the starting weights
+        # (init=magnitude: a pretrained model keeps what matters) or random. attach runs before
+        # the optimizer/DeepSpeed exist, so the module's weights are the fp32 starting weights.
         # The masters' inactive entries are zeroed through ParamAccess after the first step: the
-        # forward masks them until then, and attach never writes weights (they may be loaded later).
+        # forward masks them until then. Only init_scale=fan_in (from scratch) rescales weights
+        # here, before DeepSpeed copies them into its masters.
         for layer in self.layers.values():
             if layer.mask is None:
-                scores = full_weight(layer).abs().float() if self.cfg.init == "magnitude" and self.method == "static" \
-                    else self.random_scores(layer)
+                weight = full_weight(layer)
+                scores = weight.abs().float() if self.init == "magnitude" else self.random_scores(layer)
                 layer.record_mask(topk_mask(scores, layer.extra["active"]))
+                if self.cfg.init_scale == "fan_in":
+                    with torch.no_grad():
+                        scale = fan_in_scale(layer.mask, layer.input_dim).to(weight.device, weight.dtype)
+                        layer.module.weight.mul_(scale)
         super().attach()
 
     def before_forward(self, step: int) -> None:
@@ -112,7 +138,7 @@ class DynamicSparsifier(Sparsifier):
             self.masters_zeroed = True
         if not self.is_update_step(step):
             return
-        self.drop_fraction = cosine_drop_fraction(step, self.cfg.drop_fraction, self.end_step)
+        self.drop_fraction = drop_fraction_at(step, self.cfg.drop_fraction, self.end_step, self.cfg.drop_schedule)
         for layer in self.layers.values():
             self.update_layer(layer, params)
             layer.capture_dense_grad = False
@@ -154,7 +180,11 @@ class DynamicSparsifier(Sparsifier):
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
         out["sparsity/drop_fraction"] = float(self.drop_fraction)
+        out["sparsity/init_magnitude"] = 1.0 if self.init == "magnitude" else 0.0
         return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"init": self.init, "init_scale": self.cfg.init_scale, "drop_schedule": self.cfg.drop_schedule}
 
     def _family_state(self) -> dict:
         return {"generator": self.generator.get_state(), "drop_fraction": self.drop_fraction,

@@ -91,8 +91,8 @@ class MaskedWeight(torch.autograd.Function):
         if ctx.mask_gradient:
             grad = grad * mask
         # STE: the gradient of the sparse weights goes straight to all of W (no multiply by mask).
-        if ctx.sr_ste_lambda:
-            grad = torch.where(mask, grad, grad + ctx.sr_ste_lambda * weight)
+        if ctx.sr_ste_lambda:  # coupled SR-STE, summed in fp32 (in bf16 the small term would round away)
+            grad = torch.where(mask, grad, (grad.float() + ctx.sr_ste_lambda * weight.float()).to(grad.dtype))
         return grad, None, None, None
 
 

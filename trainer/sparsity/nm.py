@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from trainer.sparsity.base import Sparsifier
-from trainer.sparsity.config import SparsityConfig
+from trainer.sparsity.base import Sparsifier, pruned_to_kept_norm
+from trainer.sparsity.config import SparsityConfig, effective_estimator, sr_ste_decay
 from trainer.sparsity.errors import SparsityConfigError, SparsityPatternError
 from trainer.sparsity.masked_forward import SparseLayer
 from trainer.sparsity.partitioned import full_weight
@@ -46,11 +46,20 @@ def parse_nm(text: str) -> tuple[int, int]:
 
 def sdgf_stages(n: int, m: int, schedule: str, custom: list[str] | None = None) -> list[tuple[int, int]]:
     """The N:M patterns of structure-decay gradient flow, in order (reference code's
-    get_decay_config): sparsify (M-1):M, M/2:M, ..., N:M; densify N:8M, N:4M, N:2M, N:M;
-    fine 8N:8M, 4N:4M, 2N:2M, N:M; custom: the listed stages."""
+    get_decay_config), always ending at the target N:M: sparsify (M-1):M, M/2:M, M/4:M, ... while
+    above N, then N:M (3:8 -> 7:8, 4:8, 3:8; 1:16 -> 15:16, 8:16, 4:16, 2:16, 1:16); densify
+    N:8M, N:4M, N:2M, N:M; fine 8N:8M, 4N:4M, 2N:2M, N:M; custom: the listed stages, which must
+    end with the target (validate_sparsity_config refuses any other list)."""
     if schedule == "sparsify":
-        frames = int(math.log2(m / n)) + 1
-        return [((m - 1) if i == 0 else m // 2**i, m) for i in range(frames)]
+        stages = [(m - 1, m)]
+        k = m // 2
+        while k > n:
+            if k < stages[-1][0]:
+                stages.append((k, m))
+            k //= 2
+        if stages[-1] != (n, m):
+            stages.append((n, m))
+        return stages
     if schedule == "densify":
         return [(n, m * 2 ** (3 - i)) for i in range(4)]
     if schedule == "fine":
@@ -77,10 +86,24 @@ def mdgf_beta(step: int, first_sparse_step: int, coef: float, kind: str) -> floa
 
 
 class NMSparsifier(Sparsifier):
+    """N:M with STE or SR-STE and optional progressive gradient flow.
+
+    SR-STE comes in two forms (SparsityConfig.sr_ste_form). decoupled (default): after each
+    optimizer step the pruned fp32 masters decay, W[~mask] *= 1 - lr_t * lambda_d, independent of
+    grad_accum, precision and the optimizer's gradient normalisation. coupled (the paper's, for
+    SGD): lambda_W * (1 - mask) * W / micro_batches is added to the gradient in backward, so the
+    micro-batch average of the gradients carries it exactly once per step.
+
+    Masks come from the fp32 masters: after each optimizer step the next step's mask is computed
+    from the updated masters (through ParamAccess); only the very first step of a fresh run takes
+    it from the module's weights (equal to the masters then).
+    """
+
     method = "nm"
 
     def __init__(self, model, cfg: SparsityConfig, total_steps: int, layers: list[SparseLayer]):
         super().__init__(model, cfg, total_steps, layers)
+        self.estimator = effective_estimator(cfg)
         self.dense_steps = int(cfg.dense_fraction * total_steps)
         self.fine_tune_start = total_steps - int(cfg.fine_tune_fraction * total_steps)
         sparse_steps = self.fine_tune_start - self.dense_steps
@@ -93,7 +116,27 @@ class NMSparsifier(Sparsifier):
             layer.extra["stages"] = [list(s) for s in stages]
             layer.extra["stage_starts"] = stage_starts(self.dense_steps, sparse_steps, len(stages))
         self.last_recompute: int | None = None
-        self.beta = 0.0
+        self.prepared: int | None = None  # the step whose masks after_optimizer_step already set
+        self.beta = 0.0  # MDGF beta of the step in force
+        self.next_beta = 0.0  # of the prepared step
+        self.pruned_to_kept: float | None = None
+
+    @property
+    def decoupled(self) -> bool:
+        return self.estimator == "sr_ste" and self.cfg.sr_ste_form == "decoupled"
+
+    @property
+    def coupled_lambda(self) -> float:
+        if self.estimator == "sr_ste" and self.cfg.sr_ste_form == "coupled":
+            return self.cfg.sr_ste_lambda / max(1, self.micro_batches)
+        return 0.0
+
+    def decay_lambda(self) -> float:
+        """lambda_d of the decoupled form (needs the peak lr from set_step_context when derived)."""
+        if self.cfg.sr_ste_decay is None and self.peak_lr is None:
+            raise RuntimeError("NMSparsifier: decoupled SR-STE derives its decay from the peak lr; call "
+                               "set_step_context(lr, peak_lr, micro_batches) before each step")
+        return sr_ste_decay(self.cfg, self.peak_lr or 1.0)
 
     def phase(self, step: int) -> str:
         if step < self.dense_steps:
@@ -122,37 +165,103 @@ class NMSparsifier(Sparsifier):
                     layer.extra["current"] = [n, m]
         super().attach()
 
-    def before_forward(self, step: int) -> None:
-        if step == self.step:
-            return  # another micro-batch of the same step
-        self.step = step
+    def _prepare_masks(self, step: int, weight_of) -> None:
+        """Masks and MDGF beta for `step` (into self.next_beta); `weight_of(layer)` gives the
+        weights to rank."""
         phase = self.phase(step)
         if phase == "dense":
             for layer in self.layers.values():
                 layer.mask = None
+            self.next_beta = 0.0
             return
         flow = self.cfg.gradient_flow
-        self.beta = (
+        self.next_beta = (
             mdgf_beta(step, self.dense_steps, self.cfg.decay_coef, flow)
             if phase == "sparse" and flow in ("mdgf_linear", "mdgf_exp") else 0.0
         )
         due = self.last_recompute is None or step - self.last_recompute >= self.cfg.mask_interval
-        lam = self.cfg.sr_ste_lambda if self.cfg.estimator == "sr_ste" else 0.0
         recomputed = False
         for layer in self.layers.values():
             n, m = self.stage(layer, step)
             if due or layer.mask is None or [n, m] != layer.extra.get("current"):
-                layer.record_mask(nm_mask(full_weight(layer), n, m, layer.input_dim))
+                weight = weight_of(layer)
+                layer.record_mask(nm_mask(weight, n, m, layer.input_dim).to(layer.module.weight.device))
                 layer.extra["current"] = [n, m]
                 recomputed = True
-            layer.beta = self.beta
-            layer.sr_ste_lambda = lam
         if recomputed:
             self.last_recompute = step
 
+    def before_forward(self, step: int) -> None:
+        if step == self.step:
+            return  # another micro-batch of the same step
+        self.step = step
+        if self.prepared != step:  # first step of a fresh run: the working weights equal the masters
+            self._prepare_masks(step, full_weight)
+            self.prepared = step
+        self.beta = self.next_beta
+        for layer in self.layers.values():
+            layer.beta = self.beta
+            layer.sr_ste_lambda = self.coupled_lambda
+
+    def after_optimizer_step(self, step: int, params) -> None:
+        """Decoupled SR-STE decay of the pruned masters, then the next step's masks from the
+        masters, then `pruned_to_kept_norm` (masters against the masks now in force)."""
+        masks_used = {name: layer.mask for name, layer in self.layers.items()}
+        masters: dict[str, torch.Tensor] = {}
+        if self.decoupled and self.phase(step) != "dense":
+            if self.lr is None:
+                raise RuntimeError("NMSparsifier: decoupled SR-STE needs the step's lr; call "
+                                   "set_step_context(lr, peak_lr, micro_batches) before each step")
+            factor = 1.0 - self.lr * self.decay_lambda()
+            for name, layer in self.layers.items():
+                weight = params.get(name).float()
+                mask = masks_used[name].to(weight.device)
+                decayed = torch.where(mask, weight, weight * factor)
+                params.set(name, decayed)
+                masters[name] = decayed
+
+        def master(layer: SparseLayer) -> torch.Tensor:
+            if layer.name not in masters:
+                weight = layer.module.weight
+                if weight.dtype == torch.float32 and not hasattr(weight, "ds_id"):
+                    # fp32 working copy, not partitioned (ZeRO 0-2): after the optimizer step it
+                    # holds the masters' exact values; reading it saves a collective per layer.
+                    masters[layer.name] = weight.detach()
+                else:
+                    masters[layer.name] = params.get(layer.name).float()
+            return masters[layer.name]
+
+        self._prepare_masks(step + 1, master)
+        self.prepared = step + 1
+        if self.phase(step + 1) != "dense":
+            self.pruned_to_kept = pruned_to_kept_norm(
+                (master(layer), layer.mask) for layer in self.layers.values()
+            )
+
     def pattern(self, layer: SparseLayer) -> dict[str, Any]:
-        return {"kind": "nm", "n": layer.extra["target_n"], "m": layer.extra["target_m"],
-                "input_dim": layer.input_dim}
+        """The N:M in force (the SDGF stage; the target once training reached it), plus the target."""
+        n, m = layer.extra.get("current") or (layer.extra["target_n"], layer.extra["target_m"])
+        out = {"kind": "nm", "n": int(n), "m": int(m), "input_dim": layer.input_dim}
+        if (n, m) != (layer.extra["target_n"], layer.extra["target_m"]):
+            out["target"] = f"{layer.extra['target_n']}:{layer.extra['target_m']}"
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What sparsity.json records beside the patterns: estimator, SR-STE form and strength,
+        gradient flow and the stage in force."""
+        out: dict[str, Any] = {"estimator": self.estimator, "gradient_flow": self.cfg.gradient_flow}
+        if self.estimator == "sr_ste":
+            out["sr_ste_form"] = self.cfg.sr_ste_form
+            if self.cfg.sr_ste_form == "decoupled":
+                out["sr_ste_decay"] = self.decay_lambda() if (self.cfg.sr_ste_decay is not None or self.peak_lr) else None
+            else:
+                out["sr_ste_lambda"] = self.cfg.sr_ste_lambda
+        if self.layers:
+            first = next(iter(self.layers.values()))
+            current = first.extra.get("current")
+            if current is not None:
+                out["stage"] = f"{current[0]}:{current[1]}"
+        return out
 
     def _check_layer(self, layer: SparseLayer, value: torch.Tensor) -> None:
         n, m = layer.extra.get("current") or (layer.extra["target_n"], layer.extra["target_m"])
@@ -168,19 +277,37 @@ class NMSparsifier(Sparsifier):
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
         out["sparsity/beta"] = float(self.beta)
+        out["sparsity/sr_ste"] = 1.0 if self.estimator == "sr_ste" else 0.0
+        if self.decoupled and (self.cfg.sr_ste_decay is not None or self.peak_lr):
+            out["sparsity/sr_ste_decay"] = float(self.decay_lambda())
+        if self.pruned_to_kept is not None:
+            out["sparsity/pruned_to_kept_norm"] = float(self.pruned_to_kept)
         if self.layers:
             first = next(iter(self.layers.values()))
             current = first.extra.get("current")
             if current is not None and self.step is not None and self.phase(self.step) != "dense":
                 out["sparsity/n"], out["sparsity/m"] = float(current[0]), float(current[1])
+                out["sparsity/stage"] = float(first.extra["stages"].index(list(current))) \
+                    if list(current) in first.extra["stages"] else 0.0
+            if self.beta > 0 and "sparsity/density" in out:
+                # MDGF: the forward still uses the pruned weights at scale beta; the mass of the
+                # effective weights is density + (1 - density) * beta of the dense one.
+                d = out["sparsity/density"]
+                out["sparsity/effective_density"] = d + (1.0 - d) * self.beta
+            elif "sparsity/density" in out:
+                out["sparsity/effective_density"] = out["sparsity/density"]
         return out
 
     def _family_state(self) -> dict:
-        return {"last_recompute": self.last_recompute, "beta": self.beta}
+        return {"last_recompute": self.last_recompute, "beta": self.beta, "prepared": self.prepared,
+                "next_beta": self.next_beta, "pruned_to_kept": self.pruned_to_kept}
 
     def _load_family_state(self, state: dict) -> None:
         self.last_recompute = state["last_recompute"]
         self.beta = state["beta"]
+        self.prepared = state.get("prepared")
+        self.next_beta = state.get("next_beta", self.beta)
+        self.pruned_to_kept = state.get("pruned_to_kept")
         for layer in self.layers.values():
             layer.beta = self.beta
-            layer.sr_ste_lambda = self.cfg.sr_ste_lambda if self.cfg.estimator == "sr_ste" else 0.0
+            layer.sr_ste_lambda = self.coupled_lambda

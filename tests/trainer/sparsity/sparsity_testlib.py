@@ -33,9 +33,11 @@ class Run:
         self.sparsifier.attach()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
         self.params = TorchParamAccess(self.model, self.optimizer)
+        self.lr = lr
         self.step = 0
 
     def train_step(self) -> float:
+        self.sparsifier.set_step_context(lr=self.lr, peak_lr=self.lr, micro_batches=1)
         self.sparsifier.before_forward(self.step)
         loss = lm_loss(self.model, batch(self.step))
         self.optimizer.zero_grad(set_to_none=True)

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from sparsity_testlib import tiny_gpt
 
 from models import GPT, GPTConfig
+from trainer.sparsity import effective_estimator
 from trainer.sparsity import (
     SparsityConfig, SparsityConfigError, build_sparsifier, module_shapes,
     validate_sparsity_config,
@@ -76,4 +77,8 @@ def test_hydra_group_files_load_into_the_structured_config(shapes):
     nm = OmegaConf.merge(OmegaConf.structured(SparsityConfig), OmegaConf.load("conf/sparsity/nm.yaml"),
                          OmegaConf.from_dotlist(["n=1", "m=8", "estimator=ste"]))
     assert (nm.n, nm.m, nm.estimator) == (1, 8, "ste")
-    assert OmegaConf.load("conf/sparsity/nm.yaml").estimator == "sr_ste"  # the default
+    plain = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SparsityConfig), OmegaConf.load("conf/sparsity/nm.yaml")))
+    assert effective_estimator(plain) == "sr_ste"  # SR-STE by default without gradient flow...
+    plain.gradient_flow = "sdgf"
+    assert effective_estimator(plain) == "ste"  # ...plain STE on the progressive-flow paths (reference code)
+    assert plain.sr_ste_form == "decoupled"

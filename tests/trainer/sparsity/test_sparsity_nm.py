@@ -50,10 +50,13 @@ def _single_linear_sparsifier(cfg_kwargs, total_steps=10, seed=0):
     return model, model["blocks"][0], sp
 
 
-@pytest.mark.parametrize("estimator", ["ste", "sr_ste"])
-def test_ste_and_sr_ste_gradient_by_hand(estimator):
+@pytest.mark.parametrize("estimator,form,micro", [
+    ("ste", "coupled", 1), ("sr_ste", "coupled", 1), ("sr_ste", "coupled", 4), ("sr_ste", "decoupled", 1)])
+def test_ste_and_sr_ste_gradient_by_hand(estimator, form, micro):
     lam = 0.37  # large, so a wrong term could not hide in float noise
-    model, lin, sp = _single_linear_sparsifier({"n": 2, "m": 4, "estimator": estimator, "sr_ste_lambda": lam})
+    model, lin, sp = _single_linear_sparsifier(
+        {"n": 2, "m": 4, "estimator": estimator, "sr_ste_lambda": lam, "sr_ste_form": form})
+    sp.set_step_context(lr=1e-3, peak_lr=1e-3, micro_batches=micro)
     sp.before_forward(0)
     x = torch.randn(5, 16)
     c = torch.randn(5, 6)
@@ -63,7 +66,10 @@ def test_ste_and_sr_ste_gradient_by_hand(estimator):
     assert torch.allclose(y, x @ (W * mask).t() + lin.bias, atol=1e-6)
     (y * c).sum().backward()
     grad_sparse = c.t() @ x  # dL/dW_eff for y = x W_eff^T
-    expected = grad_sparse + (lam * (~mask) * W if estimator == "sr_ste" else 0)
+    # coupled SR-STE: lambda (1 - mask) W once per optimizer step, i.e. / micro-batches per backward;
+    # the decoupled form leaves the gradient alone (it decays the masters after the step)
+    coupled = estimator == "sr_ste" and form == "coupled"
+    expected = grad_sparse + (lam / micro * (~mask) * W if coupled else 0)
     assert torch.allclose(lin.weight.grad, expected, atol=1e-5)
     assert torch.allclose(lin.bias.grad, c.sum(0), atol=1e-5)
 

@@ -12,6 +12,7 @@ import logging
 from launch.rl_config import rollout_bundle
 from models import ModelConfig
 from rollout.config import RolloutConfig
+from rollout.results import RolloutBatch
 from rollout.tasks import TaskConfig
 from rollout.worker import RolloutWorker
 
@@ -73,10 +74,10 @@ class RolloutGroup:
         self.versions[i] = stats["version"]
         return stats
 
-    def generate_one(self, i: int, prompts: int, samples_per_prompt: int) -> dict:
+    def generate_one(self, i: int, prompts, samples_per_prompt: int) -> RolloutBatch:
         """Blocking generate on worker i (replaced and retried once if it died)."""
         result = self._call(i, "generate", prompts, samples_per_prompt)
-        self.versions[i] = result["version"]
+        self.versions[i] = result.version
         return result
 
     def _call(self, i: int, method: str, *args):
@@ -110,7 +111,7 @@ class RolloutGroup:
             out.append(stats)
         return out
 
-    def generate_all(self, prompts_per_worker: int, samples_per_prompt: int) -> list[dict]:
+    def generate_all(self, prompts_per_worker, samples_per_prompt: int) -> list[RolloutBatch]:
         """Every worker generates its share in parallel; a worker that dies is replaced and its
         share generated again."""
         for i in range(len(self.workers)):
@@ -122,7 +123,7 @@ class RolloutGroup:
     def launch(self, i: int, prompts: int, samples_per_prompt: int, min_version: int | None = None) -> None:
         self.pending[i] = self.workers[i].generate.remote(prompts, samples_per_prompt, min_version)
 
-    def collect(self, i: int, prompts: int, samples_per_prompt: int) -> dict:
+    def collect(self, i: int, prompts, samples_per_prompt: int) -> RolloutBatch:
         """The result of worker i's running generate (replacing the worker if it died)."""
         import ray
 
@@ -132,7 +133,7 @@ class RolloutGroup:
         except ray.exceptions.RayActorError as e:
             self.replace(i, type(e).__name__)
             result = self._call(i, "generate", prompts, samples_per_prompt)
-        self.versions[i] = result["version"]
+        self.versions[i] = result.version
         return result
 
     def resync(self, i: int) -> dict:
@@ -164,8 +165,8 @@ class RolloutGroup:
         for i in list(self.pending):
             try:
                 result = ray.get(self.pending.pop(i))
-                self.versions[i] = result["version"]
-                dropped += len(result["rewards"])
+                self.versions[i] = result.version
+                dropped += result.size
             except ray.exceptions.RayActorError as e:
                 self.replace(i, type(e).__name__)
             except ray.exceptions.RayTaskError as e:

@@ -69,9 +69,25 @@ class RLTrainers:
         self.group.shutdown()
         self.group = self._start()
 
+    def sft_step(self, batch: dict) -> dict[str, float]:
+        """One supervised warm-up step, `batch` split over the ranks; merged metrics."""
+        from launch.trainer_group import merge_metrics
+
+        return merge_metrics(self.group.call_per_rank("sft_step", shard(batch, self.group.world_size)))
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One RL optimizer step, `batch` split over the ranks; merged metrics."""
+        return self.group.train_step(shard(batch, self.group.world_size))
+
     def publish(self) -> dict:
         """Publish on every rank (collective under ZeRO); rank 0's stats."""
         return self.group.call("publish")[0]
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+def shard(batch: dict, world: int) -> list[dict]:
+    """Split every tensor of `batch` into `world` equal row blocks, one per rank."""
+    rows = next(iter(batch.values())).shape[0] // world
+    return [{k: v[r * rows:(r + 1) * rows] for k, v in batch.items()} for r in range(world)]

@@ -25,6 +25,7 @@ from rollout.batch import encode_prompts
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine, TorchEngine
 from rollout.generation import SamplingConfig
+from rollout.results import RolloutBatch
 from rollout.rewards import score_batch
 from rollout.tasks import TaskConfig, build_task
 from sync.errors import SyncError
@@ -174,7 +175,7 @@ class RolloutWorker:
         return stats, time.perf_counter() - started
 
     def generate(self, num_prompts: int, samples_per_prompt: int, min_version: int | None = None,
-                 wait_timeout_s: float = 10.0) -> dict:
+                 wait_timeout_s: float = 10.0) -> RolloutBatch:
         """Sample `num_prompts` task prompts, `samples_per_prompt` completions each (groups are
         consecutive rows), score them, and say which weight version produced them. Async mode
         passes `min_version`: an offered update still downloading is waited for when the
@@ -196,18 +197,10 @@ class RolloutWorker:
         completions = [self.tokenizer.decode(gen.tokens[i, : int(gen.lengths[i])].tolist()) for i in range(len(texts))]
         gen_s = time.perf_counter() - started
         scored = score_batch(self.reward_fn, texts, completions, answers, self.on_reward_error)
-        return {
-            "worker_id": self.worker_id,
-            "version": self.receiver.version,
-            "prompt_ids": prompt_ids,
-            "tokens": gen.tokens,
-            "logprobs": gen.logprobs,
-            "lengths": gen.lengths,
-            "finished": gen.finished,
-            "rewards": torch.tensor(scored.rewards, dtype=torch.float32),
-            "reward_failures": [reason for _, reason in scored.failures],
-            "texts": texts[:: max(1, samples_per_prompt)][:2],
-            "completions": completions[:2],
-            "gen_s": gen_s,
-            "sync": sync_stats,
-        }
+        return RolloutBatch(
+            worker_id=self.worker_id, version=self.receiver.version, prompt_ids=prompt_ids, tokens=gen.tokens,
+            logprobs=gen.logprobs, lengths=gen.lengths, finished=gen.finished,
+            rewards=torch.tensor(scored.rewards, dtype=torch.float32),
+            reward_failures=[reason for _, reason in scored.failures],
+            prompts=[p.text for p in prompts], completions=completions, gen_s=gen_s, sync=sync_stats,
+        )

@@ -1,32 +1,41 @@
 """RL fine-tuning job: `python -m launch.rl [hydra overrides]`; no overrides = the embedded demo.
 
-The driver, top to bottom: check the config (before anything starts), start or join Ray, check
-that trainers and rollout workers fit, build the trainer group (RLTrainerWorker ranks) and the
-rollout group, warm the policy up by SFT on the task's answers, publish a first snapshot to every
-worker, then loop over RL steps:
+The driver, top to bottom (as launch/pretrain.py): `plan_run` checks the config, loads the prompts
+and picks the checkpoint to resume (every bad input fails there, before Ray starts); then Ray, the
+trainer group (RLTrainerWorker ranks) and the rollout group start; `warm_up` trains by SFT on the
+task's answers and publishes a first snapshot to every worker; `train` loops over `rl_step`:
 
-    sync mode:   generate (all workers) -> train one step -> publish -> every worker applies
-    async mode:  workers generate batch s+1 with the weights they have while the trainer trains
-                 on batch s; after the step the new version is offered to every worker, which
-                 downloads and decodes it in the background and swaps it in before its next
-                 batch. A sample older than rl.max_staleness versions is dropped and its worker
-                 resynced (rl.max_staleness=0 makes async mode sync).
+    prompts (the driver's task or dataset) -> rollouts -> batch + advantages -> one optimizer
+    step -> publish -> workers updated -> metrics, eval, samples table, checkpoint
 
-Every publish is a sparse delta (sync/), a full snapshot for a worker that is new or behind.
+with the two modes as two small functions:
+
+    sync_rollouts:  every worker generates with the newest weights (applied after the last step)
+    async_rollouts: workers generate batch s+1 with the weights they have while the trainer
+                    trains on batch s; after the step the new version is offered to every
+                    worker, which downloads and decodes it in the background and swaps it in
+                    before its next batch. A sample older than rl.max_staleness versions is
+                    dropped and its worker resynced (rl.max_staleness=0 makes async mode sync).
+
+Every publish is a sparse delta (sync/), a full snapshot for a worker that is new or behind. The
+driver's own state (step, version, reward history, sync totals, prompt RNG / dataset position,
+advantage baseline) is one DriverState with state_dict()/load_state_dict(), saved in every
+checkpoint.
 
 Fault tolerance: a dead rollout worker is replaced (launch/rl_rollouts.py). A dead trainer rank
 (RayActorError from a trainer call) restarts the whole trainer group (launch/rl_trainers.py): the
 new group loads the latest checkpoint (with rl.checkpoint_every > 0 one exists from RL step 0 on,
-written right after the warm-up), the driver rolls its own state (step, reward history, task RNG)
-back to it, the restored trainer publishes a full snapshot under a version above any published
-before (versions never go backwards; rollout workers may be ahead of the checkpoint) and every
-worker applies it. Samples in flight, made by versions the restored trainer never produced, are
-dropped and counted (`rollout.dropped_lost_versions`); the steps after the checkpoint are redone.
-Sync traffic totals keep counting what really crossed the wire. At most rl.max_trainer_restarts
-restarts; a death during the warm-up, or with rl.checkpoint_every=0, ends the job (TrainerLost).
+written right after the warm-up), the driver rolls its own state back to it, the restored trainer
+publishes a full snapshot under a version above any published before (versions never go
+backwards; rollout workers may be ahead of the checkpoint) and every worker applies it. Samples
+in flight, made by versions the restored trainer never produced, are dropped and counted
+(`rollout.dropped_lost_versions`); the steps after the checkpoint are redone. Sync traffic totals
+keep counting what really crossed the wire. At most rl.max_trainer_restarts restarts; a death
+during the warm-up, or with rl.checkpoint_every=0, ends the job (TrainerLost).
 `run_rl(cfg, run_dir)` is the whole job, callable in-process with a Ray that is already running.
-Outputs in run_dir: summary.json, steps.jsonl (every step's metrics), wandb/ (offline run), and
-the final policy (model.safetensors + config.json, + sparsity.json when sparse).
+Outputs in run_dir: summary.json, steps.jsonl (every step's metrics), samples.jsonl (with
+logger.samples_every), wandb/ (offline run), and the final policy (model.safetensors +
+config.json, + sparsity.json when sparse).
 """
 from __future__ import annotations
 
@@ -61,7 +70,8 @@ class RLPlan:
     run_dir: Path
     trainer_cfg: Any  # trainer.config.TrainerConfig derived from the rollout and rl settings
     algo_cfg: Any  # trainer.algos.AlgoConfig at the rollout temperature
-    task: Any  # rollout.tasks.Task
+    task: Any  # rollout.tasks.Task: the prompts (its position is part of the driver state)
+    eval_prompts: list  # data.prompts.Sample: what rl.eval_every evaluates ([] without evaluation)
     tokenizer: Any
     fingerprint: dict  # what a checkpoint must match to be resumed by this run
     resume_from: Path | None
@@ -82,12 +92,13 @@ class DriverState:
     version: int = 0  # the trainer's newest published weight version
     history: dict[str, list[float]] = field(default_factory=dict)  # every logged metric, by step
     totals: dict[str, int] = field(default_factory=new_totals)  # sync traffic and sample accounting
-    rng: random.Random = field(default_factory=random.Random)  # the warm-up's prompt sampling
+    rng: random.Random = field(default_factory=random.Random)  # built-in tasks draw their prompts from it
     advantages: Any = None  # the driver-side advantage estimator (trainer/algos/advantages.py), or None
+    task: Any = None  # the prompt source: a dataset's position is in its state_dict
 
     def state_dict(self) -> dict:
         return {"rl_step": self.step, "version": self.version, "history": self.history, "totals": self.totals,
-                "rng": self.rng.getstate(),
+                "rng": self.rng.getstate(), "task": self.task.state_dict() if self.task is not None else {},
                 "advantages": None if self.advantages is None else self.advantages.state_dict()}
 
     def load_state_dict(self, state: dict, keep_totals: bool = False) -> None:
@@ -99,6 +110,8 @@ class DriverState:
         self.rng.setstate(state["rng"])
         if self.advantages is not None and state.get("advantages") is not None:
             self.advantages.load_state_dict(state["advantages"])
+        if self.task is not None:
+            self.task.load_state_dict(state.get("task", {}))
 
 
 @dataclass
@@ -112,6 +125,7 @@ class RLJob:
     checksums: dict[int, str] = field(default_factory=dict)  # published version -> checksum
     rl_start_version: int = 0  # the version RL (re)started from (async offers never reach below)
     in_flight: list = field(default_factory=list)  # this step's samples (dropped if the trainer dies)
+    launched: dict[int, list] = field(default_factory=dict)  # async: the prompts of each worker's running batch
 
     @property
     def cfg(self) -> RLJobConfig:
@@ -128,6 +142,10 @@ class RLJob:
     @property
     def group_size(self) -> int:
         return self.cfg.rollout.samples_per_prompt
+
+    def next_prompts(self) -> list:
+        """One share of prompts (Samples) for one worker."""
+        return self.plan.task.sample(self.per_worker, self.state.rng)
 
     def min_version(self) -> int:
         """A batch launched now is trained after the next publish: it may be at most
@@ -150,8 +168,11 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step: Callable | None = Non
 
     started = time.time()
     plan = plan_run(cfg, Path(run_dir).resolve())
-    logger = MetricsLogger(cfg.logger, plan.run_dir, config=asdict(cfg), total_steps=cfg.rl.steps)
-    state = DriverState(rng=random.Random(plan.trainer_cfg.seed), advantages=build_advantage_estimator(plan.algo_cfg))
+    cfg = plan.cfg
+    logger = MetricsLogger(replace(cfg.logger, name=cfg.logger.name or f"rl-{cfg.task.name}-{cfg.algo.name}-{cfg.rl.mode}"),
+                           plan.run_dir, config=asdict(cfg), total_steps=cfg.rl.steps)
+    state = DriverState(rng=random.Random(plan.trainer_cfg.seed), advantages=build_advantage_estimator(plan.algo_cfg),
+                        task=plan.task)
     try:
         with ray_cluster(cfg.cluster):
             check_resources(cfg, ray.cluster_resources())
@@ -173,7 +194,8 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step: Callable | None = Non
 
 
 def plan_run(cfg: RLJobConfig, run_dir: Path) -> RLPlan:
-    """Check the config and pick (and check) the checkpoint to resume: every bad input fails here."""
+    """Check the config, load the prompts, pick (and check) the checkpoint to resume: every bad
+    input fails here."""
     import torch
 
     from models import build_model
@@ -181,18 +203,24 @@ def plan_run(cfg: RLJobConfig, run_dir: Path) -> RLPlan:
     from trainer import checkpoint as ckpt
 
     validate_rl_config(cfg)
+    # Reward files by absolute path: rollout workers need not share the driver's working directory.
+    cfg = replace(cfg, task=replace(cfg.task, reward_fns=[absolute_reward_spec(s) for s in cfg.task.reward_fns]))
     algo_cfg = replace(cfg.algo, temperature=cfg.rollout.temperature)  # trainer logprobs = rollout logprobs
-    task, _ = build_task(cfg.task)
+    task = build_task(cfg.task)
+    eval_prompts = task.eval_samples() if cfg.rl.eval_every else []
     with torch.device("meta"):
         _, tokenizer = build_model(cfg.model)
-    if cfg.rl.sft_warmup_steps and any(p.answer is None for p in task.sample(64, random.Random(0))):
-        raise RLConfigError("rl.sft_warmup_steps > 0 needs an answer for every prompt; "
-                            "set rl.sft_warmup_steps=0 or add answers to task.prompts_file")
     fingerprint = rl_fingerprint(cfg)
     resume_from = find_resume_checkpoint(cfg.rl.resume, run_dir / "checkpoints")
     if resume_from is not None:
         ckpt.validate_checkpoint(resume_from, fingerprint)
-    return RLPlan(cfg, run_dir, derived_trainer_config(cfg), algo_cfg, task, tokenizer, fingerprint, resume_from)
+    return RLPlan(cfg, run_dir, derived_trainer_config(cfg), algo_cfg, task, eval_prompts, tokenizer, fingerprint,
+                  resume_from)
+
+
+def absolute_reward_spec(spec: str) -> str:
+    where, sep, attr = spec.rpartition(":")
+    return f"{Path(where).resolve()}:{attr}" if sep and where.endswith(".py") else spec
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -209,7 +237,7 @@ def warm_up(job: RLJob) -> float:
         print(f"resumed from {plan.resume_from} at RL step {job.state.step}", flush=True)
     for s in range(rl.sft_warmup_steps if plan.resume_from is None else 0):
         prompts = plan.task.sample(rows_per_step(job.cfg), job.state.rng)
-        batch = sft_batch([p.text for p in prompts], [p.answer for p in prompts], plan.tokenizer)
+        batch = sft_batch([p.prompt for p in prompts], [p.answer for p in prompts], plan.tokenizer)
         metrics = job.trainers.sft_step(batch)
         if (s + 1) % 20 == 0 or s + 1 == rl.sft_warmup_steps:
             job.logger.log({"sft/loss": metrics["sft_loss"]}, 0)
@@ -219,6 +247,8 @@ def warm_up(job: RLJob) -> float:
     start_rl(job, version_floor)
     if rl.checkpoint_every and plan.resume_from is None:  # a trainer restart needs one from step 0 on
         checkpoint(job)
+    if rl.eval_every and job.state.step == 0:  # where RL starts from
+        job.logger.log(remember(job.state, evaluate(job)), 0)
     return sft_s
 
 
@@ -258,7 +288,10 @@ def rl_step(job: RLJob) -> None:
     count_mismatches(job, sync_stats)
     s.step = step
     metrics = step_metrics(rollout_metrics, train_metrics, pub, sync_stats, times, s.version, job.trainers.restarts)
+    if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
+        metrics.update(evaluate(job))
     record(job, metrics)
+    log_samples(job, shares)
     if rl.checkpoint_every and (step % rl.checkpoint_every == 0 or step == rl.steps):
         checkpoint(job)
 
@@ -266,7 +299,8 @@ def rl_step(job: RLJob) -> None:
 def sync_rollouts(job: RLJob) -> tuple[list, list[dict]]:
     """Sync mode: every worker generates with the trainer's newest weights (they were applied
     after the last step); no weight traffic happens here."""
-    job.in_flight = job.rollouts.generate_all(job.per_worker, job.group_size)
+    shares = [job.next_prompts() for _ in range(job.cfg.rollout.workers)]
+    job.in_flight = job.rollouts.generate_all(shares, job.group_size)
     return job.in_flight, []
 
 
@@ -277,15 +311,16 @@ def async_rollouts(job: RLJob) -> tuple[list, list[dict]]:
     shares, sync_stats = [], []
     job.in_flight = shares
     for i in range(job.cfg.rollout.workers):
-        result = job.rollouts.collect(i, job.per_worker, job.group_size)
+        prompts = job.launched[i]
+        result = job.rollouts.collect(i, prompts, job.group_size)
         if s.version - result.version > rl.max_staleness:
             s.totals["discarded"] += 1
             sync_stats.append(job.rollouts.resync(i))
-            result = job.rollouts.generate_one(i, job.per_worker, job.group_size)
+            result = job.rollouts.generate_one(i, prompts, job.group_size)
         if result.sync:
             sync_stats.append(result.sync)
         shares.append(result)
-        job.rollouts.launch(i, job.per_worker, job.group_size, job.min_version())  # the next batch starts now
+        launch(job, i)  # the next batch starts now
     return shares, sync_stats
 
 
@@ -321,9 +356,27 @@ def start_rl(job: RLJob, version_floor: int) -> dict:
     return pub
 
 
+def launch(job: RLJob, i: int) -> None:
+    """Async mode: worker i starts its next batch (new prompts) with the weights it has."""
+    job.launched[i] = job.next_prompts()
+    job.rollouts.launch(i, job.launched[i], job.group_size, job.min_version())
+
+
 def launch_all(job: RLJob) -> None:
     for i in range(job.cfg.rollout.workers):
-        job.rollouts.launch(i, job.per_worker, job.group_size, job.min_version())
+        launch(job, i)
+
+
+def evaluate(job: RLJob) -> dict[str, float]:
+    """The eval prompts split over the workers: greedy reward mean and pass@k (k = rl.eval_samples)."""
+    rl, prompts, n = job.cfg.rl, job.plan.eval_prompts, job.cfg.rollout.workers
+    shares = [prompts[i * len(prompts) // n:(i + 1) * len(prompts) // n] for i in range(n)]
+    results = job.rollouts.evaluate(shares, rl.eval_samples, rl.pass_threshold)
+    greedy = [r for res in results for r in res.greedy_rewards]
+    passed = [p for res in results for p in res.passed]
+    return {"eval/reward_mean": sum(greedy) / len(greedy), f"eval/pass@{rl.eval_samples}": sum(passed) / len(passed),
+            "eval/version": min(res.version for res in results),
+            "eval/reward_failures": sum(res.reward_failures for res in results)}
 
 
 def count_mismatches(job: RLJob, sync_stats: list[dict]) -> None:
@@ -392,7 +445,7 @@ def step_metrics(rollout: dict, train: dict, pub: dict, sync_stats: list[dict], 
         "sync/encode_s": pub.get("encode_s", 0.0), "density": pub["density"],
         **times, "version": version, "trainer/restarts": trainer_restarts,
     }
-    pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]
+    pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]  # sync/transport.py's stats dicts
     if pauses:
         metrics["sync/pause_s"] = max(pauses)
     waits = [st["weights_wait_s"] for st in sync_stats if "weights_wait_s" in st]
@@ -401,12 +454,17 @@ def step_metrics(rollout: dict, train: dict, pub: dict, sync_stats: list[dict], 
     return metrics
 
 
+def remember(state: DriverState, metrics: dict[str, float]) -> dict[str, float]:
+    """Append to the history (what summary.json is made of); returns `metrics`."""
+    for k, v in metrics.items():
+        state.history.setdefault(k, []).append(float(v))
+    return metrics
+
+
 def record(job: RLJob, metrics: dict[str, float]) -> None:
     """Into the history, the loggers and steps.jsonl; a console line every rl.log_every steps."""
     s, rl = job.state, job.cfg.rl
-    for k, v in metrics.items():
-        s.history.setdefault(k, []).append(float(v))
-    job.logger.log(metrics, s.step)
+    job.logger.log(remember(s, metrics), s.step)
     with open(job.plan.run_dir / "steps.jsonl", "a") as f:
         f.write(json.dumps({"step": s.step, **metrics}) + "\n")
     if s.step % rl.log_every == 0 or s.step == rl.steps:
@@ -418,6 +476,23 @@ def record(job: RLJob, metrics: dict[str, float]) -> None:
                    f"step {metrics['step_s']:.2f}s")
 
 
+def log_samples(job: RLJob, shares: list) -> None:
+    """Every logger.samples_every steps: the completions of each worker's first prompt as a
+    `samples` table (prompt, completion, reward, each reward function's reward, version)."""
+    every = job.cfg.logger.samples_every
+    if not every or job.state.step % every:
+        return
+    names = list(shares[0].reward_components)
+    columns = ["step", "version", "prompt", "completion", "reward", *[f"reward/{n}" for n in names]]
+    rows = []
+    for s in shares:
+        prompt = s.prompts[0] if isinstance(s.prompts[0], str) else json.dumps(s.prompts[0], ensure_ascii=False)
+        for j in range(min(job.group_size, s.size)):
+            rows.append([job.state.step, s.version, prompt, s.completions[j], float(s.rewards[j]),
+                         *[s.reward_components[n][j] for n in names]])
+    job.logger.log_table("samples", columns, rows, job.state.step)
+
+
 def finish(job: RLJob, **times: float) -> dict:
     """Every worker at the final version (checksums compared), export, summary.json."""
     s, version = job.state, job.state.version
@@ -425,6 +500,8 @@ def finish(job: RLJob, **times: float) -> dict:
     count_mismatches(job, job.rollouts.apply_all())
     final_versions, final_checksums = job.rollouts.final_state()
     s.totals["mismatches"] += sum(c != job.checksums[version] for c in final_checksums)
+    if job.cfg.rl.eval_every and (not s.history.get("eval/version") or s.history["eval/version"][-1] != version):
+        job.logger.log(remember(s, evaluate(job)), s.step)  # every worker holds the final version now
     if job.cfg.rl.export:  # checks the sparsity pattern of what it writes
         job.trainers.group.export(str(job.plan.run_dir))
     summary = make_summary(job.cfg, s.history, s.totals, version, final_versions, job.rollouts.restarts,
@@ -503,6 +580,8 @@ def assemble(shares: list, trainer_version: int, estimator, group_size: int, pad
         "response/length_mean": float(lengths.float().mean()),
         "response/length_max": float(lengths.max()),
         "response/finished_frac": float(torch.cat([s.finished for s in shares]).float().mean()),
+        **{f"reward/{name}": sum(sum(s.reward_components[name]) for s in shares) / len(rewards)
+           for name in shares[0].reward_components},
         "rollout/tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
         "rollout/gen_s": gen_s,
         "staleness/mean": float(staleness.mean()),
@@ -542,6 +621,8 @@ def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, fi
         "density_final": history["density"][-1] if history.get("density") else None,
         "rollout.tokens_per_s_mean": mean("rollout/tokens_per_s"),
         "reward.failures": int(sum(history.get("reward/failures", []))),
+        **{k: v[-1] for k, v in history.items() if k.startswith("eval/")},
+        **{f"{k}_first": v[0] for k, v in history.items() if k in ("eval/reward_mean",) or k.startswith("eval/pass@")},
         **{k: round(v, 2) for k, v in times.items()},
     }
 
@@ -553,7 +634,13 @@ register_configs()
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    return run_rl(to_rl_config(cfg), HydraConfig.get().runtime.output_dir)
+    from launch.loggers import run_name
+
+    hydra_cfg = HydraConfig.get()
+    job_cfg = to_rl_config(cfg)
+    if job_cfg.logger.name is None:
+        job_cfg = replace(job_cfg, logger=replace(job_cfg.logger, name=run_name("rl", list(hydra_cfg.overrides.task))))
+    return run_rl(job_cfg, hydra_cfg.runtime.output_dir)
 
 
 if __name__ == "__main__":

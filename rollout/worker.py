@@ -1,4 +1,7 @@
-"""A rollout worker: a policy copy at a known weight version that samples and scores completions.
+"""A rollout worker: a policy copy at a known weight version that completes the prompts the driver
+sends (data/prompts.py Samples), scores them with the task's reward functions (rollout/rewards.py,
+once per batch) and returns a RolloutBatch (rollout/results.py); `evaluate` gives greedy rewards
+and pass@k on eval prompts.
 
 A plain class; launch/rl.py applies `ray.remote(...)` where it builds the group (with
 `max_concurrency=2` so an update can be offered while a batch is generating), and tests use it

@@ -116,3 +116,19 @@ def test_chat_rendering_for_the_byte_tokenizer_and_a_tokenizer_without_template(
 
     with pytest.raises(ChatTemplateError, match="has no chat template"):
         prompt_token_ids(messages, NoTemplate())
+
+
+def test_chat_messages_go_through_an_hf_tokenizers_template(tmp_path):
+    from hf_fixtures import TINY_VOCAB, save_tiny_tokenizer
+    from models.hf_tokenizer import load_tokenizer
+    from rollout.batch import ChatTemplateError, prompt_token_ids
+
+    messages = [{"role": "system", "content": "add"}, {"role": "user", "content": "2+2="}]
+    save_tiny_tokenizer(tmp_path / "chat", chat_template=True)
+    tok = load_tokenizer(tmp_path / "chat", TINY_VOCAB)
+    expected = tok.hf.encode("<|im_start|>system\nadd<|im_end|>\n<|im_start|>user\n2+2=<|im_end|>\n"
+                             "<|im_start|>assistant\n", add_special_tokens=False)  # the fixture's template by hand
+    assert prompt_token_ids(messages, tok) == expected
+    save_tiny_tokenizer(tmp_path / "plain", chat_template=False)
+    with pytest.raises(ChatTemplateError, match="HFTokenizer"):
+        prompt_token_ids(messages, load_tokenizer(tmp_path / "plain", TINY_VOCAB))

@@ -245,10 +245,10 @@ def warm_up(job: RLJob) -> float:
                   f"({time.time() - started:.1f} s)", flush=True)
     sft_s = time.time() - started
     start_rl(job, version_floor)
-    if rl.checkpoint_every and plan.resume_from is None:  # a trainer restart needs one from step 0 on
-        checkpoint(job)
     if rl.eval_every and job.state.step == 0:  # where RL starts from
         job.logger.log(remember(job.state, evaluate(job)), 0)
+    if rl.checkpoint_every and plan.resume_from is None:  # a trainer restart needs one from step 0 on
+        checkpoint(job)
     return sft_s
 
 

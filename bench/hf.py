@@ -78,11 +78,11 @@ def bench_rollout(model_cfg, dtype: str, batch: int, new_tokens: int, repeats: i
         t0 = time.perf_counter()
         out = worker.generate(batch, 1)
         dt = time.perf_counter() - t0
-        n = int(out["lengths"].sum())
+        n = int(out.lengths.sum())
         rates.append(n / dt)
         seconds.append(dt)
         tokens.append(n)
-        prompt_len.append(statistics.mean(len(p) for p in out["prompt_ids"]))
+        prompt_len.append(statistics.mean(len(p) for p in out.prompt_ids))
     return {"dtype": dtype, "batch": batch, "max_new_tokens": new_tokens, "repeats": repeats,
             "tokens_per_s": statistics.median(rates), "tokens_per_s_all": rates,
             "generated_tokens_mean": statistics.mean(tokens), "prompt_tokens_mean": statistics.mean(prompt_len),

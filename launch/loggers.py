@@ -4,6 +4,7 @@
 
     logger = MetricsLogger(cfg.logger, run_dir, config=plain_config_dict, total_steps=N, start_step=s)
     logger.log({"train/loss": 2.3, ...}, step)     # every backend
+    logger.log_table("samples", columns, rows, step)  # a wandb Table, and run_dir/samples.jsonl
     logger.summary({"eval/loss_final": ...})        # summary.json in run_dir (+ wandb summary)
     logger.close()
 """
@@ -24,7 +25,8 @@ class LoggerConfig:
     project: str = "sparsetrain"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
-    name: str | None = None  # run name (null: wandb's default)
+    name: str | None = None  # run name (null: the job and its overrides, e.g. "rl algo=ppo task=dataset")
+    samples_every: int = 0  # RL: every N steps a `samples` table of prompts, completions and rewards (0: never)
     console: bool = True  # tqdm progress bar on stderr
     summary_file: str = "summary.json"
 
@@ -38,6 +40,24 @@ def validate_logger_config(cfg: LoggerConfig) -> None:
         raise LoggerConfigError(f"logger.mode={cfg.mode!r}: expected offline, online or disabled")
     if not cfg.summary_file:
         raise LoggerConfigError("logger.summary_file must name a file")
+    if cfg.samples_every < 0:
+        raise LoggerConfigError(f"logger.samples_every={cfg.samples_every}: expected >= 0 (0: no samples table)")
+
+
+def run_name(job: str, overrides: list[str], limit: int = 120) -> str:
+    """A readable run name from the job and its command-line overrides: paths shortened to their
+    file name, hydra/logger settings left out. run_name("rl", ["algo=ppo", "task.path=/d/t.parquet"])
+    == "rl algo=ppo task.path=t.parquet"."""
+    parts = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~").startswith(("hydra", "logger")):
+            continue
+        if "/" in value and not value.startswith("["):
+            value = value.rstrip("/").rsplit("/", 1)[-1]
+        parts.append(f"{key}={value}" if _ else key)
+    name = " ".join([job, *parts])
+    return name if len(name) <= limit else name[:limit - 3] + "..."
 
 
 class WandbBackend:
@@ -57,6 +77,11 @@ class WandbBackend:
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def summary(self, final: dict) -> None:
         for k, v in final.items():
@@ -87,6 +112,9 @@ class ConsoleBackend:
             self.last_step = step
         self.bar.set_postfix(self.shown, refresh=False)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        pass
+
     def summary(self, final: dict) -> None:
         pass
 
@@ -113,6 +141,14 @@ class MetricsLogger:
             self.history.setdefault(k, []).append((step, v))
         for b in self.backends:
             b.log(clean, step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A table (wandb.Table in wandb) at `step`; every row also appended to run_dir/<name>.jsonl."""
+        with open(self.run_dir / f"{name}.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps(dict(zip(columns, row)), default=str) + "\n")
+        for b in self.backends:
+            b.log_table(name, columns, rows, step)
 
     def summary(self, final: dict) -> Path:
         """Write `final` to run_dir/summary.json (and the wandb run's summary); returns the path."""

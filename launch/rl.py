@@ -1,32 +1,41 @@
 """RL fine-tuning job: `python -m launch.rl [hydra overrides]`; no overrides = the embedded demo.
 
-The driver, top to bottom: check the config (before anything starts), start or join Ray, check
-that trainers and rollout workers fit, build the trainer group (RLTrainerWorker ranks) and the
-rollout group, warm the policy up by SFT on the task's answers, publish a first snapshot to every
-worker, then loop over RL steps:
+The driver, top to bottom (as launch/pretrain.py): `plan_run` checks the config, loads the prompts
+and picks the checkpoint to resume (every bad input fails there, before Ray starts); then Ray, the
+trainer group (RLTrainerWorker ranks) and the rollout group start; `warm_up` trains by SFT on the
+task's answers and publishes a first snapshot to every worker; `train` loops over `rl_step`:
 
-    sync mode:   generate (all workers) -> train one step -> publish -> every worker applies
-    async mode:  workers generate batch s+1 with the weights they have while the trainer trains
-                 on batch s; after the step the new version is offered to every worker, which
-                 downloads and decodes it in the background and swaps it in before its next
-                 batch. A sample older than rl.max_staleness versions is dropped and its worker
-                 resynced (rl.max_staleness=0 makes async mode sync).
+    prompts (the driver's task or dataset) -> rollouts -> batch + advantages -> one optimizer
+    step -> publish -> workers updated -> metrics, eval, samples table, checkpoint
 
-Every publish is a sparse delta (sync/), a full snapshot for a worker that is new or behind.
+with the two modes as two small functions:
+
+    sync_rollouts:  every worker generates with the newest weights (applied after the last step)
+    async_rollouts: workers generate batch s+1 with the weights they have while the trainer
+                    trains on batch s; after the step the new version is offered to every
+                    worker, which downloads and decodes it in the background and swaps it in
+                    before its next batch. A sample older than rl.max_staleness versions is
+                    dropped and its worker resynced (rl.max_staleness=0 makes async mode sync).
+
+Every publish is a sparse delta (sync/), a full snapshot for a worker that is new or behind. The
+driver's own state (step, version, reward history, sync totals, prompt RNG / dataset position,
+advantage baseline) is one DriverState with state_dict()/load_state_dict(), saved in every
+checkpoint.
 
 Fault tolerance: a dead rollout worker is replaced (launch/rl_rollouts.py). A dead trainer rank
 (RayActorError from a trainer call) restarts the whole trainer group (launch/rl_trainers.py): the
 new group loads the latest checkpoint (with rl.checkpoint_every > 0 one exists from RL step 0 on,
-written right after the warm-up), the driver rolls its own state (step, reward history, task RNG)
-back to it, the restored trainer publishes a full snapshot under a version above any published
-before (versions never go backwards; rollout workers may be ahead of the checkpoint) and every
-worker applies it. Samples in flight, made by versions the restored trainer never produced, are
-dropped and counted (`rollout.dropped_lost_versions`); the steps after the checkpoint are redone.
-Sync traffic totals keep counting what really crossed the wire. At most rl.max_trainer_restarts
-restarts; a death during the warm-up, or with rl.checkpoint_every=0, ends the job (TrainerLost).
+written right after the warm-up), the driver rolls its own state back to it, the restored trainer
+publishes a full snapshot under a version above any published before (versions never go
+backwards; rollout workers may be ahead of the checkpoint) and every worker applies it. Samples
+in flight, made by versions the restored trainer never produced, are dropped and counted
+(`rollout.dropped_lost_versions`); the steps after the checkpoint are redone. Sync traffic totals
+keep counting what really crossed the wire. At most rl.max_trainer_restarts restarts; a death
+during the warm-up, or with rl.checkpoint_every=0, ends the job (TrainerLost).
 `run_rl(cfg, run_dir)` is the whole job, callable in-process with a Ray that is already running.
-Outputs in run_dir: summary.json, steps.jsonl (every step's metrics), wandb/ (offline run), and
-the final policy (model.safetensors + config.json, + sparsity.json when sparse).
+Outputs in run_dir: summary.json, steps.jsonl (every step's metrics), samples.jsonl (with
+logger.samples_every), wandb/ (offline run), and the final policy (model.safetensors +
+config.json, + sparsity.json when sparse).
 """
 from __future__ import annotations
 
@@ -34,8 +43,10 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 from launch.env import set_runtime_defaults
 
@@ -50,248 +61,468 @@ from launch.rl_config import (  # noqa: E402
 )
 
 
-def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step=None) -> dict:
+@dataclass
+class RLPlan:
+    """Everything settled before Ray starts: the checked config, task, tokenizer, where to resume."""
+    cfg: RLJobConfig
+    run_dir: Path
+    trainer_cfg: Any  # trainer.config.TrainerConfig derived from the rollout and rl settings
+    algo_cfg: Any  # trainer.algos.AlgoConfig at the rollout temperature
+    task: Any  # rollout.tasks.Task: the prompts (its position is part of the driver state)
+    eval_prompts: list  # data.prompts.Sample: what rl.eval_every evaluates ([] without evaluation)
+    tokenizer: Any
+    fingerprint: dict  # what a checkpoint must match to be resumed by this run
+    resume_from: Path | None
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def new_totals() -> dict[str, int]:
+    return {"payload": 0, "dense": 0, "snapshot_payload": 0, "mismatches": 0, "discarded": 0, "dropped_lost": 0}
+
+
+@dataclass
+class DriverState:
+    """What the driver itself must carry across a checkpoint (the ranks keep the rest)."""
+    step: int = 0  # RL steps taken
+    version: int = 0  # the trainer's newest published weight version
+    history: dict[str, list[float]] = field(default_factory=dict)  # every logged metric, by step
+    totals: dict[str, int] = field(default_factory=new_totals)  # sync traffic and sample accounting
+    rng: random.Random = field(default_factory=random.Random)  # built-in tasks draw their prompts from it
+    advantages: Any = None  # the driver-side advantage estimator (trainer/algos/advantages.py), or None
+    task: Any = None  # the prompt source: a dataset's position is in its state_dict
+
+    def state_dict(self) -> dict:
+        return {"rl_step": self.step, "version": self.version, "history": self.history, "totals": self.totals,
+                "rng": self.rng.getstate(), "task": self.task.state_dict() if self.task is not None else {},
+                "advantages": None if self.advantages is None else self.advantages.state_dict()}
+
+    def load_state_dict(self, state: dict, keep_totals: bool = False) -> None:
+        """Roll back to `state`; `keep_totals` keeps the traffic counted since (a trainer restart
+        within one job: the bytes really crossed the wire)."""
+        self.step, self.version, self.history = state["rl_step"], state.get("version", 0), state["history"]
+        if not keep_totals:
+            self.totals = {**new_totals(), **state["totals"]}
+        self.rng.setstate(state["rng"])
+        if self.advantages is not None and state.get("advantages") is not None:
+            self.advantages.load_state_dict(state["advantages"])
+        if self.task is not None:
+            self.task.load_state_dict(state.get("task", {}))
+
+
+@dataclass
+class RLJob:
+    """The running job: plan, actor groups, logger, driver state, and per-run bookkeeping."""
+    plan: RLPlan
+    trainers: Any  # launch/rl_trainers.RLTrainers
+    rollouts: Any  # launch/rl_rollouts.RolloutGroup
+    logger: Any  # launch/loggers.MetricsLogger
+    state: DriverState
+    checksums: dict[int, str] = field(default_factory=dict)  # published version -> checksum
+    rl_start_version: int = 0  # the version RL (re)started from (async offers never reach below)
+    in_flight: list = field(default_factory=list)  # this step's samples (dropped if the trainer dies)
+    launched: dict[int, list] = field(default_factory=dict)  # async: the prompts of each worker's running batch
+
+    @property
+    def cfg(self) -> RLJobConfig:
+        return self.plan.cfg
+
+    @property
+    def async_mode(self) -> bool:
+        return self.cfg.rl.mode == "async" and self.cfg.rl.max_staleness > 0
+
+    @property
+    def per_worker(self) -> int:
+        return self.cfg.rollout.prompts_per_step // self.cfg.rollout.workers
+
+    @property
+    def group_size(self) -> int:
+        return self.cfg.rollout.samples_per_prompt
+
+    def next_prompts(self) -> list:
+        """One share of prompts (Samples) for one worker."""
+        return self.plan.task.sample(self.per_worker, self.state.rng)
+
+    def min_version(self) -> int:
+        """A batch launched now is trained after the next publish: it may be at most
+        max_staleness versions older than that one."""
+        return self.state.version + 1 - self.cfg.rl.max_staleness
+
+
+def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step: Callable | None = None) -> dict:
     """Run the job; returns the summary (also written to run_dir/summary.json).
 
     `on_step(step, rollouts)`, when given, is called after every RL step (tests use it to kill
     a rollout worker or the trainer mid-run)."""
     import ray
-    import torch
 
     from launch.cluster import ray_cluster
     from launch.loggers import MetricsLogger
     from launch.rl_rollouts import RolloutGroup
     from launch.rl_trainers import RLTrainers
-    from launch.trainer_group import merge_metrics
-    from sync.errors import UpdateUnavailableError
-    from models import build_model
-    from rollout.batch import sft_batch
-    from rollout.tasks import build_task
-    from trainer import checkpoint as ckpt
-    from trainer.algos.config import build_objective
+    from trainer.algos.advantages import build_advantage_estimator
 
     started = time.time()
-    run_dir = Path(run_dir).resolve()
-    validate_rl_config(cfg)
-    rl, rc = cfg.rl, cfg.rollout
-    trainer_cfg = derived_trainer_config(cfg)
-    algo_cfg = replace(cfg.algo, temperature=rc.temperature)  # trainer logprobs = rollout logprobs
-    advantage_fn = build_objective(algo_cfg)  # the driver's copy: advantages (PPO's baseline lives here)
-    task, _ = build_task(cfg.task)
-    with torch.device("meta"):
-        _, tokenizer = build_model(cfg.model)
-    rng = random.Random(trainer_cfg.seed)
-    world = cfg.cluster.trainers
-    rows = rows_per_step(cfg)
-    if rl.sft_warmup_steps and any(p.answer is None for p in task.sample(64, random.Random(0))):
-        raise RLConfigError("rl.sft_warmup_steps > 0 needs an answer for every prompt; "
-                            "set rl.sft_warmup_steps=0 or add answers to task.prompts_file")
-
-    ckpt_root = run_dir / "checkpoints"
-    fingerprint = rl_fingerprint(cfg)
-    resume_from = ckpt.find_resume_checkpoint(rl.resume, ckpt_root, key="rl.resume", error=RLConfigError)
-    if resume_from is not None:  # checked before Ray starts
-        ckpt.validate_checkpoint(resume_from, fingerprint)
-
-    logger = MetricsLogger(cfg.logger, run_dir, config=asdict(cfg), total_steps=rl.steps)
-    history: dict[str, list[float]] = {}
-    totals = {"payload": 0, "dense": 0, "snapshot_payload": 0, "mismatches": 0, "discarded": 0,
-              "dropped_lost": 0}
-    done = 0  # RL steps already taken (a resumed run continues after them)
+    plan = plan_run(cfg, Path(run_dir).resolve())
+    cfg = plan.cfg
+    logger = MetricsLogger(replace(cfg.logger, name=cfg.logger.name or f"rl-{cfg.task.name}-{cfg.algo.name}-{cfg.rl.mode}"),
+                           plan.run_dir, config=asdict(cfg), total_steps=cfg.rl.steps)
+    state = DriverState(rng=random.Random(plan.trainer_cfg.seed), advantages=build_advantage_estimator(plan.algo_cfg),
+                        task=plan.task)
     try:
         with ray_cluster(cfg.cluster):
             check_resources(cfg, ray.cluster_resources())
-            trainers = RLTrainers(cfg, trainer_cfg, algo_cfg)
+            trainers = RLTrainers(cfg, plan.trainer_cfg, plan.algo_cfg)
             rollouts = None
             try:
-                rollouts = RolloutGroup(cfg.model, rc, cfg.task, trainers.publisher)
-
-                def restore(path: Path, keep_totals: bool) -> int:
-                    """Load checkpoint `path` into the trainers and roll the driver back to it;
-                    returns the weight version it was saved at."""
-                    nonlocal done, history, totals
-                    driver = trainers.group.load_checkpoint(str(path))["driver"]
-                    done, history = driver["rl_step"], driver["history"]
-                    if not keep_totals:
-                        totals = {"dropped_lost": 0, **driver["totals"]}
-                    rng.setstate(driver["rng"])
-                    if driver.get("baseline") is not None:
-                        advantage_fn.baseline = driver["baseline"]
-                    steps_file = run_dir / "steps.jsonl"  # drop the rows written after the checkpoint
-                    if steps_file.exists():
-                        keep = [ln for ln in steps_file.read_text().splitlines() if json.loads(ln)["step"] <= done]
-                        steps_file.write_text("".join(ln + "\n" for ln in keep))
-                    return driver.get("version", 0)
-
-                def start_rl(version_floor: int) -> dict:
-                    """RL objective on every rank, publish under a version >= version_floor, and
-                    bring every rollout worker to it (full snapshots); the publish stats."""
-                    trainers.group.call("begin_rl", done)
-                    trainers.group.call("set_version_floor", version_floor)
-                    started_sync = time.perf_counter()
-                    publish = trainers.begin_publish()
-                    applied = rollouts.apply_all()
-                    pub = trainers.finish_publish(publish, time.perf_counter() - started_sync)
-                    for stats in applied:
-                        totals["snapshot_payload"] += stats["payload_bytes"]
-                        totals["mismatches"] += stats["checksum"] != pub["checksum"]
-                    return pub
-
-                def driver_state(step: int) -> dict:
-                    return {"driver": {"rl_step": step, "history": history, "totals": totals, "rng": rng.getstate(),
-                                       "baseline": getattr(advantage_fn, "baseline", None), "version": version}}
-
-                # -- supervised warm-up (or the state of a resumed run) -------------------------------
-                sft_started = time.time()
-                version_floor = 0
-                if resume_from is not None:
-                    version_floor = restore(resume_from, keep_totals=False)
-                    print(f"resumed from {resume_from} at RL step {done}", flush=True)
-                for s in range(rl.sft_warmup_steps if resume_from is None else 0):
-                    prompts = task.sample(rows, rng)
-                    batch = sft_batch([p.text for p in prompts], [p.answer for p in prompts], tokenizer)
-                    metrics = merge_metrics(ray.get([w.sft_step.remote(shard(batch, r, world))
-                                                     for r, w in enumerate(trainers.workers)]))
-                    if (s + 1) % 20 == 0 or s + 1 == rl.sft_warmup_steps:
-                        logger.log({"sft/loss": metrics["sft_loss"]}, 0)
-                        print(f"sft step {s + 1}/{rl.sft_warmup_steps} loss {metrics['sft_loss']:.3f} "
-                              f"({time.time() - sft_started:.1f} s)", flush=True)
-                sft_s = time.time() - sft_started
-                first = start_rl(version_floor)
-                version = first["version"]
-                checksums = {version: first["checksum"]}
-                if rl.checkpoint_every and resume_from is None:  # a trainer restart needs one from step 0 on
-                    ckpt.save_checkpoint(trainers.group, ckpt_root, version, fingerprint, driver_state(0),
-                                         keep=trainer_cfg.keep_checkpoints)
-
-                # -- RL loop ----------------------------------------------------------------------
-                per_worker = rc.prompts_per_step // rc.workers
-                G = rc.samples_per_prompt
-                async_mode = rl.mode == "async" and rl.max_staleness > 0
-                # A batch launched now is trained after the next publish: it may be at most
-                # max_staleness versions older than that one.
-                min_version = lambda: version + 1 - rl.max_staleness  # noqa: E731
-                if async_mode:
-                    for i in range(rc.workers):
-                        rollouts.launch(i, per_worker, G, min_version())
-                rl_started = time.time()
-                step = done
-                while step < rl.steps:
-                    step += 1
-                    shares: list[dict] = []  # this step's samples (dropped if the trainer dies)
-                    try:
-                        t0 = time.perf_counter()
-                        sync_stats: list[dict] = []
-                        if async_mode:
-                            for i in range(rc.workers):
-                                result = rollouts.collect(i, per_worker, G)
-                                if version - result["version"] > rl.max_staleness:
-                                    totals["discarded"] += 1
-                                    sync_stats.append(rollouts.resync(i))
-                                    result = rollouts.generate_one(i, per_worker, G)
-                                if result["sync"]:
-                                    sync_stats.append(result["sync"])
-                                shares.append(result)
-                                rollouts.launch(i, per_worker, G, min_version())  # the next batch starts now
-                        else:
-                            shares = rollouts.generate_all(per_worker, G)
-                        gen_wall = time.perf_counter() - t0
-
-                        batch, roll_metrics = assemble(shares, version, advantage_fn, G, tokenizer.pad_id)
-                        t1 = time.perf_counter()
-                        train = merge_metrics(ray.get([w.train_step.remote(shard(batch, r, world))
-                                                       for r, w in enumerate(trainers.workers)]))
-                        train_s = time.perf_counter() - t1
-                        t2 = time.perf_counter()
-                        publish = trainers.begin_publish()  # parts still encoding: workers fetch as they land
-                        version = publish.version
-                        checksums[version] = publish.checksum
-                        if async_mode:
-                            rollouts.offer(list(range(max(first["version"], version - rl.max_staleness - 2), version)))
-                        else:
-                            sync_stats = rollouts.apply_all()
-                        sync_s = time.perf_counter() - t2
-                        pub = trainers.finish_publish(publish, None if async_mode else sync_s)
-                        totals["payload"] += pub["payload_bytes"]
-                        totals["dense"] += pub["dense_bytes"]
-                        for st in sync_stats:
-                            if "checksum" in st and st["checksum"] != checksums.get(st["version"]):
-                                totals["mismatches"] += 1
-                        step_s = time.perf_counter() - t0
-
-                        metrics = {
-                            **roll_metrics, **{f"train/{k}": v for k, v in train.items() if k not in ("step",)},
-                            "sync/payload_bytes": pub["payload_bytes"], "sync/dense_bytes": pub["dense_bytes"],
-                            "sync/ratio": pub["dense_bytes"] / max(1, pub["payload_bytes"]),
-                            "sync/encode_s": pub.get("encode_s", 0.0), "sync/seconds": sync_s,
-                            "density": pub["density"], "step_s": step_s, "gen_wait_s": gen_wall, "train_s": train_s,
-                            "version": version, "trainer/restarts": trainers.restarts,
-                        }
-                        pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]
-                        if pauses:
-                            metrics["sync/pause_s"] = max(pauses)
-                        waits = [st["weights_wait_s"] for st in sync_stats if "weights_wait_s" in st]
-                        if waits:
-                            metrics["sync/weights_wait_s"] = max(waits)
-                        for k, v in metrics.items():
-                            history.setdefault(k, []).append(float(v))
-                        logger.log(metrics, step)
-                        with open(run_dir / "steps.jsonl", "a") as f:
-                            f.write(json.dumps({"step": step, **metrics}) + "\n")
-                        if step % rl.log_every == 0 or step == rl.steps:
-                            window = history["reward/mean"][-rl.log_every:]
-                            from tqdm import tqdm
-
-                            tqdm.write(f"rl step {step}/{rl.steps} v{version} reward {sum(window) / len(window):.3f} "
-                                       f"staleness {metrics['staleness/mean']:.2f} sync x{metrics['sync/ratio']:.1f} "
-                                       f"step {step_s:.2f}s")
-                        if rl.checkpoint_every and (step % rl.checkpoint_every == 0 or step == rl.steps):
-                            ckpt.save_checkpoint(trainers.group, ckpt_root, version, fingerprint,
-                                                 driver_state(step), keep=trainer_cfg.keep_checkpoints)
-                    except (ray.exceptions.RayActorError, UpdateUnavailableError) as e:
-                        if trainers.alive():
-                            raise  # a rollout worker's death the rollout group did not absorb
-                        latest = ckpt.latest_checkpoint(ckpt_root)
-                        trainers.restart(type(e).__name__, latest)
-                        rollouts.publisher = trainers.publisher
-                        # samples in flight come from versions the restored trainer never made
-                        totals["dropped_lost"] += sum(len(s["rewards"]) for s in shares) + \
-                            rollouts.drain(trainer_lost=True)
-                        restore(latest, keep_totals=True)
-                        first = start_rl(version + 1)  # above every version a worker may hold
-                        version = first["version"]
-                        checksums[version] = first["checksum"]
-                        if async_mode:
-                            for i in range(rc.workers):
-                                rollouts.launch(i, per_worker, G, min_version())
-                        print(f"trainer restarted (restart {trainers.restarts}) from {latest.name}, "
-                              f"RL step {done}", flush=True)
-                        step = done
-                        continue
-                    if on_step is not None:
-                        on_step(step, rollouts)
-
-                # -- end: every worker at the final version, checksums compared -----------------------
-                rollouts.drain()
-                for st in rollouts.apply_all():
-                    if st["checksum"] != checksums[version]:
-                        totals["mismatches"] += 1
-                final_versions, final_checksums = rollouts.final_state()
-                totals["mismatches"] += sum(c != checksums[version] for c in final_checksums)
-                rl_s = time.time() - rl_started
-                if rl.export:  # checks the sparsity pattern of what it writes
-                    trainers.group.export(str(run_dir))
-                summary = make_summary(cfg, history, totals, version, final_versions, rollouts.restarts,
-                                       trainers.restarts,
-                                       wall_s=time.time() - started, sft_s=sft_s, rl_s=rl_s)
-                summary["export"] = str(run_dir / "model.safetensors") if rl.export else None
-                logger.summary(summary)
+                rollouts = RolloutGroup(cfg.model, cfg.rollout, cfg.task, trainers.publisher)
+                job = RLJob(plan, trainers, rollouts, logger, state)
+                times = {"sft_s": warm_up(job)}
+                times["rl_s"] = train(job, on_step)
+                summary = finish(job, wall_s=time.time() - started, **times)
             finally:
                 if rollouts is not None:
                     rollouts.shutdown()
                 trainers.shutdown()
     finally:
         logger.close()
+    return summary
+
+
+def plan_run(cfg: RLJobConfig, run_dir: Path) -> RLPlan:
+    """Check the config, load the prompts, pick (and check) the checkpoint to resume: every bad
+    input fails here."""
+    import torch
+
+    from models import build_model
+    from rollout.tasks import build_task
+    from trainer import checkpoint as ckpt
+
+    validate_rl_config(cfg)
+    # Reward files by absolute path: rollout workers need not share the driver's working directory.
+    cfg = replace(cfg, task=replace(cfg.task, reward_fns=[absolute_reward_spec(s) for s in cfg.task.reward_fns]))
+    algo_cfg = replace(cfg.algo, temperature=cfg.rollout.temperature)  # trainer logprobs = rollout logprobs
+    task = build_task(cfg.task)
+    eval_prompts = task.eval_samples() if cfg.rl.eval_every else []
+    with torch.device("meta"):
+        _, tokenizer = build_model(cfg.model)
+    fingerprint = rl_fingerprint(cfg)
+    resume_from = ckpt.find_resume_checkpoint(cfg.rl.resume, run_dir / "checkpoints", key="rl.resume",
+                                              error=RLConfigError)
+    if resume_from is not None:
+        ckpt.validate_checkpoint(resume_from, fingerprint)
+    return RLPlan(cfg, run_dir, derived_trainer_config(cfg), algo_cfg, task, eval_prompts, tokenizer, fingerprint,
+                  resume_from)
+
+
+def absolute_reward_spec(spec: str) -> str:
+    where, sep, attr = spec.rpartition(":")
+    return f"{Path(where).resolve()}:{attr}" if sep and where.endswith(".py") else spec
+
+
+# -- phases ---------------------------------------------------------------------------------------
+
+def warm_up(job: RLJob) -> float:
+    """Supervised steps on the task's answers (or the state of a resumed run), then RL starts:
+    every rank switches objective, publishes, every worker applies; the step-0 checkpoint."""
+    from rollout.batch import sft_batch
+
+    plan, rl, started = job.plan, job.cfg.rl, time.time()
+    version_floor = 0
+    if plan.resume_from is not None:
+        version_floor = restore(job, plan.resume_from)
+        print(f"resumed from {plan.resume_from} at RL step {job.state.step}", flush=True)
+    for s in range(rl.sft_warmup_steps if plan.resume_from is None else 0):
+        prompts = plan.task.sample(rows_per_step(job.cfg), job.state.rng)
+        batch = sft_batch([p.prompt for p in prompts], [p.answer for p in prompts], plan.tokenizer)
+        metrics = job.trainers.sft_step(batch)
+        if (s + 1) % 20 == 0 or s + 1 == rl.sft_warmup_steps:
+            job.logger.log({"sft/loss": metrics["sft_loss"]}, 0)
+            print(f"sft step {s + 1}/{rl.sft_warmup_steps} loss {metrics['sft_loss']:.3f} "
+                  f"({time.time() - started:.1f} s)", flush=True)
+    sft_s = time.time() - started
+    start_rl(job, version_floor)
+    if rl.eval_every and job.state.step == 0:  # where RL starts from
+        job.logger.log(remember(job.state, evaluate(job)), 0)
+    if rl.checkpoint_every and plan.resume_from is None:  # a trainer restart needs one from step 0 on
+        checkpoint(job)
+    return sft_s
+
+
+def train(job: RLJob, on_step: Callable | None) -> float:
+    """The RL loop; a trainer death rolls back to the latest checkpoint and goes on."""
+    import ray
+
+    from sync.errors import UpdateUnavailableError
+
+    started = time.time()
+    if job.async_mode:
+        launch_all(job)
+    while job.state.step < job.cfg.rl.steps:
+        try:
+            rl_step(job)
+        except (ray.exceptions.RayActorError, UpdateUnavailableError) as e:  # a rank died, maybe mid-publish
+            if job.trainers.alive():
+                raise  # a rollout worker's death the rollout group did not absorb
+            recover_trainer(job, type(e).__name__)
+            continue
+        if on_step is not None:
+            on_step(job.state.step, job.rollouts)
+    return time.time() - started
+
+
+def rl_step(job: RLJob) -> None:
+    """One RL step: samples -> batch -> one optimizer step -> publish -> workers updated -> log."""
+    s, rl, times = job.state, job.cfg.rl, {}
+    step = s.step + 1
+    with stopwatch(times, "step_s"):
+        with stopwatch(times, "gen_wait_s"):
+            shares, sync_stats = async_rollouts(job) if job.async_mode else sync_rollouts(job)
+        batch, rollout_metrics = assemble(shares, s.version, s.advantages, job.group_size, job.plan.tokenizer.pad_id)
+        with stopwatch(times, "train_s"):
+            train_metrics = job.trainers.train_step(batch)
+        with stopwatch(times, "sync/seconds"):
+            publishing = begin_publish(job)  # parts still encoding: workers fetch them as they land
+            sync_stats += offer_async(job) if job.async_mode else job.rollouts.apply_all()
+        pub = finish_publish(job, publishing, None if job.async_mode else times["sync/seconds"])
+    count_mismatches(job, sync_stats)
+    s.step = step
+    metrics = step_metrics(rollout_metrics, train_metrics, pub, sync_stats, times, s.version, job.trainers.restarts)
+    if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
+        metrics.update(evaluate(job))
+    record(job, metrics)
+    log_samples(job, shares)
+    if rl.checkpoint_every and (step % rl.checkpoint_every == 0 or step == rl.steps):
+        checkpoint(job)
+
+
+def sync_rollouts(job: RLJob) -> tuple[list, list[dict]]:
+    """Sync mode: every worker generates with the trainer's newest weights (they were applied
+    after the last step); no weight traffic happens here."""
+    shares = [job.next_prompts() for _ in range(job.cfg.rollout.workers)]
+    job.in_flight = job.rollouts.generate_all(shares, job.group_size)
+    return job.in_flight, []
+
+
+def async_rollouts(job: RLJob) -> tuple[list, list[dict]]:
+    """Async mode: collect each worker's batch (launched during the previous step), resync a
+    worker whose batch is too stale and generate it again, and launch its next batch at once."""
+    rl, s = job.cfg.rl, job.state
+    shares, sync_stats = [], []
+    job.in_flight = shares
+    for i in range(job.cfg.rollout.workers):
+        prompts = job.launched[i]
+        result = job.rollouts.collect(i, prompts, job.group_size)
+        if s.version - result.version > rl.max_staleness:
+            s.totals["discarded"] += 1
+            sync_stats.append(job.rollouts.resync(i))
+            result = job.rollouts.generate_one(i, prompts, job.group_size)
+        if result.sync:
+            sync_stats.append(result.sync)
+        shares.append(result)
+        launch(job, i)  # the next batch starts now
+    return shares, sync_stats
+
+
+def offer_async(job: RLJob) -> list[dict]:
+    """Async mode, after a publish: every worker fetches the newest version in the background
+    (from any of the versions it may hold); the swap stats come with its next batch."""
+    v = job.state.version
+    job.rollouts.offer(list(range(max(job.rl_start_version, v - job.cfg.rl.max_staleness - 2), v)))
+    return []
+
+
+def begin_publish(job: RLJob):
+    """Every rank stages its slice of the new weights and starts encoding it (sync/transport.py);
+    the new version is known now, its stats once finish_publish has waited for the encode."""
+    publishing = job.trainers.begin_publish()
+    job.state.version = publishing.version
+    job.checksums[publishing.version] = publishing.checksum
+    return publishing
+
+
+def finish_publish(job: RLJob, publishing, sync_s: float | None) -> dict:
+    """The publish's stats (PublishStats as a dict); `sync_s` (begin to every worker committed,
+    sync mode) feeds the sparse/dense choice of later publishes."""
+    pub = job.trainers.finish_publish(publishing, sync_s)
+    job.state.totals["payload"] += pub["payload_bytes"]
+    job.state.totals["dense"] += pub["dense_bytes"]
+    return pub
+
+
+def start_rl(job: RLJob, version_floor: int) -> dict:
+    """RL objective on every rank, publish under a version >= version_floor, and bring every
+    rollout worker to it (full snapshots); the publish stats."""
+    job.trainers.group.call("begin_rl", job.state.step)
+    job.trainers.group.call("set_version_floor", version_floor)
+    started = time.perf_counter()
+    publishing = job.trainers.begin_publish()
+    job.state.version = job.rl_start_version = publishing.version
+    job.checksums[publishing.version] = publishing.checksum
+    applied = job.rollouts.apply_all()
+    pub = job.trainers.finish_publish(publishing, time.perf_counter() - started)
+    for stats in applied:
+        job.state.totals["snapshot_payload"] += stats["payload_bytes"]
+        job.state.totals["mismatches"] += stats["checksum"] != pub["checksum"]
+    return pub
+
+
+def launch(job: RLJob, i: int) -> None:
+    """Async mode: worker i starts its next batch (new prompts) with the weights it has."""
+    job.launched[i] = job.next_prompts()
+    job.rollouts.launch(i, job.launched[i], job.group_size, job.min_version())
+
+
+def launch_all(job: RLJob) -> None:
+    for i in range(job.cfg.rollout.workers):
+        launch(job, i)
+
+
+def evaluate(job: RLJob) -> dict[str, float]:
+    """The eval prompts split over the workers: greedy reward mean and pass@k (k = rl.eval_samples)."""
+    rl, prompts, n = job.cfg.rl, job.plan.eval_prompts, job.cfg.rollout.workers
+    shares = [prompts[i * len(prompts) // n:(i + 1) * len(prompts) // n] for i in range(n)]
+    results = job.rollouts.evaluate(shares, rl.eval_samples, rl.pass_threshold)
+    greedy = [r for res in results for r in res.greedy_rewards]
+    passed = [p for res in results for p in res.passed]
+    return {"eval/reward_mean": sum(greedy) / len(greedy), f"eval/pass@{rl.eval_samples}": sum(passed) / len(passed),
+            "eval/version": min(res.version for res in results),
+            "eval/reward_failures": sum(res.reward_failures for res in results)}
+
+
+def count_mismatches(job: RLJob, sync_stats: list[dict]) -> None:
+    for st in sync_stats:
+        if "checksum" in st and st["checksum"] != job.checksums.get(st["version"]):
+            job.state.totals["mismatches"] += 1
+
+
+# -- trainer failure and checkpoints --------------------------------------------------------------
+
+def recover_trainer(job: RLJob, reason: str) -> None:
+    """A trainer rank died: a new group loads the latest checkpoint, the driver rolls back to it,
+    RL restarts above every version a worker may hold, and the samples in flight are dropped."""
+    from trainer import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(job.plan.checkpoint_root)
+    job.trainers.restart(reason, latest)
+    job.rollouts.publisher = job.trainers.publisher
+    # samples in flight come from versions the restored trainer never made
+    dropped = sum(s.size for s in job.in_flight) + job.rollouts.drain(trainer_lost=True)
+    job.state.totals["dropped_lost"] += dropped
+    newest = job.state.version
+    restore(job, latest, keep_totals=True)
+    start_rl(job, newest + 1)  # above every version a worker may hold
+    if job.async_mode:
+        launch_all(job)
+    print(f"trainer restarted (restart {job.trainers.restarts}) from {latest.name}, RL step {job.state.step}",
+          flush=True)
+
+
+def restore(job: RLJob, path: Path, keep_totals: bool = False) -> int:
+    """Load checkpoint `path` into the trainers and roll the driver back to it; returns the weight
+    version it was saved at."""
+    driver = job.trainers.group.load_checkpoint(str(path))["driver"]
+    job.state.load_state_dict(driver, keep_totals)
+    steps_file = job.plan.run_dir / "steps.jsonl"  # drop the rows written after the checkpoint
+    if steps_file.exists():
+        keep = [ln for ln in steps_file.read_text().splitlines() if json.loads(ln)["step"] <= job.state.step]
+        steps_file.write_text("".join(ln + "\n" for ln in keep))
+    return job.state.version
+
+
+def checkpoint(job: RLJob) -> Path:
+    from trainer import checkpoint as ckpt
+
+    return ckpt.save_checkpoint(job.trainers.group, job.plan.checkpoint_root, job.state.version, job.plan.fingerprint,
+                                {"driver": job.state.state_dict()}, keep=job.plan.trainer_cfg.keep_checkpoints)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+@contextmanager
+def stopwatch(times: dict[str, float], key: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] = time.perf_counter() - started
+
+
+def step_metrics(rollout: dict, train: dict, pub: dict, sync_stats: list[dict], times: dict, version: int,
+                 trainer_restarts: int) -> dict[str, float]:
+    """Every metric of one RL step, by its logged name (steps.jsonl, wandb)."""
+    metrics = {
+        **rollout, **{f"train/{k}": v for k, v in train.items() if k != "step"},
+        "sync/payload_bytes": pub["payload_bytes"], "sync/dense_bytes": pub["dense_bytes"],
+        "sync/ratio": pub["dense_bytes"] / max(1, pub["payload_bytes"]),
+        "sync/encode_s": pub.get("encode_s", 0.0), "density": pub["density"],
+        **times, "version": version, "trainer/restarts": trainer_restarts,
+    }
+    pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]  # sync/transport.py's stats dicts
+    if pauses:
+        metrics["sync/pause_s"] = max(pauses)
+    waits = [st["weights_wait_s"] for st in sync_stats if "weights_wait_s" in st]
+    if waits:
+        metrics["sync/weights_wait_s"] = max(waits)
+    return metrics
+
+
+def remember(state: DriverState, metrics: dict[str, float]) -> dict[str, float]:
+    """Append to the history (what summary.json is made of); returns `metrics`."""
+    for k, v in metrics.items():
+        state.history.setdefault(k, []).append(float(v))
+    return metrics
+
+
+def record(job: RLJob, metrics: dict[str, float]) -> None:
+    """Into the history, the loggers and steps.jsonl; a console line every rl.log_every steps."""
+    s, rl = job.state, job.cfg.rl
+    job.logger.log(remember(s, metrics), s.step)
+    with open(job.plan.run_dir / "steps.jsonl", "a") as f:
+        f.write(json.dumps({"step": s.step, **metrics}) + "\n")
+    if s.step % rl.log_every == 0 or s.step == rl.steps:
+        from tqdm import tqdm
+
+        window = s.history["reward/mean"][-rl.log_every:]
+        tqdm.write(f"rl step {s.step}/{rl.steps} v{s.version} reward {sum(window) / len(window):.3f} "
+                   f"staleness {metrics['staleness/mean']:.2f} sync x{metrics['sync/ratio']:.1f} "
+                   f"step {metrics['step_s']:.2f}s")
+
+
+def log_samples(job: RLJob, shares: list) -> None:
+    """Every logger.samples_every steps: the completions of each worker's first prompt as a
+    `samples` table (prompt, completion, reward, each reward function's reward, version)."""
+    every = job.cfg.logger.samples_every
+    if not every or job.state.step % every:
+        return
+    names = list(shares[0].reward_components)
+    columns = ["step", "version", "prompt", "completion", "reward", *[f"reward/{n}" for n in names]]
+    rows = []
+    for s in shares:
+        prompt = s.prompts[0] if isinstance(s.prompts[0], str) else json.dumps(s.prompts[0], ensure_ascii=False)
+        for j in range(min(job.group_size, s.size)):
+            rows.append([job.state.step, s.version, prompt, s.completions[j], float(s.rewards[j]),
+                         *[s.reward_components[n][j] for n in names]])
+    job.logger.log_table("samples", columns, rows, job.state.step)
+
+
+def finish(job: RLJob, **times: float) -> dict:
+    """Every worker at the final version (checksums compared), export, summary.json."""
+    s, version = job.state, job.state.version
+    job.rollouts.drain()
+    count_mismatches(job, job.rollouts.apply_all())
+    final_versions, final_checksums = job.rollouts.final_state()
+    s.totals["mismatches"] += sum(c != job.checksums[version] for c in final_checksums)
+    if job.cfg.rl.eval_every and (not s.history.get("eval/version") or s.history["eval/version"][-1] != version):
+        job.logger.log(remember(s, evaluate(job)), s.step)  # every worker holds the final version now
+    if job.cfg.rl.export:  # checks the sparsity pattern of what it writes
+        job.trainers.group.export(str(job.plan.run_dir))
+    summary = make_summary(job.cfg, s.history, s.totals, version, final_versions, job.rollouts.restarts,
+                           job.trainers.restarts, **times)
+    summary["export"] = str(job.plan.run_dir / "model.safetensors") if job.cfg.rl.export else None
+    job.logger.summary(summary)
     return summary
 
 
@@ -308,35 +539,38 @@ def rl_fingerprint(cfg: RLJobConfig) -> dict:
             "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()}, "algo": cfg.algo.name}
 
 
-def shard(batch: dict, rank: int, world: int) -> dict:
-    rows = next(iter(batch.values())).shape[0] // world
-    return {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
-
-
-def assemble(shares: list[dict], trainer_version: int, algo, group_size: int, pad_id: int):
-    """The rollout shares -> one trainer batch (advantages per prompt group) + rollout metrics."""
+def assemble(shares: list, trainer_version: int, estimator, group_size: int, pad_id: int):
+    """The rollout shares (RolloutBatch) -> one trainer batch + rollout metrics. The driver-side
+    advantage estimator fills `advantages`; without one (PPO) the trainer estimates them."""
     import torch
 
     from rollout.batch import completion_columns, train_batch
 
-    prompt_ids = [p for s in shares for p in s["prompt_ids"]]
-    tokens = torch.cat([s["tokens"] for s in shares])
-    lengths = torch.cat([s["lengths"] for s in shares])
-    rewards = torch.cat([s["rewards"] for s in shares])
-    versions = torch.cat([torch.full((len(s["rewards"]),), s["version"]) for s in shares])
+    prompt_ids = [p for s in shares for p in s.prompt_ids]
+    tokens = torch.cat([s.tokens for s in shares])
+    lengths = torch.cat([s.lengths for s in shares])
+    rewards = torch.cat([s.rewards for s in shares])
+    versions = torch.cat([torch.full((s.size,), s.version) for s in shares])
     batch = train_batch(prompt_ids, tokens, lengths, pad_id)
     width = batch["input_ids"].shape[1]
-    batch["old_logprobs"] = completion_columns(width, torch.cat([s["logprobs"] for s in shares]))
-    batch["advantages"] = algo.advantages(rewards, group_size)
+    batch["old_logprobs"] = completion_columns(width, torch.cat([s.logprobs for s in shares]))
+    batch["rewards"] = rewards
+    if estimator is not None:
+        batch["advantages"] = estimator(rewards, group_size)
     batch["current_version"] = (versions == trainer_version)
     staleness = (trainer_version - versions).float()
-    gen_s = max(s["gen_s"] for s in shares)
-    failures = sum(len(s["reward_failures"]) for s in shares)
+    gen_s = max(s.gen_s for s in shares)
+    groups = rewards.view(-1, group_size)
     metrics = {
         "reward/mean": float(rewards.mean()),
-        "reward/failures": failures,
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "reward/zero_std_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
+        "reward/failures": sum(len(s.reward_failures) for s in shares),
         "response/length_mean": float(lengths.float().mean()),
-        "response/finished_frac": float(torch.cat([s["finished"] for s in shares]).float().mean()),
+        "response/length_max": float(lengths.max()),
+        "response/finished_frac": float(torch.cat([s.finished for s in shares]).float().mean()),
+        **{f"reward/{name}": sum(sum(s.reward_components[name]) for s in shares) / len(rewards)
+           for name in shares[0].reward_components},
         "rollout/tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
         "rollout/gen_s": gen_s,
         "staleness/mean": float(staleness.mean()),
@@ -376,6 +610,8 @@ def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, fi
         "density_final": history["density"][-1] if history.get("density") else None,
         "rollout.tokens_per_s_mean": mean("rollout/tokens_per_s"),
         "reward.failures": int(sum(history.get("reward/failures", []))),
+        **{k: v[-1] for k, v in history.items() if k.startswith("eval/")},
+        **{f"{k}_first": v[0] for k, v in history.items() if k in ("eval/reward_mean",) or k.startswith("eval/pass@")},
         **{k: round(v, 2) for k, v in times.items()},
     }
 
@@ -387,7 +623,13 @@ register_configs()
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    return run_rl(to_rl_config(cfg), HydraConfig.get().runtime.output_dir)
+    from launch.loggers import run_name
+
+    hydra_cfg = HydraConfig.get()
+    job_cfg = to_rl_config(cfg)
+    if job_cfg.logger.name is None:
+        job_cfg = replace(job_cfg, logger=replace(job_cfg.logger, name=run_name("rl", list(hydra_cfg.overrides.task))))
+    return run_rl(job_cfg, hydra_cfg.runtime.output_dir)
 
 
 if __name__ == "__main__":

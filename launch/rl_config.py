@@ -39,6 +39,9 @@ class RLConfig:
     resume: str | None = None
     # trainer group restarts from the latest checkpoint within one job (needs checkpoint_every > 0)
     max_trainer_restarts: int = 2
+    eval_every: int = 0  # RL steps between evaluations on the eval prompts (0: none; >0 also evaluates at the end)
+    eval_samples: int = 4  # k of pass@k: sampled completions per eval prompt
+    pass_threshold: float = 1.0  # a completion passes when its reward is >= this (pass@k)
 
 
 class RLConfigError(ValueError):
@@ -93,7 +96,6 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
     import torch
 
     from models import build_model
-    from rollout.tasks import build_task
     from trainer.algos.config import build_objective
     from trainer.sparsity import module_shapes, validate_sparsity_config
 
@@ -116,8 +118,11 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
         raise RLConfigError(f"rl.lr_warmup_steps={rl.lr_warmup_steps}: expected >= 0")
     if rl.sft_lr <= 0:
         raise RLConfigError(f"rl.sft_lr={rl.sft_lr}: expected > 0")
+    if rl.eval_every < 0:
+        raise RLConfigError(f"rl.eval_every={rl.eval_every}: expected >= 0")
+    if rl.eval_samples < 1:
+        raise RLConfigError(f"rl.eval_samples={rl.eval_samples}: expected >= 1 (k of pass@k)")
     validate_rollout_config(cfg.rollout)
-    build_task(cfg.task)  # unknown task, malformed prompts file, unknown reward function
     build_objective(cfg.algo)
     if cfg.sync.published_dtype != cfg.rollout.dtype:
         raise RLConfigError(f"sync.published_dtype={cfg.sync.published_dtype!r} must equal "
@@ -132,23 +137,45 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
     validate_trainer_config(trainer_cfg, cfg.optimizer)
     with torch.device("meta"):
         model, tokenizer = build_model(cfg.model)
-    limit = getattr(getattr(model, "config", None), "block_size", None) or \
-        getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit is not None:
-        import random
-
-        task, _ = build_task(cfg.task)
-        prompts = getattr(task, "prompts", None) or task.sample(64, random.Random(0))
-        longest = max(prompts, key=lambda p: len(tokenizer.encode(p.text)))
-        need = 1 + len(tokenizer.encode(longest.text)) + cfg.rollout.max_new_tokens  # bos + prompt + completion
-        if need > limit:
-            raise RLConfigError(f"prompt {longest.text[:40]!r} + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
-                                f"need {need} positions; the model's context is {limit} (model.block_size)")
+    validate_task(cfg, model, tokenizer)
     validate_sparsity_config(cfg.sparsity, module_shapes(model))
-    from trainer.sparsity import check_sparsity_for_job  # issue 12: init=magnitude needs pretrained weights
+    from trainer.sparsity import check_sparsity_for_job  # init=magnitude needs pretrained weights
 
     check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.kind == "hf" or rl.resume is not None,
                            peak_lr=cfg.optimizer.lr)
+
+
+def validate_task(cfg: RLJobConfig, model, tokenizer) -> None:
+    """The prompts (dataset readable, prompt column present, chat messages renderable, short
+    enough for the model's context) and the reward functions (loadable, weights matching, a probe
+    call on real rows returns one number per row)."""
+    import random
+
+    from rollout.batch import prompt_token_ids
+    from rollout.rewards import build_reward_fns, probe_reward_fns
+    from rollout.tasks import build_task
+
+    task = build_task(cfg.task)  # unknown task, unreadable / empty / malformed dataset
+    fns = build_reward_fns(cfg.task.reward_fns, cfg.task.reward_weights)
+    train = task.sample(64, random.Random(0))
+    if cfg.rl.sft_warmup_steps and any(not isinstance(s.answer, str) for s in train):
+        raise RLConfigError("rl.sft_warmup_steps > 0 needs a string 'answer' column on every prompt; "
+                            "set rl.sft_warmup_steps=0 or add answers to the dataset")
+    every = getattr(task, "samples", train)  # a dataset: all its prompts are checked, not only the first drawn
+    samples = every + (task.eval_samples() if cfg.rl.eval_every else [])
+    encoded = [(len(prompt_token_ids(s.prompt, tokenizer)), s.prompt) for s in samples]  # ChatTemplateError
+    limit = getattr(getattr(model, "config", None), "block_size", None) or \
+        getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None:
+        longest, prompt = max(encoded, key=lambda x: x[0])
+        need = longest + cfg.rollout.max_new_tokens  # prompt (with bos / template) + completion
+        if need > limit:
+            raise RLConfigError(f"prompt {str(prompt)[:40]!r} + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
+                                f"need {need} positions; the model's context is {limit} (model.block_size)")
+    probe = train[:2]
+    names = sorted({k for s in probe for k in s.columns})
+    probe_reward_fns(fns, [s.prompt for s in probe], {k: [s.columns.get(k) for s in probe] for k in names},
+                     cfg.task.reward_timeout_s or None)
 
 
 def check_resources(cfg: RLJobConfig, cluster_resources: dict[str, float]) -> None:

@@ -12,6 +12,7 @@ import logging
 from launch.rl_config import rollout_bundle
 from models import ModelConfig
 from rollout.config import RolloutConfig
+from rollout.results import EvalResult, RolloutBatch
 from rollout.tasks import TaskConfig
 from rollout.worker import RolloutWorker
 
@@ -72,10 +73,10 @@ class RolloutGroup:
         self.versions[i] = stats["version"]
         return stats
 
-    def generate_one(self, i: int, prompts: int, samples_per_prompt: int) -> dict:
+    def generate_one(self, i: int, prompts, samples_per_prompt: int) -> RolloutBatch:
         """Blocking generate on worker i (replaced and retried once if it died)."""
         result = self._call(i, "generate", prompts, samples_per_prompt)
-        self.versions[i] = result["version"]
+        self.versions[i] = result.version
         return result
 
     def _call(self, i: int, method: str, *args):
@@ -108,29 +109,50 @@ class RolloutGroup:
             out.append(stats)
         return out
 
-    def generate_all(self, prompts_per_worker: int, samples_per_prompt: int) -> list[dict]:
-        """Every worker generates its share in parallel; a worker that dies is replaced and its
-        share generated again."""
+    def generate_all(self, shares: list, samples_per_prompt: int) -> list[RolloutBatch]:
+        """Every worker generates its share of prompts (`shares[i]` for worker i) in parallel; a
+        worker that dies is replaced and its share generated again."""
         for i in range(len(self.workers)):
-            self.launch(i, prompts_per_worker, samples_per_prompt)
-        return [self.collect(i, prompts_per_worker, samples_per_prompt) for i in range(len(self.workers))]
+            self.launch(i, shares[i], samples_per_prompt)
+        return [self.collect(i, shares[i], samples_per_prompt) for i in range(len(self.workers))]
+
+    def evaluate(self, shares: list, samples: int, pass_threshold: float) -> list[EvalResult]:
+        """Every worker evaluates its share of the eval prompts in parallel (a worker that dies is
+        replaced and its share evaluated again). Async mode: running generates finish first
+        (their results stay for `collect`); each worker evaluates the weights it holds."""
+        import ray
+
+        if self.pending:
+            ray.wait(list(self.pending.values()), num_returns=len(self.pending))
+        refs = [w.evaluate.remote(shares[i], samples, pass_threshold) for i, w in enumerate(self.workers)]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                self.replace(i, type(e).__name__)
+                out.append(self._call(i, "evaluate", shares[i], samples, pass_threshold))
+        return out
 
     # -- async mode ------------------------------------------------------------------------------
 
-    def launch(self, i: int, prompts: int, samples_per_prompt: int, min_version: int | None = None) -> None:
+    def launch(self, i: int, prompts, samples_per_prompt: int, min_version: int | None = None) -> None:
         self.pending[i] = self.workers[i].generate.remote(prompts, samples_per_prompt, min_version)
 
-    def collect(self, i: int, prompts: int, samples_per_prompt: int) -> dict:
+    def collect(self, i: int, prompts, samples_per_prompt: int) -> RolloutBatch:
         """The result of worker i's running generate (replacing the worker if it died)."""
         import ray
 
-        ref = self.pending.pop(i)
-        try:
-            result = ray.get(ref)
-        except ray.exceptions.RayActorError as e:
-            self.replace(i, type(e).__name__)
+        ref = self.pending.pop(i, None)
+        if ref is None:  # the worker was replaced since the launch (e.g. during an evaluation)
             result = self._call(i, "generate", prompts, samples_per_prompt)
-        self.versions[i] = result["version"]
+        else:
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                self.replace(i, type(e).__name__)
+                result = self._call(i, "generate", prompts, samples_per_prompt)
+        self.versions[i] = result.version
         return result
 
     def resync(self, i: int) -> dict:
@@ -164,8 +186,8 @@ class RolloutGroup:
         for i in list(self.pending):
             try:
                 result = ray.get(self.pending.pop(i))
-                self.versions[i] = result["version"]
-                dropped += len(result["rewards"])
+                self.versions[i] = result.version
+                dropped += result.size
             except ray.exceptions.RayActorError as e:
                 self.replace(i, type(e).__name__)
             except ray.exceptions.RayTaskError as e:

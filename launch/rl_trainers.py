@@ -81,6 +81,16 @@ class RLTrainers:
         self.group = self._start()
         self.publisher = self._publisher()
 
+    def sft_step(self, batch: dict) -> dict[str, float]:
+        """One supervised warm-up step, `batch` split over the ranks; merged metrics."""
+        from launch.trainer_group import merge_metrics
+
+        return merge_metrics(self.group.call_per_rank("sft_step", shard(batch, self.group.world_size)))
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One RL optimizer step, `batch` split over the ranks; merged metrics."""
+        return self.group.train_step(shard(batch, self.group.world_size))
+
     def publish(self) -> dict:
         """Publish the current weights: every rank encodes its own slice; the stats (PublishStats
         as a dict). Receivers fetch with `publisher.update_for(version)`."""
@@ -101,3 +111,9 @@ class RLTrainers:
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+def shard(batch: dict, world: int) -> list[dict]:
+    """Split every tensor of `batch` into `world` equal row blocks, one per rank."""
+    rows = next(iter(batch.values())).shape[0] // world
+    return [{k: v[r * rows:(r + 1) * rows] for k, v in batch.items()} for r in range(world)]

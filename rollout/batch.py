@@ -10,12 +10,37 @@ import torch
 from rollout.generation import left_pad
 
 
-def encode_prompts(texts: list[str], tokenizer) -> list[list[int]]:
-    """Prompt ids: through the tokenizer's chat template when it has one (an HF model's own
-    tokenizer), else `[bos_id] + encode(text)` (see models/hf_tokenizer.py: prompt_ids)."""
-    from models.hf_tokenizer import prompt_ids
+class ChatTemplateError(ValueError):
+    """Chat-message prompts for a tokenizer that has no chat template and no fallback."""
 
-    return [prompt_ids(tokenizer, t) for t in texts]
+
+def render_plain_chat(messages: list[dict]) -> str:
+    """The built-in byte tokenizer's chat template (it has none of its own): every message as
+    `<|role|>` + newline + content + newline, then `<|assistant|>` + newline to answer after.
+    [{"role": "user", "content": "2+2="}] -> "<|user|>\n2+2=\n<|assistant|>\n"."""
+    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+
+
+def prompt_token_ids(prompt: str | list[dict], tokenizer) -> list[int]:
+    """A prompt's ids: a string through models/hf_tokenizer.py's prompt_ids (the chat template
+    when the tokenizer has one, else `[bos_id] + encode(text)`); chat messages through the
+    tokenizer's chat template, or render_plain_chat for the byte tokenizer."""
+    from models.hf_tokenizer import prompt_ids
+    from models.tokenizer import ByteTokenizer
+
+    if isinstance(prompt, str):
+        return prompt_ids(tokenizer, prompt)
+    if getattr(tokenizer, "has_chat_template", False):
+        return tokenizer.encode(tokenizer.apply_chat_template(list(prompt)))
+    if isinstance(tokenizer, ByteTokenizer):
+        return [tokenizer.bos_id] + tokenizer.encode(render_plain_chat(prompt))
+    raise ChatTemplateError(f"the prompts are chat messages but the tokenizer ({type(tokenizer).__name__}) has no chat "
+                            "template; use a model whose tokenizer_config.json has one, or plain-string prompts")
+
+
+def encode_prompts(prompts: list, tokenizer) -> list[list[int]]:
+    """Prompt ids for every prompt (string or chat messages; see prompt_token_ids)."""
+    return [prompt_token_ids(p, tokenizer) for p in prompts]
 
 
 def train_batch(
@@ -42,7 +67,7 @@ def completion_columns(batch_width: int, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def sft_batch(prompts: list[str], answers: list[str], tokenizer) -> dict[str, torch.Tensor]:
+def sft_batch(prompts: list, answers: list[str], tokenizer) -> dict[str, torch.Tensor]:
     """Prompts followed by their correct answers and the stop token, loss on the answers."""
     completions = [tokenizer.encode(a) + [tokenizer.eos_id] for a in answers]
     width = max(len(c) for c in completions)

@@ -23,6 +23,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8
+    greedy: bool = False  # argmax instead of sampling (evaluation); logprobs as above
 
 
 @dataclass
@@ -106,7 +107,10 @@ def generate(
         scaled = step_logits.float() / cfg.temperature
         logp_all = scaled.log_softmax(-1)
         probs = top_p_filter(scaled, cfg.top_p).softmax(-1)
-        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if cfg.greedy:
+            nxt = scaled.argmax(-1)
+        else:
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         live = ~done
         tokens[:, t] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
         logprobs[:, t] = torch.where(live, logp_all.gather(1, nxt[:, None]).squeeze(1), 0.0)

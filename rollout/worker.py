@@ -1,4 +1,7 @@
-"""A rollout worker: a policy copy at a known weight version that samples and scores completions.
+"""A rollout worker: a policy copy at a known weight version that completes the prompts the driver
+sends (data/prompts.py Samples), scores them with the task's reward functions (rollout/rewards.py,
+once per batch) and returns a RolloutBatch (rollout/results.py); `evaluate` gives greedy rewards
+and pass@k on eval prompts.
 
 A plain class; launch/rl.py applies `ray.remote(...)` where it builds the group (with
 `max_concurrency=2` so an update can be offered while a batch is generating), and tests use it
@@ -25,8 +28,10 @@ from rollout.batch import encode_prompts
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine, TorchEngine
 from rollout.generation import SamplingConfig
-from rollout.rewards import score_batch
-from rollout.tasks import TaskConfig, build_task
+from data.prompts import Sample
+from rollout.results import EvalResult, RolloutBatch
+from rollout.rewards import ScoredBatch, build_reward_fns, score_batch
+from rollout.tasks import BUILTIN_TASKS, TaskConfig, build_task
 from sync.errors import SyncError
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,10 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.cfg = rollout_cfg
         self.sampling = SamplingConfig(rollout_cfg.temperature, rollout_cfg.top_p, rollout_cfg.max_new_tokens)
-        self.task, self.reward_fn = build_task(task_cfg)
-        self.on_reward_error = task_cfg.on_reward_error
+        # Prompts come from the driver; a built-in task is kept for `generate(<count>, ...)`.
+        self.task = build_task(task_cfg) if task_cfg.name in BUILTIN_TASKS else None
+        self.reward_fns = build_reward_fns(task_cfg.reward_fns, task_cfg.reward_weights)
+        self.task_cfg = task_cfg
         if engine is None:
             device = rollout_cfg.device
             if device == "auto":
@@ -173,12 +180,13 @@ class RolloutWorker:
             stats = self._commit_staged() or stats
         return stats, time.perf_counter() - started
 
-    def generate(self, num_prompts: int, samples_per_prompt: int, min_version: int | None = None,
-                 wait_timeout_s: float = 10.0) -> dict:
-        """Sample `num_prompts` task prompts, `samples_per_prompt` completions each (groups are
-        consecutive rows), score them, and say which weight version produced them. Async mode
-        passes `min_version`: an offered update still downloading is waited for when the
-        weights in place would be too stale (`weights_wait_s`, apart from the swap's pause_s)."""
+    def generate(self, prompts: list[Sample] | int, samples_per_prompt: int, min_version: int | None = None,
+                 wait_timeout_s: float = 10.0) -> RolloutBatch:
+        """`samples_per_prompt` completions of every prompt (groups are consecutive rows), scored,
+        and which weight version produced them. `prompts` are the driver's Samples, or a count to
+        draw from a built-in task here (tests, benchmarks). Async mode passes `min_version`: an
+        offered update still downloading is waited for when the weights in place would be too
+        stale (`weights_wait_s`, apart from the swap's pause_s)."""
         if min_version is None:
             sync_stats, wait_s = self._commit_staged(), 0.0
         else:
@@ -187,27 +195,52 @@ class RolloutWorker:
                 sync_stats["weights_wait_s"] = wait_s
         if self.receiver.version is None:
             raise RuntimeError(f"rollout worker {self.worker_id} has no weights yet; apply a snapshot first")
+        if isinstance(prompts, int):
+            if self.task is None:
+                raise ValueError(f"task.name={self.task_cfg.name!r}: pass the prompts (Samples), not a count")
+            prompts = self.task.sample(prompts, self.rng)
         started = time.perf_counter()
-        prompts = self.task.sample(num_prompts, self.rng)
-        texts = [p.text for p in prompts for _ in range(samples_per_prompt)]
-        answers = [p.answer for p in prompts for _ in range(samples_per_prompt)]
-        prompt_ids = encode_prompts(texts, self.tokenizer)
-        gen = self.engine.generate(prompt_ids, self.sampling, self.generator)
-        completions = [self.tokenizer.decode(gen.tokens[i, : int(gen.lengths[i])].tolist()) for i in range(len(texts))]
+        rows = [p for p in prompts for _ in range(samples_per_prompt)]
+        prompt_ids, gen, completions = self._complete(rows, self.sampling)
         gen_s = time.perf_counter() - started
-        scored = score_batch(self.reward_fn, texts, completions, answers, self.on_reward_error)
-        return {
-            "worker_id": self.worker_id,
-            "version": self.receiver.version,
-            "prompt_ids": prompt_ids,
-            "tokens": gen.tokens,
-            "logprobs": gen.logprobs,
-            "lengths": gen.lengths,
-            "finished": gen.finished,
-            "rewards": torch.tensor(scored.rewards, dtype=torch.float32),
-            "reward_failures": [reason for _, reason in scored.failures],
-            "texts": texts[:: max(1, samples_per_prompt)][:2],
-            "completions": completions[:2],
-            "gen_s": gen_s,
-            "sync": sync_stats,
-        }
+        scored = self._score(rows, completions)
+        return RolloutBatch(
+            worker_id=self.worker_id, version=self.receiver.version, prompt_ids=prompt_ids, tokens=gen.tokens,
+            logprobs=gen.logprobs, lengths=gen.lengths, finished=gen.finished,
+            rewards=torch.tensor(scored.rewards, dtype=torch.float32),
+            reward_failures=[reason for _, reason in scored.failures], reward_components=scored.components,
+            prompts=[p.prompt for p in prompts], completions=completions, gen_s=gen_s, sync=sync_stats,
+        )
+
+    def evaluate(self, prompts: list[Sample], samples: int, pass_threshold: float = 1.0) -> EvalResult:
+        """Per prompt: the reward of the greedy completion, and whether any of `samples` sampled
+        completions (rollout temperature and top_p) reaches `pass_threshold` (pass@k, k = samples)."""
+        if self.receiver.version is None:
+            raise RuntimeError(f"rollout worker {self.worker_id} has no weights yet; apply a snapshot first")
+        from dataclasses import replace
+
+        if not prompts:
+            return EvalResult(self.receiver.version, [], [])
+        _, _, greedy = self._complete(prompts, replace(self.sampling, greedy=True))
+        greedy_scored = self._score(prompts, greedy)
+        rows = [p for p in prompts for _ in range(samples)]
+        _, _, sampled = self._complete(rows, self.sampling)
+        sampled_scored = self._score(rows, sampled)
+        passed = [any(r >= pass_threshold for r in sampled_scored.rewards[i * samples:(i + 1) * samples])
+                  for i in range(len(prompts))]
+        return EvalResult(self.receiver.version, greedy_scored.rewards, passed,
+                          len(greedy_scored.failures) + len(sampled_scored.failures))
+
+    def _complete(self, rows: list[Sample], sampling: SamplingConfig):
+        """Prompt ids, the Generation, and the decoded completions of `rows`."""
+        prompt_ids = encode_prompts([r.prompt for r in rows], self.tokenizer)
+        gen = self.engine.generate(prompt_ids, sampling, self.generator)
+        completions = [self.tokenizer.decode(gen.tokens[i, : int(gen.lengths[i])].tolist()) for i in range(len(rows))]
+        return prompt_ids, gen, completions
+
+    def _score(self, rows: list[Sample], completions: list[str]) -> ScoredBatch:
+        """Every reward function once on the batch, with the rows' other columns by name."""
+        names = sorted({k for r in rows for k in r.columns})
+        columns = {k: [r.columns.get(k) for r in rows] for k in names}
+        return score_batch(self.reward_fns, [r.prompt for r in rows], completions, columns,
+                           self.task_cfg.on_reward_error, self.task_cfg.reward_timeout_s or None)

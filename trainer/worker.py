@@ -50,7 +50,7 @@ class TrainerWorker:
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and build model, sparsifier, optimizer and DeepSpeed engine."""
-        from launch.env import set_runtime_defaults
+        from trainer.runtime_env import set_runtime_defaults
 
         set_runtime_defaults()
         self.device = resolve_device(self.cfg.device)

@@ -7,6 +7,7 @@ from launch.rl_config import (
 )
 from rollout.config import RolloutConfigError
 from rollout.rewards import RewardFunctionError
+from data.prompts import PromptDataError
 from rollout.tasks import TaskConfigError
 
 
@@ -22,9 +23,16 @@ def test_default_demo_config_composes_and_validates():
 
 @pytest.mark.parametrize("overrides, error, needle", [
     (["task.name=algebra"], TaskConfigError, "task.name='algebra'"),
-    (["task.reward_fn=no_such_module:f"], RewardFunctionError, "task.reward_fn='no_such_module:f'"),
-    (["task.reward_fn=fuzzy"], RewardFunctionError, "task.reward_fn='fuzzy'"),
-    (["task=jsonl", "task.prompts_file=/nonexistent.jsonl"], TaskConfigError, "task.prompts_file"),
+    (["task.reward_fns=[no_such_module:f]"], RewardFunctionError, "'no_such_module:f'"),
+    (["task.reward_fns=[fuzzy]"], RewardFunctionError, "task.reward_fns: 'fuzzy' is unknown"),
+    (["task.reward_fns=[exact_match]", "task.reward_weights=[1.0,2.0]"], RewardFunctionError,
+     "task.reward_weights has 2 entries but task.reward_fns names 1"),
+    (["task.reward_fns=[tests.rollout.user_rewards:too_short]"], RewardFunctionError, "returned 1 values"),
+    (["task.reward_fns=[tests.rollout.user_rewards:returns_none]"], RewardFunctionError, "returned None"),
+    (["task=dataset", "task.path=/nonexistent.parquet"], PromptDataError, "task.path='/nonexistent.parquet' does not exist"),
+    (["task=dataset"], Exception, "task.path"),
+    (["rl.eval_samples=0"], RLConfigError, "rl.eval_samples=0"),
+    (["logger.samples_every=-1"], Exception, "logger.samples_every=-1"),
     (["rl.max_staleness=-1"], RLConfigError, "rl.max_staleness=-1"),
     (["rl.mode=eventually"], RLConfigError, "rl.mode='eventually'"),
     (["rollout.workers=0"], RolloutConfigError, "rollout.workers=0"),
@@ -40,11 +48,47 @@ def test_bad_input_is_named(overrides, error, needle):
     assert needle in str(e.value)
 
 
-def test_malformed_prompts_file_is_named(tmp_path):
-    f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "1+1=", "answer": "2"}\n[1, 2]\n')
-    with pytest.raises(TaskConfigError, match="line 2"):
-        validate_rl_config(compose_rl_config(["task=jsonl", f"task.prompts_file={f}"]))
+def _dataset(tmp_path, rows, name="train.jsonl"):
+    import json
+
+    f = tmp_path / name
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
+
+
+def test_bad_datasets_are_named_before_anything_starts(tmp_path):
+    empty = _dataset(tmp_path, [], "empty.jsonl")
+    with pytest.raises(PromptDataError, match="holds no rows"):
+        validate_rl_config(compose_rl_config(["task=dataset", f"task.path={empty}"]))
+    no_prompt = _dataset(tmp_path, [{"question": "1+1=", "answer": "2"}], "q.jsonl")
+    with pytest.raises(PromptDataError, match="no column 'prompt' \\(task.prompt_key\\)"):
+        validate_rl_config(compose_rl_config(["task=dataset", f"task.path={no_prompt}"]))
+    validate_rl_config(compose_rl_config(["task=dataset", f"task.path={no_prompt}", "task.prompt_key=question"]))
+    no_answer = _dataset(tmp_path, [{"prompt": "1+1="}], "na.jsonl")
+    with pytest.raises(RLConfigError, match="rl.sft_warmup_steps > 0 needs a string 'answer'"):
+        validate_rl_config(compose_rl_config(["task=dataset", f"task.path={no_answer}",
+                                              "task.reward_fns=[tests.rollout.user_rewards:length_reward]"]))
+    good = _dataset(tmp_path, [{"prompt": "1+1=", "answer": "2"}], "good.jsonl")
+    with pytest.raises(TaskConfigError, match="needs task.eval_path"):
+        validate_rl_config(compose_rl_config(["task=dataset", f"task.path={good}", "rl.eval_every=5"]))
+
+
+def test_a_reward_file_without_the_function_is_named(tmp_path):
+    f = tmp_path / "reward.py"
+    f.write_text("def correct(prompts, completions, **_):\n    return [0.0] * len(completions)\n")
+    validate_rl_config(compose_rl_config([f"task.reward_fns=[{f}:correct]"]))
+    with pytest.raises(RewardFunctionError, match=f"the file '{f}' has no function 'score'"):
+        validate_rl_config(compose_rl_config([f"task.reward_fns=[{f}:score]"]))
+
+
+def test_chat_prompts_need_a_template_or_the_byte_fallback(tmp_path, monkeypatch):
+    from rollout import batch
+
+    chat = _dataset(tmp_path, [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}], "chat.jsonl")
+    validate_rl_config(compose_rl_config(["task=dataset", f"task.path={chat}", "model.block_size=64"]))  # byte: fallback
+    monkeypatch.setattr("models.tokenizer.ByteTokenizer", type("Other", (), {}))  # no fallback for others
+    with pytest.raises(batch.ChatTemplateError, match="no chat template"):
+        validate_rl_config(compose_rl_config(["task=dataset", f"task.path={chat}", "model.block_size=64"]))
 
 
 def test_more_workers_than_resources_is_named():
@@ -55,3 +99,12 @@ def test_more_workers_than_resources_is_named():
     pinned = compose_rl_config(["+rollout.resources={gpu_node: 1}"])
     with pytest.raises(ClusterResourceError, match="gpu_node"):
         check_resources(pinned, {"CPU": 8.0})
+
+
+def test_run_name_comes_from_the_job_and_its_overrides():
+    from launch.loggers import run_name
+
+    assert run_name("rl", ["algo=ppo", "task.path=/data/x/train.parquet", "hydra.run.dir=/o", "logger.mode=online"]) \
+        == "rl algo=ppo task.path=train.parquet"
+    assert run_name("rl", []) == "rl"
+    assert len(run_name("rl", [f"k{i}=v" for i in range(100)])) == 120

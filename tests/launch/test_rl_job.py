@@ -56,8 +56,13 @@ def test_sync_mode_two_nodes_survives_a_killed_rollout_worker(ray_cluster, tmp_p
 
 
 def test_async_mode_bounds_staleness_and_ends_in_sync(ray_cluster, tmp_path):
-    summary = run_rl(small_config("rl.mode=async", "rl.steps=8", "rl.max_staleness=1"), tmp_path)
+    summary = run_rl(small_config("rl.mode=async", "rl.steps=8", "rl.max_staleness=1", "rl.eval_every=4",
+                                  "task.eval_prompts=4", "rl.eval_samples=2"), tmp_path)
     rows = steps_of(tmp_path)
+    # Evaluation between async steps: each worker evaluates the weights it holds (at most 1 behind).
+    evals = [r for r in rows if "eval/pass@2" in r]
+    assert [r["step"] for r in evals] == [4, 8] and all(r["version"] - r["eval/version"] <= 1 for r in evals)
+    assert "eval/reward_mean" in summary and "eval/pass@2" in summary
     assert all(r["staleness/max"] <= 1 for r in rows)
     assert any(r["staleness/max"] == 1 for r in rows)  # async really overlapped
     assert any("sync/pause_s" in r for r in rows)  # the swap was measured

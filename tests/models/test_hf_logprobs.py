@@ -64,8 +64,8 @@ def test_trainer_and_rollout_logprobs_of_the_same_tokens_agree(trainer_and_rollo
     trainer, rollout, _ = trainer_and_rollout
     temperature = rollout.cfg.temperature
     result = rollout.generate(8, 4)
-    batch = train_batch(result["prompt_ids"], result["tokens"], result["lengths"], rollout.tokenizer.pad_id)
-    rollout_logp = completion_columns(batch["input_ids"].shape[1], result["logprobs"])
+    batch = train_batch(result.prompt_ids, result.tokens, result.lengths, rollout.tokenizer.pad_id)
+    rollout_logp = completion_columns(batch["input_ids"].shape[1], result.logprobs)
     mask = batch["loss_mask"]
     assert mask.sum() >= 32  # enough sampled tokens to compare
 
@@ -85,11 +85,11 @@ def test_trainer_and_rollout_logprobs_of_the_same_tokens_agree(trainer_and_rollo
 def test_rollout_prompts_go_through_the_chat_template(trainer_and_rollout):
     _, rollout, _ = trainer_and_rollout
     result = rollout.generate(2, 1)
-    text = result["texts"][0]
+    text = result.prompts[0]
     # hf_fixtures' ChatML-like template, written out by hand.
     expected = rollout.tokenizer.hf.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
                                           add_special_tokens=False)
-    assert result["prompt_ids"][0] == expected
+    assert result.prompt_ids[0] == expected
 
 
 def test_bf16_rollout_engine_keeps_rotary_frequencies_of_the_fp32_trainer(trainer_and_rollout):

@@ -1,16 +1,23 @@
-"""Algorithm config (`algo=grpo|ppo`), composed by launch/ under `algo`."""
+"""Algorithm config (`algo=grpo|ppo|ema_baseline`), composed by launch/ under `algo`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+ALGOS = ("grpo", "ppo", "ema_baseline")
+
 
 @dataclass
 class AlgoConfig:
-    name: str = "grpo"  # grpo | ppo
+    name: str = "grpo"  # grpo | ppo | ema_baseline
     clip_eps: float = 0.2  # ratio clipped to [1 - clip_eps, 1 + clip_eps]
     kl_coef: float = 0.0  # weight of the k3 KL to the reference policy (the policy RL started from)
-    std_normalize: bool = True  # grpo: divide by the group's std; ppo: by the batch's std
-    baseline_decay: float = 0.9  # ppo: EMA of the mean reward used as the baseline
+    std_normalize: bool = True  # grpo: divide by the group's std; ppo / ema_baseline: by the batch's std
+    baseline_decay: float = 0.9  # ema_baseline: EMA of the mean reward used as the baseline
+    gamma: float = 1.0  # ppo: GAE discount over completion tokens
+    lam: float = 0.95  # ppo: GAE lambda
+    value_lr: float = 1.0e-3  # ppo: Adam learning rate of the value head
+    value_clip: float = 0.2  # ppo: value updates clipped to +- this around the values before the step
+    value_epochs: int = 4  # ppo: value-head updates per batch (the clip matters from the second on)
     temperature: float = 1.0  # set by the driver to the rollout temperature (logprobs must agree)
 
 
@@ -19,7 +26,7 @@ class AlgoConfigError(ValueError):
 
 
 def build_objective(cfg: AlgoConfig):
-    from trainer.algos.grpo import GRPO
+    from trainer.algos.grpo import GRPO, EMABaselinePG
     from trainer.algos.ppo import PPO
 
     if not 0 < cfg.clip_eps < 1:
@@ -28,6 +35,16 @@ def build_objective(cfg: AlgoConfig):
         raise AlgoConfigError(f"algo.kl_coef={cfg.kl_coef} must be >= 0")
     if cfg.name == "grpo":
         return GRPO(cfg)
+    if cfg.name == "ema_baseline":
+        return EMABaselinePG(cfg)
     if cfg.name == "ppo":
+        checks = [(0 <= cfg.gamma <= 1, f"algo.gamma={cfg.gamma} must be in [0, 1]"),
+                  (0 <= cfg.lam <= 1, f"algo.lam={cfg.lam} must be in [0, 1]"),
+                  (cfg.value_lr > 0, f"algo.value_lr={cfg.value_lr} must be > 0"),
+                  (cfg.value_clip > 0, f"algo.value_clip={cfg.value_clip} must be > 0"),
+                  (cfg.value_epochs >= 1, f"algo.value_epochs={cfg.value_epochs} must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise AlgoConfigError(message)
         return PPO(cfg)
-    raise AlgoConfigError(f"algo.name={cfg.name!r} is unknown; expected 'grpo' or 'ppo'")
+    raise AlgoConfigError(f"algo.name={cfg.name!r} is unknown; expected one of {list(ALGOS)}")

@@ -1,67 +1,118 @@
-"""PPO-style clipped policy gradient with a reward baseline (no value network), in one file.
+"""PPO (Schulman et al., 2017) for a language model: a value head, GAE, the clipped policy loss
+(trainer/algos/policy_loss.py) and a clipped value loss, in one file.
 
-One scalar reward per completion; the advantage of sample i is A_i = r_i - b, with b an
-exponential moving average of past batch-mean rewards (b_0 = the first batch's mean), optionally
-divided by the batch's std. Each completion token is trained with PPO's clipped surrogate
+The value head is a linear layer on the policy's final hidden states, detached: the trunk is
+trained by the policy loss only, the head by its own Adam (`algo.value_lr`). One scalar reward per
+completion, given at its last token. Per batch (one optimizer step of the policy):
 
-    rho_t = exp(logp_t - old_logp_t)
-    loss  = mean over completion tokens of -min(rho_t * A_i, clip(rho_t, 1 - eps, 1 + eps) * A_i)
-            (+ beta * k3 KL to the reference policy, as in GRPO)
+    V_t        = head(h_t)                     value of the state before completion token t
+    A_t, R_t   = GAE(rewards, V, algo.gamma, algo.lam)   (trainer/algos/advantages.py: gae)
+    A_t        <- (A_t - mean A) / (std A + eps) over the batch's tokens (algo.std_normalize)
+    policy     = clipped policy loss with A_t per token
+    value      = `algo.value_epochs` Adam steps on
+                 0.5 * mean_t max((V'_t - R_t)^2, (V_t + clip(V'_t - V_t, -c, c) - R_t)^2),
+                 c = algo.value_clip, V the values before the update (the first epoch's loss is
+                 logged as `value_loss`)
+
+With several data-parallel ranks the head's gradients are averaged over them, so every rank keeps
+the same head. Its weights and Adam state travel in trainer checkpoints (state_dict).
 """
 from __future__ import annotations
 
 import torch
 
+from trainer.algos.advantages import EPS, gae
 from trainer.algos.config import AlgoConfig
-from trainer.algos.grpo import k3_kl, policy_metrics
-from trainer.algos.logprobs import masked_mean, reference_logprobs, token_logprobs
-
-EPS = 1e-4
+from trainer.algos.logprobs import masked_mean, policy_forward
+from trainer.algos.policy_loss import clipped_policy_loss
 
 
-def baseline_advantages(rewards: torch.Tensor, baseline: float, std_normalize: bool = True) -> torch.Tensor:
-    adv = rewards.float() - baseline
-    if std_normalize and rewards.numel() > 1:
-        adv = adv / (rewards.float().std() + EPS)
-    return adv
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, clip: float) -> torch.Tensor:
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
 class PPO:
     def __init__(self, cfg: AlgoConfig):
         self.cfg = cfg
-        self.baseline: float | None = None
         self.reference: torch.nn.Module | None = None
-
-    def advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-        """Advantages against the baseline so far, then the baseline moves toward this batch."""
-        mean = float(rewards.float().mean())
-        if self.baseline is None:
-            self.baseline = mean
-        adv = baseline_advantages(rewards, self.baseline, self.cfg.std_normalize)
-        self.baseline = self.cfg.baseline_decay * self.baseline + (1 - self.cfg.baseline_decay) * mean
-        return adv
+        self.value_head: torch.nn.Linear | None = None
+        self.value_opt: torch.optim.Optimizer | None = None
 
     def set_reference(self, model: torch.nn.Module) -> None:
         self.reference = model.eval().requires_grad_(False)
 
+    def _head(self, width: int, device) -> torch.nn.Linear:
+        if self.value_head is None:
+            self.value_head = torch.nn.Linear(width, 1).to(device)
+            torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at first: advantages = discounted rewards
+            torch.nn.init.zeros_(self.value_head.bias)
+            self.value_opt = torch.optim.Adam(self.value_head.parameters(), lr=self.cfg.value_lr)
+        elif self.value_head.weight.device != torch.device(device):  # restored on CPU, trained on an accelerator
+            self.value_head.to(device)
+            for state in self.value_opt.state.values():
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        state[k] = v.to(device)
+        return self.value_head
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         cfg = self.cfg
         mask = batch["loss_mask"].float()
-        logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], cfg.temperature)
-        old = batch["old_logprobs"].float()
-        adv = batch["advantages"].float()[:, None]
-
-        ratio = torch.exp(logp - old)
-        surrogate = torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-        loss_tokens = -surrogate
-        metrics: dict[str, float] = {}
-        if cfg.kl_coef > 0:
-            kl = k3_kl(logp, reference_logprobs(batch, self.reference, cfg.temperature))
-            loss_tokens = loss_tokens + cfg.kl_coef * kl
-            metrics["kl"] = float(masked_mean(kl.detach(), mask))
-        loss = masked_mean(loss_tokens, mask)
+        out = policy_forward(model, batch["input_ids"], batch["attention_mask"], cfg.temperature, with_hidden=True)
+        features = out.hidden.detach().float()
+        head = self._head(features.shape[-1], features.device)
         with torch.no_grad():
-            metrics.update(policy_metrics(logp, old, ratio, mask, cfg.clip_eps, batch.get("current_version")))
-            metrics["pg_loss"] = float(masked_mean(-surrogate, mask))
-            metrics["loss"] = float(loss)
+            old_values = head(features).squeeze(-1) * mask
+            adv, returns = gae(batch["rewards"], old_values, mask, cfg.gamma, cfg.lam)
+            if cfg.std_normalize:
+                mean = masked_mean(adv, mask)
+                std = masked_mean((adv - mean) ** 2, mask).sqrt()
+                adv = (adv - mean) / (std + EPS) * mask
+        loss, metrics = clipped_policy_loss(out, batch, adv, cfg, self.reference)
+        metrics["value_loss"] = self._fit_values(features, old_values, returns, mask)
+        metrics["value_mean"] = float(masked_mean(old_values, mask))
         return loss, metrics
+
+    def _fit_values(self, features, old_values, returns, mask) -> float:
+        """Train the head (when gradients are on); the loss before this batch's first update."""
+        first = None
+        with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
+            for _ in range(self.cfg.value_epochs if torch.is_grad_enabled() else 1):
+                values = self.value_head(features).squeeze(-1)
+                loss = clipped_value_loss(values, old_values, returns, mask, self.cfg.value_clip)
+                first = float(loss.detach()) if first is None else first
+                if not torch.is_grad_enabled():
+                    break
+                self.value_opt.zero_grad()
+                loss.backward()
+                _average_over_ranks(self.value_head)
+                self.value_opt.step()
+        return first
+
+    def state_dict(self) -> dict:
+        if self.value_head is None:
+            return {}
+        return {"value_head": {k: v.cpu() for k, v in self.value_head.state_dict().items()},
+                "value_opt": self.value_opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        weight = state["value_head"]["weight"]
+        self.value_head = None
+        head = self._head(weight.shape[1], "cpu")
+        head.load_state_dict(state["value_head"])
+        self.value_opt.load_state_dict(state["value_opt"])
+
+
+def _average_over_ranks(module: torch.nn.Module) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()

@@ -77,6 +77,15 @@ class RLTrainerWorker(TrainerWorker):
             self.opt_cfg = constant_lr(self.rl_opt, self.rl_lr * min(1.0, (k + 1) / self.rl_warmup_steps))
         return super().train_step(batch)
 
+    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
+        """The TrainerWorker checkpoint plus the algorithm's own state (PPO's value head)."""
+        super().save_checkpoint(path, {**(extra or {}), "algo_state": self.algo.state_dict()})
+
+    def load_checkpoint(self, path: str) -> dict:
+        extra = dict(super().load_checkpoint(path))
+        self.algo.load_state_dict(extra.pop("algo_state", {}))
+        return extra
+
     def set_version_floor(self, min_version: int) -> None:
         """Publish from now on under versions >= `min_version` (a trainer restored from a
         checkpoint, whose step is behind versions that rollout workers already hold)."""

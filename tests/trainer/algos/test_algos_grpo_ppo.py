@@ -1,11 +1,13 @@
-"""GRPO / PPO / SFT objectives against formulas computed here, element by element."""
+"""GRPO / ema_baseline / PPO / SFT objectives against formulas computed here, element by element."""
 import math
 
 import pytest
 import torch
 
-from trainer.algos import PPO, SFT, AlgoConfig, AlgoConfigError, GRPO, build_objective, group_advantages
-from trainer.algos.ppo import baseline_advantages
+from trainer.algos import (
+    PPO, SFT, AlgoConfig, AlgoConfigError, EMABaseline, EMABaselinePG, GRPO, build_objective, gae, group_advantages,
+)
+from trainer.algos.advantages import baseline_advantages
 
 
 class FixedLogits(torch.nn.Module):
@@ -114,22 +116,25 @@ def test_logprob_mismatch_only_counts_rows_of_the_current_version():
     assert metrics["logprob_mismatch"] < 1e-5
 
 
-def test_ppo_baseline_advantages_and_loss():
+def test_ema_baseline_advantages_and_loss():
     r1 = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    algo = PPO(AlgoConfig(name="ppo", baseline_decay=0.5, std_normalize=False))
-    a1 = algo.advantages(r1, 1)
+    est = EMABaseline(decay=0.5, std_normalize=False)
+    a1 = est(r1, 1)
     assert a1.tolist() == pytest.approx([0.25, -0.75, 0.25, 0.25])  # baseline = first mean 0.75
     r2 = torch.tensor([0.0, 0.0, 0.0, 1.0])
-    a2 = algo.advantages(r2, 1)
+    a2 = est(r2, 1)
     assert a2.tolist() == pytest.approx([-0.75, -0.75, -0.75, 0.25])  # baseline still 0.75
-    assert algo.baseline == pytest.approx(0.5 * 0.75 + 0.5 * 0.25)
+    assert est.baseline == pytest.approx(0.5 * 0.75 + 0.5 * 0.25)
+    restored = EMABaseline(decay=0.5)
+    restored.load_state_dict(est.state_dict())
+    assert restored.baseline == est.baseline
     std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std().item()
     assert baseline_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]), 0.5).tolist() == pytest.approx(
         [0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 2)
 
     model, ids, mask, old = _setup(1)
     adv = torch.tensor([0.3, -1.0, 2.0, 0.0])
-    loss, _ = PPO(AlgoConfig(name="ppo", clip_eps=0.1))(model, {
+    loss, _ = EMABaselinePG(AlgoConfig(name="ema_baseline", clip_eps=0.1))(model, {
         "input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask, "old_logprobs": old,
         "advantages": adv})
     logp = _ref_logp(model.logits.detach(), ids)
@@ -137,6 +142,83 @@ def test_ppo_baseline_advantages_and_loss():
                   min(max(math.exp(logp[b, t] - old[b, t]), 0.9), 1.1) * adv[b].item())
              for b in range(4) for t in range(5) if mask[b, t]]
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_gae_matches_the_recursion_written_out():
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float)
+    values = torch.tensor([[9.0, 0.5, 0.2, -0.1, 9.0], [9.0, 9.0, 0.3, 0.6, 0.1]])
+    rewards = torch.tensor([1.0, -2.0])
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b in range(2):
+        idx = [t for t in range(5) if mask[b, t]]
+        v = [values[b, t].item() for t in idx] + [0.0]
+        r = [0.0] * (len(idx) - 1) + [rewards[b].item()]
+        a, expected = 0.0, {}
+        for j in reversed(range(len(idx))):
+            a = r[j] + gamma * v[j + 1] - v[j] + gamma * lam * a
+            expected[idx[j]] = a
+        for t in range(5):
+            assert adv[b, t].item() == pytest.approx(expected.get(t, 0.0), abs=1e-6)
+            want_ret = expected[t] + values[b, t].item() if t in expected else 0.0
+            assert ret[b, t].item() == pytest.approx(want_ret, abs=1e-6)
+
+
+class HiddenLM(torch.nn.Module):
+    """A policy with an lm_head whose input (the hidden state) the value head reads."""
+
+    def __init__(self, V=7, H=6, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Parameter(torch.randn(V, H, generator=g))
+        self.lm_head = torch.nn.Linear(H, V, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        from models.gpt import CausalLMOutput
+
+        return CausalLMOutput(logits=self.lm_head(torch.tanh(self.emb[input_ids])))
+
+
+def test_ppo_uses_gae_advantages_and_fits_a_clipped_value_loss():
+    torch.manual_seed(0)
+    model = HiddenLM()
+    _, ids, mask, old = _setup(3)
+    rewards = torch.tensor([1.0, 0.0, 1.0, -1.0])
+    cfg = AlgoConfig(name="ppo", clip_eps=0.2, gamma=0.95, lam=0.9, value_lr=0.05, value_clip=0.2, value_epochs=3,
+                     std_normalize=False)
+    algo = build_objective(cfg)
+    assert isinstance(algo, PPO)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask, "old_logprobs": old,
+             "rewards": rewards}
+    loss, metrics = algo(model, batch)
+    # The head starts at V = 0: the advantages are the discounted rewards, the returns too, and
+    # the logged value loss (before the first update) is 0.5 * mean over tokens of returns^2.
+    zero_adv, returns = gae(rewards, torch.zeros(4, 5), mask, 0.95, 0.9)
+    assert metrics["value_loss"] == pytest.approx(0.5 * float((returns ** 2 * mask).sum() / mask.sum()), rel=1e-5)
+    logp = _ref_logp(model.lm_head(torch.tanh(model.emb[ids])).detach(), ids)
+    terms = [-min(math.exp(logp[b, t] - old[b, t]) * zero_adv[b, t].item(),
+                  min(max(math.exp(logp[b, t] - old[b, t]), 0.8), 1.2) * zero_adv[b, t].item())
+             for b in range(4) for t in range(5) if mask[b, t]]
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    # The head moved off zero.
+    hidden = torch.cat([torch.zeros(4, 1, 6), torch.tanh(model.emb[ids])[:, :-1]], 1)
+    values = algo.value_head(hidden).squeeze(-1).detach()
+    assert float(values[mask.bool()].abs().max()) > 0
+    _, metrics2 = algo(model, batch)
+    assert metrics2["value_loss"] < metrics["value_loss"]  # fitting the same returns lowers the loss
+    clone = PPO(cfg)
+    clone.load_state_dict(algo.state_dict())
+    assert torch.equal(clone.value_head.weight, algo.value_head.weight)
+
+
+def test_clipped_value_loss_formula():
+    from trainer.algos.ppo import clipped_value_loss
+
+    v = torch.tensor([[0.5, 1.0]])
+    old = torch.tensor([[0.0, 0.9]])
+    ret = torch.tensor([[1.0, 0.0]])
+    # token 0: unclipped (0.5-1)^2 = .25, clipped (0.2-1)^2 = .64 -> .64; token 1: (1)^2 = 1, (1.0)^2 -> 1
+    assert clipped_value_loss(v, old, ret, torch.ones(1, 2), 0.2).item() == pytest.approx(0.5 * (0.64 + 1.0) / 2)
 
 
 def test_sft_is_mean_negative_logprob_of_the_answer_tokens():
@@ -160,3 +242,5 @@ def test_kl_needs_a_reference_and_bad_configs_are_named():
         build_objective(AlgoConfig(name="a2c"))
     with pytest.raises(AlgoConfigError, match="algo.clip_eps"):
         build_objective(AlgoConfig(clip_eps=1.5))
+    with pytest.raises(AlgoConfigError, match="algo.lam=1.5"):
+        build_objective(AlgoConfig(name="ppo", lam=1.5))

@@ -49,6 +49,7 @@ class WeightReceiver:
 
     def __init__(self, target: dict[str, torch.Tensor] | None = None, version: int | None = None,
                  fetch_timeout_s: float = 600.0):
+        """`fetch_timeout_s` applies to updates that do not carry the publisher's own timeout."""
         self.target = target
         self.version = version
         self.fetch_timeout_s = fetch_timeout_s
@@ -69,7 +70,8 @@ class WeightReceiver:
         shadow, the target and the version are unchanged."""
         self._drop_pending()
         staged = StagedUpdate(update.kind, self.version, update.target_version, 0, 0.0, 0.0)
-        return self._stage(staged, update.steps, self._get)
+        timeout_s = update.fetch_timeout_s or self.fetch_timeout_s
+        return self._stage(staged, update.steps, lambda part: self._get(part, timeout_s))
 
     def stage_buckets(self, payloads: list[list[bytes]], kind: str = "delta") -> StagedUpdate:
         """fetch() for payloads already in memory (lists of bucket bytes, applied in order, each
@@ -83,14 +85,15 @@ class WeightReceiver:
             self._rollback(self._pending)
             self._pending = None
 
-    def _get(self, part: Part) -> list[bytes]:
+    @staticmethod
+    def _get(part: Part, timeout_s: float) -> list[bytes]:
         import ray
 
         try:
-            return ray.get(part.ref, timeout=self.fetch_timeout_s)
+            return ray.get(part.ref, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise UpdateUnavailableError(f"a part of the update ({len(part.keys or [])} tensors) did not arrive "
-                                         f"within {self.fetch_timeout_s} s (sync.fetch_timeout_s)") from None
+                                         f"within {timeout_s} s (sync.fetch_timeout_s)") from None
         except ray.exceptions.RayError as e:  # the encoding rank failed or died, the object was lost
             raise UpdateUnavailableError(f"a part of the update could not be fetched: {type(e).__name__}: "
                                          f"{str(e).splitlines()[0] if str(e) else ''}") from None

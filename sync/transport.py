@@ -82,6 +82,7 @@ class WeightUpdate:
     target_version: int | None
     payload_bytes: int  # known sizes only (a version still encoding counts 0)
     steps: list[list[Part]] = field(default_factory=list)
+    fetch_timeout_s: float | None = None  # sync.fetch_timeout_s: a receiver's wait for one part
 
 
 @dataclass
@@ -266,6 +267,11 @@ class ShardedPublisher:
 
     def update_for(self, receiver_version: int | None) -> WeightUpdate:
         """The cheapest update that brings a receiver at `receiver_version` to the latest version."""
+        update = self._update_for(receiver_version)
+        update.fetch_timeout_s = self.cfg.fetch_timeout_s
+        return update
+
+    def _update_for(self, receiver_version: int | None) -> WeightUpdate:
         if self.version is None or receiver_version == self.version:
             return WeightUpdate("none", receiver_version, receiver_version, 0)
         if not self._history or self._history[-1].target_version != self.version:

@@ -10,7 +10,7 @@ import torch
 
 from launch.config import compose_pretrain_config
 from launch.pretrain import run_pretrain
-from trainer.checkpoint import latest_checkpoint, rank_file
+from trainer.checkpoint import latest_checkpoint, load_rank_state
 
 TINY = ["model=gpt_tiny", "trainer.seq_len=32", "trainer.micro_batch_size=4", "trainer.eval_batches=1",
         "data.max_bytes=200000", "optimizer.warmup_steps=1", "optimizer.lr=3e-3", "logger=console",
@@ -29,7 +29,7 @@ def test_pretrain_two_ranks_zero3_exports_the_sparse_pattern(ray_cluster, tmp_pa
     assert summary["train/loss_final"] < 5.5  # from ln(259) = 5.56: it trained
 
     checkpoint = latest_checkpoint(tmp_path / "checkpoints")
-    states = [torch.load(rank_file(checkpoint, r), map_location="cpu", weights_only=False)["sparsity"] for r in range(2)]
+    states = [load_rank_state(checkpoint, r)["sparsity"] for r in range(2)]
     masks = {name: layer["mask"] for name, layer in states[0]["layers"].items()}
     assert len(masks) == 8
     for name, mask in masks.items():

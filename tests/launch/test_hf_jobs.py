@@ -127,7 +127,7 @@ def test_rl_hf_model_2_4_two_workers_end_bit_identical_to_the_trainer(arch, hf_d
         if step != steps:
             return
         # Sync mode: after the step the trainer has published and every worker applied it.
-        seen["published"] = ray.get(rollouts.trainer.published_state.remote("bfloat16"))
+        seen["published"] = ray.get(rollouts.publisher.channels[0].handle.published_state.remote("bfloat16"))
         seen["workers"] = [ray.get(w.weights.remote()) for w in rollouts.workers]
 
     run_dir = tmp_path / "run"

@@ -127,7 +127,7 @@ def drive(args) -> dict:
             raise SystemExit(f"the rollout node did not join the cluster within 600 s: {ray.cluster_resources()}")
         time.sleep(1)
     model_cfg = ModelConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.embd, block_size=64)
-    trainer_cfg = TrainerConfig(max_steps=10_000, micro_batch_size=1, seq_len=32, zero_stage=1, num_threads=1)
+    trainer_cfg = TrainerConfig(max_steps=10_000, micro_batch_size=1, seq_len=32, zero_stage=args.zero_stage, num_threads=1)
     opt_cfg = OptimizerConfig(lr=1e-6, min_lr=1e-6, warmup_steps=0, weight_decay=0.0)
     cluster = ClusterConfig(address=args.address, trainers=2, cpus_per_trainer=1,
                             resources_per_trainer={TRAINER_RES: 1}, setup_timeout_s=900)
@@ -210,7 +210,7 @@ def drive(args) -> dict:
         "publish_extra_rss_bytes_per_rank": [max(r["rank_extra_rss"][k] for r in all_sparse) for k in range(len(slice_bytes))],
         "receiver_extra_rss_bytes": max(r["receiver_extra_rss"] for r in all_sparse),
         "links": rows,
-        "setup": {"zero_stage": 1, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
+        "setup": {"zero_stage": args.zero_stage, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
                   "level": "fast", "part_bytes": args.part_mb << 20, "publishes_per_mode": args.publishes,
                   "full_publishes": args.full_publishes, "layers": args.layers, "embd": args.embd},
     }
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--publishes", type=int, default=None, help="sparse (and auto) publishes per link")
     p.add_argument("--full-publishes", type=int, default=None)
     p.add_argument("--part-mb", type=int, default=64)
+    p.add_argument("--zero-stage", type=int, default=1, help="the trainer group's ZeRO stage (2 or 3 need less memory)")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--lab", default="stb", help=argparse.SUPPRESS)
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             raw = tmp / "result.json"
             cmd = [sys.executable, "-m", "bench.sync_cluster", "--driver", f"--address={head}", f"--lab={args.lab}",
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
-                   f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}"]
+                   f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}",
+                   f"--zero-stage={args.zero_stage}"]
             rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400).returncode
             if rc != 0 or not raw.exists():
                 for log in ("head.log", "node.log"):

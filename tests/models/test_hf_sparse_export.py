@@ -31,6 +31,7 @@ def test_sr_ste_2_4_training_then_export(hf_dir, tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(3, tok.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
     for step in range(3):
+        sparsifier.set_step_context(1e-2, 1e-2, 1)  # the step's lr: decoupled SR-STE decays by it
         sparsifier.before_forward(step)
         logits = model(ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from models import ModelConfig
+from trainer.checkpoint import commit, step_dir_name
 from trainer.config import OptimizerConfig, TrainerConfig
 from trainer.sparsity import SparsityConfig
 from trainer.worker import TrainerWorker
@@ -120,10 +122,18 @@ def rank_main(rank: int, port: int, cases: list[dict], out_dir: str) -> None:
         worker = make_worker(case, rank, 2, 3, port)
         losses = []
         resume_at = case.get("resume_at")
-        checkpoint = Path(out_dir) / f"checkpoint_{i}"
+        checkpoint = None
         for step in range(case["steps"]):
-            if step == resume_at:
-                worker.save_checkpoint(str(checkpoint), {"case": i})
+            if step == resume_at:  # both ranks write into one staging dir; rank 0 commits it (with its manifest)
+                staging = Path(out_dir) / f".staging_{i}"
+                staging.mkdir(exist_ok=True)
+                worker.save_checkpoint(str(staging), {"case": i})
+                dist.barrier()
+                if rank == 0:
+                    (Path(out_dir) / f"checkpoints_{i}").mkdir(exist_ok=True)
+                    commit(staging, Path(out_dir) / f"checkpoints_{i}", step, {})
+                dist.barrier()
+                checkpoint = Path(out_dir) / f"checkpoints_{i}" / step_dir_name(step)
             losses.append(worker.train_step(rank_batch(step, rank))["loss"])
         result = _result(worker, losses)
         if resume_at is not None:

@@ -4,6 +4,7 @@ the offline wandb run holds a samples table, and PPO logs its value loss."""
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,8 +85,15 @@ def test_parquet_dataset_file_reward_eval_samples_table_and_ppo(ray_cluster, tmp
     assert all(r["train/value_loss"] >= 0 for r in rows)
 
     # The offline wandb run: a samples table at steps 2 and 4, and a name from the job.
-    history = wandb_history(run_dir)
-    tables = [r for r in history if r.get("samples/_type") == "table-file"]  # wandb flattens the table's keys
+    # wandb's service process writes the offline run file asynchronously: read until it holds the
+    # tables (bounded), since in a long pytest session the shared service can lag the job's end.
+    deadline = time.time() + 60
+    while True:
+        history = wandb_history(run_dir)
+        tables = [r for r in history if r.get("samples/_type") == "table-file"]  # wandb flattens the table's keys
+        if len(tables) >= 2 or time.time() > deadline:
+            break
+        time.sleep(1)
     assert [r["_step"] for r in tables] == [2, 4] and tables[0]["samples/nrows"] == 2 * 2  # a group per worker
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {2, 4}

@@ -23,7 +23,6 @@ WeightPublisher is the same publisher in one process (a single rank, tests and t
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +122,6 @@ class PublishHandle:
     staged: list[StagedSlice]
     checksum: str
     dense_bytes: int
-    started: float
 
 
 # ---------------------------------------------------------------- rank channels
@@ -215,7 +213,7 @@ class ShardedPublisher:
         self._dense_bytes = sum(s.dense_bytes for s in staged)
         self._force_dense = False
         self._open = PublishHandle(version, base is None and dense, record, staged,
-                                   combine_checksums(self._checksums), self._dense_bytes, time.perf_counter())
+                                   combine_checksums(self._checksums), self._dense_bytes)
         return self._open
 
     def finish(self, handle: PublishHandle) -> PublishStats:

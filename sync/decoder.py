@@ -270,7 +270,7 @@ def _plan_entry(e, bi: int, ei: int, body_len: int, tensors: dict, next_start: d
         raise CorruptBucketError(f"{where}: header field 'changed' is {changed}, a whole range has {count}")
     if enc == "none" and (length or changed):
         raise CorruptBucketError(f"{where}: a 'none' entry with a body or changes")
-    if enc in ("gap", "ctx", "mask") and changed < 1:
+    if enc in ("gap", "ctx", "mask", "gap8") and changed < 1:
         raise CorruptBucketError(f"{where}: a {enc!r} entry with 0 changes")
     if enc == "raw" and length != count * t.info.width // 8:
         raise CorruptBucketError(f"{where}: raw body has {length} bytes, {count} {t.info.name} elements need {count * t.info.width // 8}")
@@ -406,7 +406,7 @@ def _entry_task(state, body, e: EntrySpec, spec: TensorSpec, out: DecodedPayload
         if arr is None:
             arr = out.arrays[name] = np.empty(spec.numel, info.uint)
             out.whole.add(name)
-        task["decode"] = lambda: _decode_dense(enc, chunk, stop - start, info, where)
+        task["decode"] = lambda: decode_dense_chunk(enc, chunk, stop - start, info, where)
     else:
         src = bits_of(state[name])
         arr = out.arrays.get(name)
@@ -432,19 +432,19 @@ def _entry_task(state, body, e: EntrySpec, spec: TensorSpec, out: DecodedPayload
                 # a task that never runs logs nothing)
                 def decode_logged(arr=arr, old=old, dst=dst, chunk=chunk, changed=changed, where=where, start=start, stop=stop):
                     out.undo.append((arr, slice(start, stop), old.copy()))
-                    _decode_mask(chunk, changed, old, info, where, dst)
+                    decode_mask_chunk(chunk, changed, old, info, where, dst)
 
                 task["decode"] = decode_logged
             else:
-                task["decode"] = lambda: _decode_mask(chunk, changed, old, info, where, dst)
-        elif enc in ("gap", "ctx"):
+                task["decode"] = lambda: decode_mask_chunk(chunk, changed, old, info, where, dst)
+        elif enc in ("gap", "ctx", "gap8"):
             base, dst = src[start:stop], arr[start:stop]
             if in_place or dst is base:
-                task["decode"] = lambda: _decode_delta(enc, chunk, changed, base, info, where)
+                task["decode"] = lambda: decode_delta_chunk(enc, chunk, changed, base, info, where)
             else:  # fresh result array: the unchanged elements come from the base
-                task["decode"] = lambda: (np.copyto(dst, base), _decode_delta(enc, chunk, changed, base, info, where))[1]
+                task["decode"] = lambda: (np.copyto(dst, base), decode_delta_chunk(enc, chunk, changed, base, info, where))[1]
         elif enc in DENSE_ENCODINGS:
-            task["decode"] = lambda: _decode_dense(enc, chunk, stop - start, info, where)
+            task["decode"] = lambda: decode_dense_chunk(enc, chunk, stop - start, info, where)
     task["arr"] = arr
     return task
 
@@ -454,7 +454,7 @@ def _write_entry(t: dict, out: DecodedPayload, in_place: bool) -> None:
     arr, start, stop, name = t["arr"], e.start, e.stop, e.name
     if t["whole"]:
         arr[start:stop] = t["result"]
-    elif e.enc in ("gap", "ctx"):
+    elif e.enc in ("gap", "ctx", "gap8"):
         pos, vals = t["result"]
         pos += start
         if in_place:
@@ -524,7 +524,7 @@ def inspect_payload(buckets: list, *, max_bytes: int | None = None) -> dict:
 # ---------------------------------------------------------------- chunk decoders
 
 
-def _decode_dense(enc: str, body: memoryview, count: int, info: DtypeInfo, where: str) -> np.ndarray:
+def decode_dense_chunk(enc: str, body: memoryview, count: int, info: DtypeInfo, where: str) -> np.ndarray:
     isz = info.width // 8
     nbytes = count * isz
     if enc == "raw":
@@ -546,7 +546,7 @@ def _decode_dense(enc: str, body: memoryview, count: int, info: DtypeInfo, where
     return np.ascontiguousarray(planes).view(info.uint).reshape(-1)
 
 
-def _decode_mask(body: memoryview, changed: int, old: np.ndarray, info: DtypeInfo, where: str, dst: np.ndarray) -> None:
+def decode_mask_chunk(body: memoryview, changed: int, old: np.ndarray, info: DtypeInfo, where: str, dst: np.ndarray) -> None:
     """New bit patterns of the whole chunk from a "mask" body (see FORMAT.md), into `dst`
     (which may be `old` itself: the kernel reads each element before writing it)."""
     from sync import delta_kernels as K  # numba: loaded when a payload gets this far, not to reject one
@@ -571,7 +571,7 @@ def _decode_mask(body: memoryview, changed: int, old: np.ndarray, info: DtypeInf
         raise CorruptBucketError(f"{where}: mask stream is corrupt (change masks and values disagree)")
 
 
-def _decode_delta(enc: str, body: memoryview, changed: int, old: np.ndarray, info: DtypeInfo, where: str):
+def decode_delta_chunk(enc: str, body: memoryview, changed: int, old: np.ndarray, info: DtypeInfo, where: str):
     """Positions (relative to the chunk) and new bit patterns of the changed elements."""
     from sync import delta_kernels as K
     if changed < 1 or changed > old.shape[0]:
@@ -580,7 +580,10 @@ def _decode_delta(enc: str, body: memoryview, changed: int, old: np.ndarray, inf
     pos = np.empty(changed, np.int64)
     vals = np.empty(changed, info.uint)
     params = kernel_params(info)
-    if enc == "gap":
+    if enc == "gap8":
+        ga, va = _gap8_frames(buf, changed, info.width // 8, where)
+        status = K.decode_gap8(old, ga, va, changed, info.width // 8, params[-1], pos, vals)
+    elif enc == "gap":
         n1 = struct.unpack_from("<I", buf, 0)[0] if len(buf) >= 4 else -1
         if n1 < 0 or 4 + n1 > len(buf):
             raise CorruptBucketError(f"{where}: gap stream length {n1} does not fit a body of {len(buf)} bytes")
@@ -599,3 +602,29 @@ def _decode_delta(enc: str, body: memoryview, changed: int, old: np.ndarray, inf
     return pos, vals
 
 
+
+
+def _gap8_frames(buf: np.ndarray, changed: int, wb: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two decompressed streams of a "gap8" body, their sizes checked against the change
+    count (and the escapes the bytes announce) before and after decompressing."""
+    if len(buf) < 4:
+        raise CorruptBucketError(f"{where}: gap8 body of {len(buf)} bytes has no frame length")
+    la = struct.unpack_from("<I", buf, 0)[0]
+    if 4 + la > len(buf):
+        raise CorruptBucketError(f"{where}: gap8 frame length {la} does not fit a body of {len(buf)} bytes")
+    out = []
+    for frame, esc_bytes, what in ((buf[4 : 4 + la], 4, "gap"), (buf[4 + la :], wb, "value")):
+        try:
+            size = zstandard.frame_content_size(frame)
+            if size < changed or size > changed * (1 + esc_bytes) or (size - changed) % esc_bytes:
+                raise CorruptBucketError(f"{where}: gap8 {what} frame holds {size} bytes, expected {changed} "
+                                         f"+ a multiple of {esc_bytes} up to {changed * (1 + esc_bytes)}")
+            data = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8)
+        except zstandard.ZstdError as e:
+            raise CorruptBucketError(f"{where}: gap8 {what} frame is corrupt ({e})") from None
+        if data.shape[0] != size:
+            raise CorruptBucketError(f"{where}: gap8 {what} frame decompressed to {data.shape[0]} bytes, its frame says {size}")
+        if int(np.count_nonzero(data[:changed] == 255)) != (size - changed) // esc_bytes:
+            raise CorruptBucketError(f"{where}: gap8 {what} frame announces a different number of escapes than it holds")
+        out.append(data)
+    return out[0], out[1]

@@ -531,3 +531,104 @@ def decode_mask(old, data, nval, w, mask, out, d, vals):
     if ep != ne:
         return 1
     return 0
+
+
+# ---------------------------------------------------------------- "gap8": byte gaps and values
+# Level fast's encoding at low and moderate change rates. Each change is one gap byte and one
+# value byte (255 escapes to a full-width value kept apart), and zstd's entropy stage does the
+# rest: within ~5 % of the range-coded "gap" size on real updates, but a single branch-light
+# pass each way, so decoding costs a few ns per change instead of ~100 (the range coder's
+# serial decisions). See FORMAT.md.
+
+GAP8_ESC = 255
+
+
+@nb.njit(**_jit)
+def encode_gap8(old, new, old64, new64, per, w, mask, g_out, v_out, ge_out, ve_out):
+    """Gap bytes (gap = position - previous position, the first from -1; >= 255 escapes to
+    ge_out) and value bytes (u = zigzag(new - old); >= 255 escapes to ve_out) of every change.
+    `old64`/`new64` view the first elements as 64-bit words of `per` elements each, so unchanged
+    words are skipped in one comparison. Output arrays need one slot per change. Returns
+    (changes, gap escapes, value escapes), or changes = -1 when there are more changes than
+    slots (the caller's count was wrong)."""
+    prev = -1
+    j = 0
+    eg = 0
+    ev = 0
+    cap = g_out.shape[0]
+    nw = old64.shape[0]
+    for wi in range(nw + 1):
+        if wi < nw:
+            if old64[wi] == new64[wi]:
+                continue
+            lo, hi = wi * per, wi * per + per
+        else:
+            lo, hi = nw * per, old.shape[0]
+        for i in range(lo, hi):
+            if old[i] != new[i]:
+                if j >= cap:
+                    return -1, 0, 0
+                gap = i - prev
+                prev = i
+                if gap >= GAP8_ESC:
+                    g_out[j] = GAP8_ESC
+                    ge_out[eg] = gap
+                    eg += 1
+                else:
+                    g_out[j] = gap
+                u = zigzag_diff(np.uint64(old[i]), np.uint64(new[i]), mask, w)
+                if u >= np.uint64(GAP8_ESC):
+                    v_out[j] = GAP8_ESC
+                    ve_out[ev] = u
+                    ev += 1
+                else:
+                    v_out[j] = np.uint8(u)
+                j += 1
+    return j, eg, ev
+
+
+@nb.njit(**_jit)
+def decode_gap8(old, ga, va, nval, wb, mask, pos_out, val_out):
+    """Inverse of encode_gap8. `ga` = nval gap bytes then the gap escapes as 4 byte planes, `va`
+    = nval value bytes then the value escapes as wb byte planes (the caller checked both lengths
+    against the escape counts). Returns 0, or 1 for a stream no encoder writes (a zero gap or
+    value byte, an escape below 255 or wider than the dtype, a position past the chunk)."""
+    n = old.shape[0]
+    neg = (ga.shape[0] - nval) // 4
+    nev = (va.shape[0] - nval) // wb
+    pos = -1
+    eg = 0
+    ev = 0
+    for j in range(nval):
+        g = np.int64(ga[j])
+        if g == GAP8_ESC:
+            if eg >= neg:
+                return 1
+            g = 0
+            for p in range(4):
+                g |= np.int64(ga[nval + p * neg + eg]) << (8 * p)
+            eg += 1
+            if g < GAP8_ESC:
+                return 1
+        elif g == 0:
+            return 1
+        pos += g
+        if pos >= n:
+            return 1
+        u = np.uint64(va[j])
+        if u == np.uint64(GAP8_ESC):
+            if ev >= nev:
+                return 1
+            u = np.uint64(0)
+            for p in range(wb):
+                u |= np.uint64(va[nval + p * nev + ev]) << np.uint64(8 * p)
+            ev += 1
+            if u < np.uint64(GAP8_ESC) or (u & mask) != u:
+                return 1
+        elif u == np.uint64(0):
+            return 1
+        pos_out[j] = pos
+        val_out[j] = unzigzag_apply(np.uint64(old[pos]), u, mask)
+    if eg != neg or ev != nev:
+        return 1
+    return 0

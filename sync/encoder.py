@@ -3,8 +3,8 @@
 - every tensor of `new` is split into element-range chunks (at most one bucket of dense bytes,
   and at most MAX_CHUNK_ELEMS elements);
 - a chunk of a tensor that exists in `old` with the same dtype and shape is coded as a delta of
-  bit patterns ("gap" or, above 1.5 % changed, the byte-aligned "mask" at level fast; "ctx" at
-  level best; see delta_kernels.py), or as its dense bytes when that is smaller (so a payload is
+  bit patterns ("gap8", byte gaps and values, or above 12.5 % changed the byte-aligned "mask"
+  at level fast; "ctx" at level best; see delta_kernels.py), or as its dense bytes when that is smaller (so a payload is
   never larger than the dense snapshot, give or take headers); new, reshaped or dtype-changed
   tensors, and every tensor of a snapshot, go in whole;
 - chunks are packed into buckets of about `bucket_bytes`; bucket 0 also carries the manifest:
@@ -33,11 +33,14 @@ from sync.workspace import PARALLEL_MIN_ELEMS, scratch, workers
 
 DENSE_ZSTD_LEVEL = {"fast": 1, "best": 9}
 ENTRY_HEADER_BYTES = 256  # rough JSON cost of one entry, for bucket packing
-# Level fast: above this change fraction a chunk is coded as "mask" (byte-aligned, zstd) rather
-# than "gap": the range coder's time grows with the changes, and from here on it would be
-# slower than zstd-1 on the dense bytes (ANCHORS: encode must never make sync slower).
-MASK_MIN_FRAC = 0.015
-# ...except in chunks this small, where "gap" is tried as well and the smaller body is kept.
+# Level fast: above this change fraction a chunk is coded as "mask" (a change bit per element)
+# rather than "gap8" (a gap byte per change): from here on the bitmap is the smaller of the two.
+# Both run at a few ns per element or change; the range-coded "gap" (~100 ns per change to
+# decode) would make a receiver CPU-bound on fast links.
+MASK_MIN_FRAC = 0.125
+# ...except in chunks this small, where the range-coded "gap" is tried as well and the smaller
+# body is kept: small tensors (biases, norms) cost little in absolute terms and the range
+# coder's context models often win on them.
 GAP_ALSO_MAX_ELEMS = 1 << 18
 
 
@@ -78,6 +81,24 @@ def _encode_mask(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) ->
     return zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL["fast"], write_content_size=True).compress(buf[:used])
 
 
+def _gap8_body(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) -> bytes:
+    """The "gap8" body: u32 length of frame A, frame A (gap bytes, then the gap escapes as 4
+    byte planes), frame B (value bytes, then the value escapes as w/8 byte planes)."""
+    wb = info.width // 8
+    g, v = np.empty(changed, np.uint8), np.empty(changed, np.uint8)
+    ge, ve = np.empty(changed, np.uint32), np.empty(changed, np.uint64)
+    per = 8 // o.itemsize
+    nw = o.shape[0] // per if o.ctypes.data % 8 == 0 and n.ctypes.data % 8 == 0 else 0
+    nch, neg, nev = K.encode_gap8(o, n, o[: nw * per].view(np.uint64), n[: nw * per].view(np.uint64), per,
+                                  info.width, kernel_params(info)[-1], g, v, ge, ve)
+    if nch != changed:
+        raise RuntimeError("tensor changed while it was being encoded")
+    z = zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL["fast"], write_content_size=True)
+    a = z.compress(g.tobytes() + ge[:neg].view(np.uint8).reshape(-1, 4).T.tobytes())
+    b = z.compress(v.tobytes() + ve[:nev].view(np.uint8).reshape(-1, 8)[:, :wb].T.tobytes())
+    return b"".join((struct.pack("<I", len(a)), a, b))
+
+
 def _gap_body(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) -> bytes | None:
     """The "gap" body of a chunk with `changed` (>= 1) changes, or None when it would not fit
     in the chunk's raw size."""
@@ -113,8 +134,11 @@ def _encode_delta(o: np.ndarray, n: np.ndarray, info: DtypeInfo, level: str) -> 
                 return enc, body, changed
             dense_enc, dense = _encode_dense(n, level)
             return (enc, body, changed) if len(body) <= len(dense) else (dense_enc, dense, changed)
-        enc = "gap"
-        body = _gap_body(o, n, info, changed)
+        enc, body = "gap8", _gap8_body(o, n, info, changed)
+        if o.shape[0] <= GAP_ALSO_MAX_ELEMS:
+            gbody = _gap_body(o, n, info, changed)
+            if gbody is not None and len(gbody) < len(body):
+                enc, body = "gap", gbody
     else:
         out = np.empty(raw_len + 256, np.uint8)
         nbytes, changed = K.encode_ctx(o, n, *kernel_params(info), out, K.flag_prior(_count_changes(o, n), o.shape[0]))

@@ -54,7 +54,7 @@ MAX_DIMS = 32  # dimensions of a tensor's shape
 MAX_NAME_CHARS = 4096
 MAX_VERSION = 2**53 - 1  # versions are JSON integers that every JSON reader holds exactly
 RESERVED_NAMES = frozenset({"__metadata__"})  # safetensors keeps its header under this key
-DELTA_ENCODINGS = ("none", "gap", "ctx", "mask")
+DELTA_ENCODINGS = ("none", "gap", "ctx", "mask", "gap8")
 DENSE_ENCODINGS = ("planes", "raw")
 
 

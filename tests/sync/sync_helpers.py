@@ -33,3 +33,15 @@ def perturb_bf16(t: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Te
     steps = torch.tensor([-3, -2, -1, 1, 2, 3], dtype=torch.int16)[torch.randint(0, 6, (k,), generator=gen)]
     flat[idx] = flat[idx] + steps
     return out
+
+
+def encode_fast_trying_gap(old, new) -> list[bytes]:
+    """A fast-level delta whose small chunks also try the range-coded "gap" (kept where smaller)."""
+    from sync import codec, encoder
+
+    saved = encoder.GAP_ALSO_MAX_ELEMS
+    encoder.GAP_ALSO_MAX_ELEMS = 1 << 18
+    try:
+        return codec.encode(old, new, base_version=1, target_version=2, level="fast", bucket_bytes=4096)
+    finally:
+        encoder.GAP_ALSO_MAX_ELEMS = saved

@@ -189,7 +189,7 @@ def _entries(buckets):
     return [e for i, b in enumerate(buckets) for e in parse_bucket(b, i).header["entries"]]
 
 
-@pytest.mark.parametrize("frac", [0.05, 0.3, 0.9, 1.0])
+@pytest.mark.parametrize("frac", [0.15, 0.3, 0.9, 1.0])
 def test_mask_encoding_round_trips_with_escapes(frac, monkeypatch):
     """Level fast codes many-change chunks as "mask"; large moves (sign flips, +-100 ulp)
     take the escape path; odd sizes leave partial 8-element groups and an odd nibble."""
@@ -218,6 +218,55 @@ def test_mask_encoding_round_trips_with_escapes(frac, monkeypatch):
     assert "mask" in encs, encs
     got, _ = codec.apply(old, 0, buckets)
     assert_same_state(got, new)
+
+
+@pytest.mark.parametrize("frac", [0.0005, 0.01, 0.05, 0.12])
+def test_gap8_encoding_round_trips_with_escapes(frac, monkeypatch):
+    """Level fast codes few-change chunks as "gap8": gaps of 255 or more (rare changes) and
+    values of 255 or more (sign flips, +-100 ulp, wide dtypes) take the escape streams."""
+    monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)  # small chunks would also try "gap"
+    gen = _gen(23)
+    old = {
+        "bf16": (torch.randn(200_003, generator=gen) * 0.02).to(torch.bfloat16),
+        "fp32": torch.randn(40_001, generator=gen),
+        "i8": torch.randint(-128, 127, (30_011,), generator=gen, dtype=torch.int8),
+        "f64": torch.randn(20_005, generator=gen, dtype=torch.float64),
+    }
+    new = clone_state(old)
+    for k, t in new.items():
+        flat = bits(t)
+        m = flat.numel()
+        idx = torch.randperm(m, generator=gen)[: max(2, int(m * frac))]
+        step = torch.randint(1, 4, (idx.numel(),), generator=gen)
+        step = torch.where(torch.rand(idx.numel(), generator=gen) < 0.05, torch.full_like(step, 300), step)
+        step = step * torch.where(torch.rand(idx.numel(), generator=gen) < 0.5, -1, 1)
+        flat[idx] = flat[idx] + step.to(flat.dtype)
+        flips = idx[torch.rand(idx.numel(), generator=gen) < 0.05]
+        flat[flips] ^= torch.tensor(1, dtype=flat.dtype) << (flat.element_size() * 8 - 1)
+    new["i8"][:3] = old["i8"][:3] + 1  # a change at position 0 (gap from -1) and runs of gap 1
+    buckets = codec.encode(old, new, base_version=0, target_version=1, level="fast", bucket_bytes=1 << 16)
+    encs = {e["enc"] for e in _entries(buckets)}
+    assert encs <= {"gap8", "none"} and "gap8" in encs, encs
+    got, _ = codec.apply(old, 0, buckets)
+    assert_same_state(got, new)
+
+
+def test_gap8_size_near_entropy():
+    """At 1 % changed by +-1..3 ulp, "gap8" stays within 15 % of the i.i.d. entropy
+    n*H2(p) + k*log2(6) bits: zstd's entropy stage on the gap and value bytes does the coding."""
+    import math
+
+    gen = _gen(24)
+    n, p = 2_000_000, 0.01
+    old = {"w": (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)}
+    new = {"w": perturb_bf16(old["w"], p, gen)}
+    buckets = codec.encode(old, new, base_version=0, target_version=1, level="fast")
+    assert {e["enc"] for e in _entries(buckets)} == {"gap8"}
+    k = int(torch.count_nonzero(bits(old["w"]) != bits(new["w"])))
+    h2 = -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+    entropy_bytes = (n * h2 + k * math.log2(6)) / 8
+    body = sum(e["len"] for e in _entries(buckets))
+    assert body <= 1.15 * entropy_bytes, (body, entropy_bytes)
 
 
 def test_mask_size_near_entropy():

@@ -13,7 +13,7 @@ import torch
 from sync import codec, encoder
 from sync.errors import SyncError
 from sync.format import pack_bucket, parse_bucket
-from sync_helpers import assert_same_state, bits, clone_state, perturb_bf16
+from sync_helpers import assert_same_state, bits, clone_state, encode_fast_trying_gap, perturb_bf16
 
 
 def _states():
@@ -30,7 +30,7 @@ def _states():
     new = {k: v for k, v in old.items() if k != "gone"}
     new["emb"] = perturb_bf16(old["emb"], 0.05, gen)
     new["w"] = perturb_bf16(old["w"], 0.3, gen)  # level fast: "mask" entries
-    new["rare"] = perturb_bf16(old["rare"], 0.005, gen)  # level fast: "gap" entries
+    new["rare"] = perturb_bf16(old["rare"], 0.005, gen)  # level fast: "gap8" (or "gap" where tried and smaller)
     new["b"] = old["b"] + 0.001
     new["noise"] = torch.randn(5000, generator=gen).to(torch.bfloat16)  # dense fallback entries
     new["step"] = torch.tensor([5], dtype=torch.int64)
@@ -110,10 +110,10 @@ def _run_fuzz(count: int, seed: int) -> dict:
     old, new = _states()
     payloads = [
         codec.encode(old, new, base_version=1, target_version=2, level=lvl, bucket_bytes=4096) for lvl in ("fast", "best")
-    ]
+    ] + [encode_fast_trying_gap(old, new)]
     assert all(len(p) >= 3 for p in payloads)
-    fast_encs = {e["enc"] for b in payloads[0] for e in parse_bucket(b, 0).header["entries"]}
-    assert {"gap", "mask", "planes"} <= fast_encs, fast_encs  # every fast encoding gets mutated
+    fast_encs = {e["enc"] for p in (payloads[0], payloads[2]) for b in p for e in parse_bucket(b, 0).header["entries"]}
+    assert {"gap", "gap8", "mask", "planes"} <= fast_encs, fast_encs  # every fast encoding gets mutated
     other = codec.encode(old, {k: v.clone() for k, v in new.items()} | {"b": old["b"] - 1}, base_version=1, target_version=2, level="fast", bucket_bytes=4096)
     snapshot = codec.encode(None, new, base_version=None, target_version=2, level="fast", bucket_bytes=4096)
     reference = {k: bits(v).clone() for k, v in old.items()}
@@ -153,3 +153,41 @@ def test_fuzz_slow(monkeypatch):
     monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)
     outcomes = _run_fuzz(10_000, seed=99)
     assert outcomes["error"] > 9000
+
+
+def test_fuzz_receiver_staging(monkeypatch):
+    """The rollout side's path (WeightReceiver staging against its own committed weights):
+    mutated payloads raise SyncError subclasses only and leave the target and the version exactly
+    as they were; a payload it accepts gives exactly the sender's weights."""
+    from sync.receiver import WeightReceiver
+    from sync.transport import state_checksum
+
+    monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)
+    old, new = _states()
+    old.pop("gone")  # a receiver's tensors are fixed: no tensors added or removed
+    new.pop("born")
+    payloads = [codec.encode(old, new, base_version=1, target_version=2, level=lvl, bucket_bytes=4096)
+                for lvl in ("fast", "best")] + [encode_fast_trying_gap(old, new)]
+    payloads.append(codec.encode(None, new, base_version=None, target_version=2, level="fast", bucket_bytes=4096))
+    other = codec.encode(old, {k: v.clone() for k, v in new.items()} | {"b": old["b"] - 1}, base_version=1,
+                         target_version=2, level="fast", bucket_bytes=4096)
+    reference = {k: bits(v).clone() for k, v in old.items()}
+    rng = random.Random(77)
+    outcomes = {"error": 0, "ok": 0}
+    for _ in range(400):
+        mutated, version, what = _mutate(rng, rng.choice(payloads), other)
+        version = 1 if version is None else version
+        target = clone_state(old)
+        rec = WeightReceiver(target, version=version)
+        try:
+            rec.commit(rec.stage_buckets([mutated]))
+        except SyncError:
+            outcomes["error"] += 1
+            assert rec.version == version, what
+            for k, v in target.items():
+                assert torch.equal(bits(v), reference[k]), f"{what}: target {k} changed"
+            continue
+        assert_same_state(target, new)
+        assert rec.version == 2 and rec.state_checksum() == state_checksum(new), what
+        outcomes["ok"] += 1
+    assert outcomes["error"] > 300, outcomes

@@ -27,7 +27,7 @@ import zstandard
 from sync import codec, encoder
 from sync.errors import CorruptBucketError, LimitError, SyncError, TensorMismatchError
 from sync.format import parse_bucket
-from sync_helpers import assert_same_state, bits, clone_state, perturb_bf16
+from sync_helpers import assert_same_state, bits, clone_state, encode_fast_trying_gap, perturb_bf16
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def _states():
     new = {k: v for k, v in old.items() if k != "gone"}
     new["emb"] = perturb_bf16(old["emb"], 0.05, gen)
     new["w"] = perturb_bf16(old["w"], 0.3, gen)  # level fast: "mask"
-    new["rare"] = perturb_bf16(old["rare"], 0.005, gen)  # level fast: "gap"
+    new["rare"] = perturb_bf16(old["rare"], 0.005, gen)  # level fast: "gap8" (or "gap" where tried)
     new["b"] = old["b"] + 0.001
     new["step"] = torch.tensor([5], dtype=torch.int64)
     new["born"] = torch.arange(6, dtype=torch.int32)
@@ -173,15 +173,16 @@ def run_structured_fuzz(count: int, seed: int, monkeypatch) -> dict:
     old, new = _states()
     delta = {lvl: encoder.encode(old, new, base_version=1, target_version=2, level=lvl, bucket_bytes=4096)
              for lvl in ("fast", "best")}
+    delta["fast_gap"] = encode_fast_trying_gap(old, new)
     snapshot = encoder.encode(None, new, base_version=None, target_version=2, level="fast", bucket_bytes=4096)
-    encs = {e["enc"] for b in delta["fast"] for e in parse_bucket(b, 0).header["entries"]}
-    assert {"gap", "mask", "none"} <= encs, encs
+    encs = {e["enc"] for lvl in ("fast", "fast_gap") for b in delta[lvl] for e in parse_bucket(b, 0).header["entries"]}
+    assert {"gap", "gap8", "mask", "none"} <= encs, encs
     reference = {k: bits(v).clone() for k, v in old.items()}
     rng = random.Random(seed)
     outcomes = {"error": 0, "ok": 0, "inspect_error": 0}
     kinds: dict[str, int] = {}
     for n in range(count):
-        payload = rng.choice([delta["fast"], delta["best"], snapshot])
+        payload = rng.choice([delta["fast"], delta["best"], delta["fast_gap"], snapshot])
         buckets = list(payload)
         i = rng.randrange(len(buckets))
         h, body = split(buckets[i])

@@ -175,7 +175,7 @@ def check_sparsity_for_job(cfg: SparsityConfig, *, pretrained: bool, peak_lr: fl
                 "pretrained weights (model=hf or resume), which it would distort; use init_scale=none"
             )
     if cfg.method == "nm" and effective_estimator(cfg) == "sr_ste" and cfg.sr_ste_form == "decoupled":
-        per_step = peak_lr * sr_ste_decay(cfg, peak_lr)
+        per_step = peak_lr * sr_ste_decay(cfg)
         if not 0 <= per_step < 1:
             raise SparsityConfigError(
                 f"sparsity.sr_ste_decay={cfg.sr_ste_decay!r}: optimizer.lr * sr_ste_decay = {per_step:g}; "

@@ -132,11 +132,8 @@ class NMSparsifier(Sparsifier):
         return 0.0
 
     def decay_lambda(self) -> float:
-        """lambda_d of the decoupled form (needs the peak lr from set_step_context when derived)."""
-        if self.cfg.sr_ste_decay is None and self.peak_lr is None:
-            raise RuntimeError("NMSparsifier: decoupled SR-STE derives its decay from the peak lr; call "
-                               "set_step_context(lr, peak_lr, micro_batches) before each step")
-        return sr_ste_decay(self.cfg, self.peak_lr or 1.0)
+        """lambda_d of the decoupled form (a constant per unit of lr; the step's lr scales it)."""
+        return sr_ste_decay(self.cfg)
 
     def phase(self, step: int) -> str:
         if step < self.dense_steps:
@@ -253,7 +250,7 @@ class NMSparsifier(Sparsifier):
         if self.estimator == "sr_ste":
             out["sr_ste_form"] = self.cfg.sr_ste_form
             if self.cfg.sr_ste_form == "decoupled":
-                out["sr_ste_decay"] = self.decay_lambda() if (self.cfg.sr_ste_decay is not None or self.peak_lr) else None
+                out["sr_ste_decay"] = self.decay_lambda()
             else:
                 out["sr_ste_lambda"] = self.cfg.sr_ste_lambda
         if self.layers:
@@ -278,7 +275,7 @@ class NMSparsifier(Sparsifier):
         out = super().metrics()
         out["sparsity/beta"] = float(self.beta)
         out["sparsity/sr_ste"] = 1.0 if self.estimator == "sr_ste" else 0.0
-        if self.decoupled and (self.cfg.sr_ste_decay is not None or self.peak_lr):
+        if self.decoupled:
             out["sparsity/sr_ste_decay"] = float(self.decay_lambda())
         if self.pruned_to_kept is not None:
             out["sparsity/pruned_to_kept_norm"] = float(self.pruned_to_kept)

@@ -82,3 +82,4 @@ def test_hydra_group_files_load_into_the_structured_config(shapes):
     plain.gradient_flow = "sdgf"
     assert effective_estimator(plain) == "ste"  # ...plain STE on the progressive-flow paths (reference code)
     assert plain.sr_ste_form == "decoupled"
+    assert plain.sr_ste_decay == SparsityConfig().sr_ste_decay == 1.0  # lambda_d per unit of lr (SR_STE_DECAY)

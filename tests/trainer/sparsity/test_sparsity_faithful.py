@@ -44,10 +44,15 @@ class MasterAccess:
 
 # --- 1. SR-STE: decoupled decay, grad_accum, bf16 -------------------------------------------
 
-@pytest.mark.parametrize("decay,lr,peak", [(0.5, 0.1, 0.1), (None, 2e-3, 2e-3), (None, 1e-3, 2e-3)])
+DEFAULT = object()  # SparsityConfig's own default for sr_ste_decay
+
+
+@pytest.mark.parametrize("decay,lr,peak", [(0.5, 0.1, 0.1), (DEFAULT, 2e-3, 2e-3), (DEFAULT, 1e-3, 2e-3),
+                                           (DEFAULT, 1e-3, 0.1), (None, 1e-3, 2e-3)])
 def test_decoupled_sr_ste_decays_pruned_masters_by_lr_times_lambda(decay, lr, peak):
     model = _linear_model()
-    sp = build_sparsifier(model, SparsityConfig(method="nm", n=2, m=4, sr_ste_decay=decay), 10)
+    strength = {} if decay is DEFAULT else {"sr_ste_decay": decay}
+    sp = build_sparsifier(model, SparsityConfig(method="nm", n=2, m=4, **strength), 10)
     sp.attach()
     params = MasterAccess(model)
     before = {n: params.get(n).clone() for n in sp.layers}
@@ -58,7 +63,9 @@ def test_decoupled_sr_ste_decays_pruned_masters_by_lr_times_lambda(decay, lr, pe
         assert torch.equal(layer.mask, masks[n])
         assert layer.sr_ste_lambda == 0  # decoupled: the gradient is left alone
     sp.after_optimizer_step(0, params)  # (no optimizer update here: the decay alone acts)
-    lam_d = decay if decay is not None else 0.1 * 2e-4 / (1 - 0.9) / peak  # paper's per-step decay at the peak lr
+    # default (and null): lambda_d = 1 per unit of lr, whatever the peak lr (the paper's decay-to-update
+    # ratio under Adam, config.SR_STE_DECAY); the step's lr alone scales it, as AdamW's weight decay
+    lam_d = 1.0 if decay is DEFAULT or decay is None else decay
     factor = 1 - lr * lam_d
     pruned_sq = 0.0
     for n in sp.layers:
@@ -74,9 +81,9 @@ def test_decoupled_sr_ste_decays_pruned_masters_by_lr_times_lambda(decay, lr, pe
 
 
 def test_decoupled_decay_survives_bf16_weights():
-    """In bf16 a factor 1 - 2e-4 rounds to 1; on the fp32 masters it is exact."""
+    """In bf16 a factor 1 - 2e-4 (lr 2e-3 x lambda_d 0.1) rounds to 1; on the fp32 masters it is exact."""
     model = _linear_model(dtype=torch.bfloat16)
-    sp = build_sparsifier(model, SparsityConfig(method="nm", n=2, m=4), 10)
+    sp = build_sparsifier(model, SparsityConfig(method="nm", n=2, m=4, sr_ste_decay=0.1), 10)
     sp.attach()
     params = MasterAccess(model)
     w0 = {n: params.get(n).clone() for n in sp.layers}

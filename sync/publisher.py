@@ -22,6 +22,7 @@ import torch
 
 from sync.codec import encode, inspect_payload
 from sync.config import SyncConfig
+from sync.convert import published_copy
 
 
 @dataclass
@@ -45,16 +46,6 @@ class PartStats:
     dense_bytes: int
     changed: int
     encode_s: float
-
-
-def published_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An owned, contiguous CPU copy in the published dtype (floating tensors converted)."""
-    src = t.detach()
-    c = src.to(dtype) if src.is_floating_point() and src.dtype != dtype else src
-    c = c.cpu().contiguous()
-    if c.numel() > 0 and c.data_ptr() == src.data_ptr():
-        c = c.clone()
-    return c
 
 
 def plan_parts(state: dict[str, torch.Tensor], part_bytes: int) -> list[list[str]]:
@@ -89,13 +80,14 @@ class SlicePublisher:
 
         if self.version is not None and version <= self.version:
             raise ValueError(f"publish version {version} must be greater than the last one ({self.version})")
-        self._next = {k: published_copy(v, self.dtype) for k, v in state.items()}
+        copies = {k: published_copy(v, self.dtype) for k, v in state.items()}
+        self._next = {k: c for k, (c, _) in copies.items()}
         parts = plan_parts(self._next, self.cfg.part_bytes)
         base = None if (dense or self._last is None) else self.version
         self._staged = StagedSlice(
             version=version, base_version=base, dense=dense, parts=parts, checksums=checksum_entries(self._next),
             dense_bytes=sum(t.numel() * t.element_size() for t in self._next.values()),
-            nonzero=sum(int(torch.count_nonzero(t)) for t in self._next.values()),
+            nonzero=sum(nz for _, nz in copies.values()),
             numel=sum(t.numel() for t in self._next.values()),
         )
         self._encoded = set()

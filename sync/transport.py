@@ -191,7 +191,14 @@ class ShardedPublisher:
         if self._open is not None:
             self.finish(self._open)
         dense = self._force_dense or self.chooser.choose(self._dense_bytes)
-        staged: list[StagedSlice] = ray.get([c.stage(dense) for c in self.channels])
+        try:
+            staged: list[StagedSlice] = ray.get([c.stage(dense) for c in self.channels], timeout=self.cfg.fetch_timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
+            # a rank that hangs or dies while staging: nothing of this version exists yet
+            self._force_dense = True
+            raise UpdateUnavailableError(f"a trainer rank did not stage its slice for publishing within "
+                                         f"{self.cfg.fetch_timeout_s} s (sync.fetch_timeout_s): {type(e).__name__}: "
+                                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
         versions = {s.version for s in staged}
         bases = {s.base_version for s in staged}
         if len(versions) != 1 or len(bases) != 1:
@@ -222,7 +229,7 @@ class ShardedPublisher:
         import ray
 
         try:
-            stats: list[PartStats] = ray.get(handle.record.stats_refs)
+            stats: list[PartStats] = ray.get(handle.record.stats_refs, timeout=self.cfg.fetch_timeout_s)
         except Exception as e:
             # The ranks' bases may now differ (some finished, some not): no update is handed out
             # for this version, and the next publish is a full one on every rank.
@@ -303,7 +310,11 @@ class ShardedPublisher:
         import ray
 
         if rec.payload_bytes is None:
-            rec.payload_bytes = sum(s.payload_bytes for s in ray.get(rec.stats_refs))
+            try:
+                rec.payload_bytes = sum(s.payload_bytes for s in ray.get(rec.stats_refs, timeout=self.cfg.fetch_timeout_s))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
+                raise UpdateUnavailableError(f"version {rec.target_version}'s parts could not be sized: "
+                                             f"{type(e).__name__}") from e
         return rec.payload_bytes
 
     def _snapshot_now(self) -> _Record:

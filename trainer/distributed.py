@@ -77,6 +77,21 @@ def interface_of(ip: str) -> str | None:
     return None
 
 
+def unlink_shm_buffer(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU allreduce buffer from /dev/shm.
+
+    DeepSpeed's shm comm op creates one ~66 MB buffer per rank and removes it only on a clean
+    exit, so every rank Ray kills (trainer restarts, shutdown, tests) leaves one behind until
+    the machine runs out of /dev/shm. Once every rank has mapped every buffer (the caller holds
+    a barrier after init), the names are no longer needed: the memory stays mapped until the
+    last rank exits, however it exits, and is freed then."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # ranks on several nodes (no shm op), or not on CPU
+        pass
+
+
 def destroy_distributed() -> None:
     """Leave the process group and forget DeepSpeed's cached groups of it.
 

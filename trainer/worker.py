@@ -20,7 +20,7 @@ from trainer.checkpoint import (CheckpointError, deepspeed_safe_globals, files_f
                                 read_manifest, rng_state, save_rank_state, set_rng_state, verify_files,
                                 weights_only_torch_load)
 from trainer.config import OptimizerConfig, TrainerConfig
-from trainer.distributed import (destroy_distributed, free_port, node_id, node_ip, resolve_device,
+from trainer.distributed import (destroy_distributed, unlink_shm_buffer, free_port, node_id, node_ip, resolve_device,
                                  set_distributed_env)
 from trainer.lr_schedule import lr_at
 from trainer.objectives import LanguageModelingObjective, Objective
@@ -78,6 +78,11 @@ class TrainerWorker:
             betas=tuple(self.opt_cfg.betas), eps=self.opt_cfg.eps,
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self._ds_config())
+        if self.device == "cpu":
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has mapped every rank's shm buffer by now
+            unlink_shm_buffer(self.rank)
         self.module = self.engine.module
         from trainer.param_access import DeepSpeedParamAccess
 

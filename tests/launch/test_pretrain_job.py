@@ -41,8 +41,11 @@ def test_cli_end_to_end_sparse_two_ranks(tmp_path):
 
     cmd = [sys.executable, "-m", "launch.pretrain", *TINY, "sparsity=nm", "cluster.trainers=2",
            "trainer.max_steps=8", "trainer.eval_every=4", "trainer.checkpoint_every=4", f"hydra.run.dir={tmp_path}"]
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
+    # the ranks end killed by Ray: DeepSpeed's CPU allreduce buffers must not outlive them
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["world_size"] == 2 and summary["sparsity_method"] == "nm"
     assert summary["eval/loss_final"] < summary["eval/loss_first"] - 0.5

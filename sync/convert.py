@@ -1,0 +1,44 @@
+"""Conversion of a rank's weights into the published dtype, fused with the counts a publish needs.
+
+torch's CPU fp32 -> bf16 cast runs at ~7 ns per element here and torch.count_nonzero at ~3 ns
+more: for a rank's slice of a billion-parameter model that is seconds per publish, longer than
+encoding the delta. This kernel does both in one pass at memory speed, with exactly torch's
+rounding (round to nearest even; every NaN becomes 0xFFFF, as torch's vectorised CPU cast
+makes it), which the tests check bit for bit against torch.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import torch
+
+
+@nb.njit(nogil=True, cache=True)
+def _f32_to_bf16(src, dst):
+    """dst[i] = bf16 bits of src[i] (fp32 bits); returns the number of nonzero results."""
+    nonzero = 0
+    for i in range(src.shape[0]):
+        u = np.uint32(src[i])
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN
+            b = np.uint16(0xFFFF)
+        else:
+            b = np.uint16((u + ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16))
+        dst[i] = b
+        nonzero += np.int64((b & np.uint16(0x7FFF)) != np.uint16(0))  # -0.0 counts as zero, as in torch
+    return nonzero
+
+
+def published_copy(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """An owned, contiguous CPU copy in the published dtype (floating tensors converted) and
+    its number of nonzero elements."""
+    src = t.detach()
+    if src.dtype == torch.float32 and dtype == torch.bfloat16 and src.device.type == "cpu" and src.numel() > 0:
+        flat = src.reshape(-1).contiguous()
+        out = torch.empty(flat.shape, dtype=torch.bfloat16)
+        nonzero = _f32_to_bf16(flat.view(torch.int32).numpy().view(np.uint32), out.view(torch.int16).numpy().view(np.uint16))
+        return out.reshape(src.shape), int(nonzero)
+    c = src.to(dtype) if src.is_floating_point() and src.dtype != dtype else src
+    c = c.cpu().contiguous()
+    if c.numel() > 0 and c.data_ptr() == src.data_ptr():
+        c = c.clone()
+    return c, int(torch.count_nonzero(c))

@@ -173,8 +173,12 @@ def drive(args) -> dict:
     lab.limit(None)
     first = sync("dense")  # every receiver gets version 0 (a full send)
     print(f"model {params / 1e6:.0f}M params, first full send {first['seconds']:.2f} s", flush=True)
-    train_step()
-    sync("sparse")  # the first delta after a fresh optimizer changes far more: not measured
+    # A fresh optimizer's first steps move every weight by about lr and change several times
+    # more bf16 elements than a run publishing every step sees later (Adam's moments settle in
+    # ~30 steps): those publishes are made, and checked, but not measured.
+    for _ in range(args.warmup_steps):
+        train_step()
+        sync("sparse")
     rows, all_sparse = [], []
     for rate in LINKS:
         lab.limit(rate)
@@ -212,7 +216,8 @@ def drive(args) -> dict:
         "links": rows,
         "setup": {"zero_stage": args.zero_stage, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
                   "level": "fast", "part_bytes": args.part_mb << 20, "publishes_per_mode": args.publishes,
-                  "full_publishes": args.full_publishes, "layers": args.layers, "embd": args.embd},
+                  "full_publishes": args.full_publishes, "layers": args.layers, "embd": args.embd,
+                  "warmup_steps": args.warmup_steps},
     }
     group.shutdown()
     return result
@@ -287,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--publishes", type=int, default=None, help="sparse (and auto) publishes per link")
     p.add_argument("--full-publishes", type=int, default=None)
     p.add_argument("--part-mb", type=int, default=64)
+    p.add_argument("--warmup-steps", type=int, default=30, help="optimizer steps (each published) before measuring")
     p.add_argument("--zero-stage", type=int, default=1, help="the trainer group's ZeRO stage (2 or 3 need less memory)")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
@@ -343,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = tmp / "result.json"
             cmd = [sys.executable, "-m", "bench.sync_cluster", "--driver", f"--address={head}", f"--lab={args.lab}",
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
-                   f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}",
+                   f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}", f"--warmup-steps={args.warmup_steps}",
                    f"--zero-stage={args.zero_stage}"]
             rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400).returncode
             if rc != 0 or not raw.exists():

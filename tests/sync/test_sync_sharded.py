@@ -219,3 +219,23 @@ def test_an_update_creating_more_bytes_than_the_target_holds_is_refused_before_d
     with pytest.raises(LimitError):
         rec.apply(pub.update_for(None))
     assert rec.version is None and target["w"].eq(0).all()
+
+
+def test_mode_chooser_reprobes_dense_only_while_cheap():
+    from sync.policy import REPROBE_EVERY
+
+    def run(dense_s: float, sparse_s: float) -> list[bool]:
+        c = ModeChooser("auto")
+        assert c.choose(1000) is True
+        c.observe(True, dense_s, 1000)
+        picks = []
+        for _ in range(2 * REPROBE_EVERY + 2):
+            picks.append(c.choose(1000))
+            c.observe(picks[-1], dense_s if picks[-1] else sparse_s, 1000)
+        return picks
+
+    # dense predicted at 1.5x sparse: probed once every REPROBE_EVERY sparse publishes
+    picks = run(dense_s=1.5, sparse_s=1.0)
+    assert [i for i, p in enumerate(picks) if p] == [REPROBE_EVERY, 2 * REPROBE_EVERY + 1]
+    # a slow link (dense 10x sparse): never probed again
+    assert not any(run(dense_s=10.0, sparse_s=1.0))

@@ -153,6 +153,7 @@ def drive(args) -> dict:
         group.call("rss_start")
         t0 = time.perf_counter()
         handle = publisher.begin()
+        begin_s = time.perf_counter() - t0
         applied = ray.get([r.apply.remote(publisher.update_for(versions[i])) for i, r in enumerate(receivers)])
         seconds = time.perf_counter() - t0
         stats = publisher.finish(handle)
@@ -168,7 +169,9 @@ def drive(args) -> dict:
                 "dense_bytes": stats.dense_bytes, "changed": stats.changed, "encode_s": stats.encode_s,
                 "wire_bytes": tx1["a"] - tx0["a"], "wire_bytes_back": tx1["b"] - tx0["b"],
                 "rank_extra_rss": rank_rss, "receiver_extra_rss": max(a["extra_rss"] for a in applied),
-                "receiver_decode_s": max(a["decode_s"] for a in applied)}
+                "receiver_decode_s": max(a["decode_s"] for a in applied),
+                "receiver_wait_s": max(a["transfer_s"] for a in applied), "begin_s": begin_s,
+                "receiver_staged_bytes": max(a["staged_bytes"] for a in applied)}
 
     lab.limit(None)
     first = sync("dense")  # every receiver gets version 0 (a full send)
@@ -200,6 +203,8 @@ def drive(args) -> dict:
             "full_payload_bytes": int(med(runs["dense"], "payload_bytes")),
             "sparse_encode_s": med(runs["sparse"], "encode_s"),
             "sparse_receiver_decode_s": med(runs["sparse"], "receiver_decode_s"),
+            "sparse_receiver_wait_s": med(runs["sparse"], "receiver_wait_s"),
+            "sparse_begin_s": med(runs["sparse"], "begin_s"),
         }
         row["speedup"] = row["full_s"] / row["sparse_s"]
         row["auto_vs_full"] = row["auto_s"] / row["full_s"]
@@ -213,6 +218,7 @@ def drive(args) -> dict:
         "published_bytes_total": first["dense_bytes"], "published_bytes_per_rank": slice_bytes,
         "publish_extra_rss_bytes_per_rank": [max(r["rank_extra_rss"][k] for r in all_sparse) for k in range(len(slice_bytes))],
         "receiver_extra_rss_bytes": max(r["receiver_extra_rss"] for r in all_sparse),
+        "receiver_staged_bytes": max(r["receiver_staged_bytes"] for r in all_sparse),
         "links": rows,
         "setup": {"zero_stage": args.zero_stage, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
                   "level": "fast", "part_bytes": args.part_mb << 20, "publishes_per_mode": args.publishes,

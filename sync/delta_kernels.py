@@ -17,6 +17,8 @@ caller can raise CorruptBucketError.
 """
 from __future__ import annotations
 
+import functools
+
 import numba as nb
 import numpy as np
 
@@ -385,6 +387,13 @@ def flag_prior(changed: int, n: int) -> np.ndarray:
 
 def gap_prior(changed: int, n: int) -> np.ndarray:
     """Coarse gap-length tree nodes start from a geometric gap distribution at the chunk's rate."""
+    return _gap_prior(int(changed), int(n)).copy()
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _gap_prior(changed: int, n: int) -> np.ndarray:
+    # ~0.4 ms of small-array numpy a call, paid by every small tensor's "gap" entry on both
+    # sides; the same (changed, n) pairs recur publish after publish
     p = min(max(changed / max(1, n), 1e-9), 1 - 1e-9)
     k = np.arange(33, dtype=np.float64)
     # P(gap >= 2^k) = (1-p)^(2^k - 1); P(bit length k) = P(>= 2^k) - P(>= 2^(k+1))

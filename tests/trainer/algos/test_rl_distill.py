@@ -103,7 +103,7 @@ def test_rl_loss_is_policy_loss_plus_weight_times_the_distill_term(llama, algo_n
     assert loss.item() == pytest.approx(policy_loss.item() + weight * hand, rel=1e-5, abs=1e-6)
     assert metrics[f"distill/{distill}"] == pytest.approx(hand, rel=1e-5)
     assert metrics["loss"] == pytest.approx(policy_metrics["loss"], rel=1e-6)  # `loss` stays the policy loss
-    assert metrics["distill/total_loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert metrics["distill/total_loss"] == pytest.approx(loss.item(), rel=1e-6)
 
     # The term trains the student: grad(loss) - grad(policy loss) = weight * grad(term), the
     # term's gradient taken here from a separate forward through squarehead / KL as written above.

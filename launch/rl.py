@@ -452,9 +452,10 @@ def stopwatch(times: dict[str, float], key: str):
 
 def step_metrics(rollout: dict, train: dict, pub: dict, sync_stats: list[dict], times: dict, version: int,
                  trainer_restarts: int) -> dict[str, float]:
-    """Every metric of one RL step, by its logged name (steps.jsonl, wandb)."""
+    """Every metric of one RL step, by its logged name (steps.jsonl, wandb): the trainer's under
+    train/, except distill/* (the distillation term), named as in pretraining."""
     metrics = {
-        **rollout, **{f"train/{k}": v for k, v in train.items() if k != "step"},
+        **rollout, **{k if k.startswith("distill/") else f"train/{k}": v for k, v in train.items() if k != "step"},
         "sync/payload_bytes": pub["payload_bytes"], "sync/dense_bytes": pub["dense_bytes"],
         "sync/ratio": pub["dense_bytes"] / max(1, pub["payload_bytes"]),
         "sync/encode_s": pub.get("encode_s", 0.0), "density": pub["density"],
@@ -592,6 +593,7 @@ def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, fi
     mean = lambda k: (sum(history[k]) / len(history[k])) if history.get(k) else None  # noqa: E731
     return {
         "mode": cfg.rl.mode, "algo": cfg.algo.name, "task": cfg.task.name, "sparsity_method": cfg.sparsity.method,
+        "distill": cfg.distill.name,
         "rl_steps": len(rewards),
         "reward.first_10pct": window_mean(rewards, True) if rewards else None,
         "reward.last_10pct": window_mean(rewards, False) if rewards else None,

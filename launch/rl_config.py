@@ -1,5 +1,5 @@
 """Typed config of the RL job (`python -m launch.rl`): the pretraining components (model,
-sparsity, trainer, optimizer, cluster, logger) plus rollout, task, algo, sync and `rl` itself.
+sparsity, trainer, optimizer, cluster, logger, distill) plus rollout, task, algo, sync and `rl` itself.
 `validate_rl_config` checks everything that can be checked before Ray starts.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from rollout.tasks import TaskConfig
 from sync.config import SyncConfig
 from trainer.algos.config import AlgoConfig
 from trainer.config import OptimizerConfig, TrainerConfig, validate_trainer_config
+from trainer.distill import DistillConfig, DistillConfigError, validate_distill_config
 from trainer.sparsity.config import SparsityConfig
 
 
@@ -60,6 +61,8 @@ class RLJobConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    # auxiliary RL loss: policy loss + distill.weight * SquareHead / KL to the dense starting model
+    distill: DistillConfig = field(default_factory=DistillConfig)
     rl: RLConfig = field(default_factory=RLConfig)
 
 
@@ -143,6 +146,17 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
 
     check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.kind == "hf" or rl.resume is not None,
                            peak_lr=cfg.optimizer.lr)
+    validate_rl_distill_config(cfg.distill, cfg.model, model)
+
+
+def validate_rl_distill_config(cfg: DistillConfig, model_cfg, model) -> None:
+    """Pretraining's distill checks (trainer/distill.py: a teacher to distil from, hidden states
+    for squarehead, weights and temperature in range, a matching teacher_path), plus RL's own:
+    there is no task loss to weight, so distill.task_weight must stay 1."""
+    validate_distill_config(cfg, model_cfg, model)
+    if cfg.name != "none" and cfg.task_weight != 1.0:
+        raise DistillConfigError(f"distill.task_weight={cfg.task_weight!r} has no meaning in RL: the loss is "
+                                 f"policy loss + distill.weight * distill term; leave it at 1 and set distill.weight")
 
 
 def validate_task(cfg: RLJobConfig, model, tokenizer) -> None:

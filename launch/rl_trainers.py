@@ -43,7 +43,7 @@ class RLTrainers:
                              worker_cls=RLTrainerWorker)
         try:
             group.call("configure_rl", self.algo_cfg, cfg.sync, rl.sft_lr, cfg.optimizer.lr, rl.reset_optimizer,
-                       rl.lr_warmup_steps)
+                       rl.lr_warmup_steps, cfg.distill)
         except BaseException:
             group.shutdown()
             raise

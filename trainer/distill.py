@@ -105,6 +105,20 @@ def validate_distill_config(cfg: DistillConfig, model_cfg, student: torch.nn.Mod
                 )
 
 
+def load_teacher(cfg: DistillConfig, model_cfg, device: torch.device) -> torch.nn.Module:
+    """The frozen teacher: distill.teacher_path, else the dense starting model (model.path), in
+    distill.teacher_dtype on `device`, eval mode, no gradients."""
+    from dataclasses import replace
+
+    from models import build_model
+    from models.hf import cast_parameters, torch_dtype
+
+    teacher_cfg = replace(model_cfg, path=cfg.teacher_path or model_cfg.path, dropout=0.0, dtype="float32")
+    teacher, _ = build_model(teacher_cfg)
+    teacher = cast_parameters(teacher, torch_dtype(cfg.teacher_dtype))
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 def squarehead_loss(student: list[torch.Tensor] | tuple, teacher: list[torch.Tensor] | tuple) -> torch.Tensor:
     """sum_l MSE(t_l, s_l) / MSE(t_l, 0), in fp32."""
     if len(student) != len(teacher):
@@ -142,16 +156,7 @@ class DistillationObjective:
 
     def load_teacher(self, device: torch.device) -> torch.nn.Module:
         if self.teacher is None:
-            from dataclasses import replace
-
-            from models import build_model
-            from models.hf import cast_parameters, torch_dtype
-
-            cfg = replace(self.model_cfg, path=self.cfg.teacher_path or self.model_cfg.path, dropout=0.0,
-                          dtype="float32")
-            teacher, _ = build_model(cfg)
-            teacher = cast_parameters(teacher, torch_dtype(self.cfg.teacher_dtype))
-            self.teacher = teacher.to(device).eval().requires_grad_(False)
+            self.teacher = load_teacher(self.cfg, self.model_cfg, device)
         return self.teacher
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

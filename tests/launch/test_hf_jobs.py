@@ -157,6 +157,23 @@ def test_rl_hf_model_2_4_two_workers_end_bit_identical_to_the_trainer(arch, hf_d
         assert torch.equal(exported[name].to(torch.bfloat16), t), name
 
 
+def test_rl_hf_model_2_4_with_squarehead_distillation_logs_the_term(hf_dirs, ray_cluster, tmp_path):
+    """Issue 12 in RL: a 2:4-pruned policy trained with policy loss + distill.weight * SquareHead
+    to its dense starting model (model.path)."""
+    steps = 3
+    run_dir = tmp_path / "run"
+    cfg = rl_config(hf_dirs["llama"], "sparsity=nm", "distill=squarehead", "distill.weight=0.5",
+                    "distill.teacher_dtype=float32", f"rl.steps={steps}", "rl.export=false")
+    summary = run_rl_job(cfg, run_dir, None)
+    assert summary["distill"] == "squarehead" and summary["rl_steps"] == steps
+    assert summary["rollout.final_versions"] == [1 + steps] * 2 and summary["sync.checksum_mismatches"] == 0
+    rows = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert len(rows) == steps
+    for r in rows:  # one rank, one micro batch: the logged parts add up to the trained loss
+        assert 0 < r["distill/squarehead"] < float("inf")  # pruned to 2:4: away from the dense teacher
+        assert r["distill/total_loss"] == pytest.approx(r["train/loss"] + 0.5 * r["distill/squarehead"], rel=1e-5)
+
+
 def run_rl_job(cfg, run_dir: Path, on_step):
     from launch.rl import run_rl
 

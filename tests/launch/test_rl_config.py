@@ -108,3 +108,63 @@ def test_run_name_comes_from_the_job_and_its_overrides():
         == "rl algo=ppo task.path=train.parquet"
     assert run_name("rl", []) == "rl"
     assert len(run_name("rl", [f"k{i}=v" for i in range(100)])) == 120
+
+
+# -- distill: an auxiliary RL loss toward the dense starting model (issue 12) ----------------------
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    from hf_fixtures import save_tiny_gpt2, save_tiny_llama
+
+    root = tmp_path_factory.mktemp("hf")
+    return {"llama": save_tiny_llama(root / "llama", with_tokenizer=False),
+            "gpt2": save_tiny_gpt2(root / "gpt2", with_tokenizer=False)}
+
+
+HF_RL = ["rollout.max_new_tokens=4", "logger=console", "logger.console=false"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["distill=squarehead"], "distill=squarehead distils from the pretrained dense model, but model.kind='gpt'"),
+    (["distill=kl", "distill.teacher_path={llama}"], "model.kind='gpt'"),  # built-in GPT: no teacher, even so
+    (["model=hf", "model.path={llama}", "distill=squarehead", "distill.weight=-1"], "distill.weight=-1"),
+    (["model=hf", "model.path={llama}", "distill=kl", "distill.weight=0"], "distill.weight=0"),
+    (["model=hf", "model.path={llama}", "distill=kl", "distill.weight=inf"], "distill.weight=inf"),
+    (["model=hf", "model.path={llama}", "distill=kl", "distill.temperature=0"], "distill.temperature=0"),
+    (["model=hf", "model.path={llama}", "distill=squarehead", "distill.task_weight=0.5"], "distill.task_weight=0.5"),
+    (["model=hf", "model.path={llama}", "distill=squarehead", "distill.teacher_path={gpt2}"],
+     "model_type is 'gpt2' in the teacher, 'llama' in the student"),
+])
+def test_bad_distill_input_is_refused_before_ray_starts(overrides, needle, tiny_hf, tmp_path, monkeypatch):
+    import launch.cluster
+    from launch.rl import run_rl
+    from trainer.distill import DistillConfigError
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the bad input was caught")
+
+    monkeypatch.setattr(launch.cluster, "ray_cluster", no_ray)
+    cfg = compose_rl_config([*HF_RL, *(o.format(**tiny_hf) for o in overrides)])
+    with pytest.raises(DistillConfigError) as e:
+        run_rl(cfg, tmp_path / "run")
+    assert needle in str(e.value)
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_distill_configs_that_work_validate_and_squarehead_needs_hidden_states(tiny_hf):
+    import torch
+
+    from launch.rl_config import validate_rl_distill_config
+    from models import ModelConfig, build_model
+    from trainer.distill import DistillConfig, DistillConfigError
+
+    assert compose_rl_config([]).distill.name == "none"  # the default: RL unchanged
+    for name in ("squarehead", "kl"):
+        cfg = compose_rl_config([*HF_RL, "model=hf", f"model.path={tiny_hf['llama']}", f"distill={name}"])
+        validate_rl_config(cfg)
+        assert cfg.distill.name == name and cfg.distill.weight == 1.0 and cfg.distill.teacher_path is None
+    with torch.device("meta"):
+        gpt, _ = build_model(ModelConfig(kind="gpt", n_layer=1, n_embd=32, n_head=2, block_size=32))
+    with pytest.raises(DistillConfigError, match="output_hidden_states"):  # a model without hidden states
+        validate_rl_distill_config(DistillConfig(name="squarehead"), ModelConfig(kind="hf", path=str(tiny_hf["llama"])),
+                                   gpt)

@@ -4,7 +4,8 @@ Built by launch/trainer_group.py (`worker_cls=RLTrainerWorker`), then configured
 `configure_rl(...)` on every rank. Phases, each a constant learning rate:
 
     sft_step(batch)   supervised warm-up on the task's answers (rl.sft_warmup_steps of them)
-    begin_rl()        switch the objective to the RL algorithm (reference policy frozen here)
+    begin_rl()        switch the objective to the RL algorithm (reference policy frozen here),
+                      plus the distillation term with distill=squarehead|kl
     train_step(batch) one RL optimizer step (TrainerWorker's step with the RL objective)
     sync_stage(dense)  this rank's slice of the bf16 weights (masked) staged for publishing as
                        version = step (+ offset); sync_encode(i) / sync_snapshot(i) encode its
@@ -20,8 +21,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from trainer.algos.config import AlgoConfig, build_objective
+from trainer.algos.distill import with_distillation
 from trainer.algos.sft import SFT
 from trainer.config import OptimizerConfig
+from trainer.distill import DistillConfig
 from trainer.worker import TrainerWorker
 
 
@@ -31,7 +34,10 @@ def constant_lr(cfg: OptimizerConfig, lr: float) -> OptimizerConfig:
 
 class RLTrainerWorker(TrainerWorker):
     def configure_rl(self, algo_cfg: AlgoConfig, sync_cfg, sft_lr: float, rl_lr: float,
-                     reset_optimizer: bool = True, rl_warmup_steps: int = 0) -> None:
+                     reset_optimizer: bool = True, rl_warmup_steps: int = 0,
+                     distill_cfg: DistillConfig | None = None) -> None:
+        """`distill_cfg` (distill=squarehead|kl): the RL loss gains `distill.weight` times a
+        distillation term from the frozen dense starting model (trainer/algos/distill.py)."""
         self.algo_cfg = algo_cfg
         self.rl_lr, self.rl_warmup_steps = rl_lr, rl_warmup_steps
         self.rl_start_step: int | None = None
@@ -39,7 +45,7 @@ class RLTrainerWorker(TrainerWorker):
         self.sft_opt = constant_lr(self.opt_cfg, sft_lr)
         self.rl_opt = constant_lr(self.opt_cfg, rl_lr)
         self.reset_optimizer = reset_optimizer
-        self.algo = build_objective(algo_cfg)
+        self.algo = with_distillation(build_objective(algo_cfg), distill_cfg, self.model_cfg)
         self.version_offset = 0
         from sync.publisher import SlicePublisher
 

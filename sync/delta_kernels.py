@@ -641,3 +641,11 @@ def decode_gap8(old, ga, va, nval, wb, mask, pos_out, val_out):
     if eg != neg or ev != nev:
         return 1
     return 0
+
+
+@nb.njit(**_jit)
+def scatter(dst, pos, vals):
+    """dst[pos[i]] = vals[i]; positions come checked (in range) from the decoders. Several times
+    faster than numpy's fancy assignment for scattered positions."""
+    for i in range(pos.shape[0]):
+        dst[pos[i]] = vals[i]

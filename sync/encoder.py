@@ -194,10 +194,15 @@ def encode(
     level: str = "best",
     bucket_bytes: int = 32 << 20,
     metadata: dict[str, str] | None = None,
+    digests: dict[str, str] | None = None,
+    base_digests: dict[str, str] | None = None,
 ) -> list[bytes]:
     """Encode `new` as a delta against `old` (or a full snapshot when old is None) into
     self-describing buckets. Tensors are compared by bit pattern; the result is lossless.
-    `metadata` (str -> str, e.g. a safetensors header's) travels in bucket 0."""
+    `metadata` (str -> str, e.g. a safetensors header's) travels in bucket 0. `digests` /
+    `base_digests`: the xxh3 digests (format.digest) of tensors of `new` / `old` the caller
+    already has (a publisher hashes each tensor once), so they are not hashed again."""
+    digests, base_digests = digests or {}, base_digests or {}
     if level not in CODEC_LEVELS:
         raise ValueError(f"level must be one of {CODEC_LEVELS}, got {level!r}")
     if not _is_version(target_version):
@@ -221,13 +226,13 @@ def encode(
         info = info_for(t.dtype, name)
         nbits = bits_of(t)
         shape = list(t.shape)
-        item = {"name": name, "dtype": info.name, "shape": shape, "xxh": digest(nbits), "base": None}
+        item = {"name": name, "dtype": info.name, "shape": shape, "xxh": digests.get(name) or digest(nbits), "base": None}
         kind, obits = "whole", None
         if old is not None and name in old:
             o = old[name]
             oinfo = info_for(o.dtype, name)
             ob = bits_of(o)
-            item["base"] = {"dtype": oinfo.name, "shape": list(o.shape), "xxh": digest(ob)}
+            item["base"] = {"dtype": oinfo.name, "shape": list(o.shape), "xxh": base_digests.get(name) or digest(ob)}
             if o.dtype == t.dtype and tuple(o.shape) == tuple(t.shape):
                 kind, obits = "delta", ob
         item["kind"] = kind

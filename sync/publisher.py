@@ -23,6 +23,8 @@ import torch
 from sync.codec import encode, inspect_payload
 from sync.config import SyncConfig
 from sync.convert import published_copy
+from sync.dtypes import bits_of
+from sync.format import digest
 
 
 @dataclass
@@ -71,6 +73,8 @@ class SlicePublisher:
         self._last: dict[str, torch.Tensor] | None = None
         self._last_parts: list[list[str]] = []
         self._next: dict[str, torch.Tensor] | None = None
+        self._next_digests: dict[str, str] = {}
+        self._last_digests: dict[str, str] = {}
         self._staged: StagedSlice | None = None
         self._encoded: set[int] = set()
 
@@ -82,10 +86,13 @@ class SlicePublisher:
             raise ValueError(f"publish version {version} must be greater than the last one ({self.version})")
         copies = {k: published_copy(v, self.dtype) for k, v in state.items()}
         self._next = {k: c for k, (c, _) in copies.items()}
+        # each tensor is hashed once per publish: the checksum, the payload's manifest and, at
+        # the next publish, the delta's base all use this digest
+        self._next_digests = {k: digest(bits_of(t)) for k, t in self._next.items()}
         parts = plan_parts(self._next, self.cfg.part_bytes)
         base = None if (dense or self._last is None) else self.version
         self._staged = StagedSlice(
-            version=version, base_version=base, dense=dense, parts=parts, checksums=checksum_entries(self._next),
+            version=version, base_version=base, dense=dense, parts=parts, checksums=checksum_entries(self._next, self._next_digests),
             dense_bytes=sum(t.numel() * t.element_size() for t in self._next.values()),
             nonzero=sum(nz for _, nz in copies.values()),
             numel=sum(t.numel() for t in self._next.values()),
@@ -102,16 +109,19 @@ class SlicePublisher:
         new = {k: self._next[k] for k in keys}
         if staged.base_version is None:
             buckets = encode(None, new, base_version=None, target_version=staged.version,
-                             level="raw" if staged.dense else self.cfg.level, bucket_bytes=self.cfg.bucket_bytes)
+                             level="raw" if staged.dense else self.cfg.level, bucket_bytes=self.cfg.bucket_bytes,
+                             digests=self._next_digests)
         else:
             old = {k: self._last[k] for k in keys if k in self._last}
             buckets = encode(old, new, base_version=staged.base_version, target_version=staged.version,
-                             level=self.cfg.level, bucket_bytes=self.cfg.bucket_bytes)
+                             level=self.cfg.level, bucket_bytes=self.cfg.bucket_bytes,
+                             digests=self._next_digests, base_digests=self._last_digests)
         stats = PartStats(index, sum(len(b) for b in buckets), sum(t.numel() * t.element_size() for t in new.values()),
                           inspect_payload(buckets)["changed"], time.perf_counter() - t0)
         self._encoded.add(index)
         if len(self._encoded) == len(staged.parts):  # the whole version is out: it is the new base
             self._last, self._last_parts, self.version = self._next, staged.parts, staged.version
+            self._last_digests = self._next_digests
             self._next, self._staged = None, None
         return buckets, stats
 
@@ -122,7 +132,7 @@ class SlicePublisher:
         t0 = time.perf_counter()
         new = {k: self._last[k] for k in self._last_parts[index]}
         buckets = encode(None, new, base_version=None, target_version=self.version, level=self.cfg.level,
-                         bucket_bytes=self.cfg.bucket_bytes)
+                         bucket_bytes=self.cfg.bucket_bytes, digests=self._last_digests)
         return buckets, PartStats(index, sum(len(b) for b in buckets),
                                   sum(t.numel() * t.element_size() for t in new.values()), 0, time.perf_counter() - t0)
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from sync import delta_kernels as K
 from sync.decoder import PayloadPlan, decode_delta_chunk, decode_dense_chunk, decode_mask_chunk, plan_payload
 from sync.dtypes import DtypeInfo
 from sync.errors import CorruptBucketError, LimitError, SyncError, TensorMismatchError, VersionMismatchError
@@ -199,7 +200,7 @@ def _stage_entry(body, e, spec, ch: KeyChange, base: Base):
             rel, vals = decode_delta_chunk(enc, chunk, e.changed, old, info, where)
             result = scratch("stage_result", count, info.uint)
             np.copyto(result, old)
-            result[rel] = vals
+            K.scatter(result, rel, vals)
             out = (rel + start, vals)
     if digest(result) != e.xxh:
         raise CorruptBucketError(f"{where}: decoded elements [{start}, {stop}) do not match the sender's checksum")

@@ -41,10 +41,12 @@ from sync.publisher import PartStats, SlicePublisher, StagedSlice
 # ---------------------------------------------------------------- checksums
 
 
-def checksum_entries(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Per tensor (or slice) key: its name, dtype, shape and bit-pattern digest. Ranks compute
-    these for their slices; the union gives the checksum of the whole published state."""
-    return {name: f"{name}|{info_for(t.dtype, name).name}|{list(t.shape)}|{digest(bits_of(t))};"
+def checksum_entries(state: dict[str, torch.Tensor], digests: dict[str, str] | None = None) -> dict[str, str]:
+    """Per tensor (or slice) key: its name, dtype, shape and bit-pattern digest (from `digests`
+    where given). Ranks compute these for their slices; the union gives the checksum of the
+    whole published state."""
+    digests = digests or {}
+    return {name: f"{name}|{info_for(t.dtype, name).name}|{list(t.shape)}|{digests.get(name) or digest(bits_of(t))};"
             for name, t in state.items()}
 
 

@@ -4,7 +4,8 @@
 
 Two Ray nodes run in their own network namespaces joined by a veth pair (bench/netlab.py): the
 trainer node (a trainer group of 2 DeepSpeed ranks, ZeRO-1, fp32 AdamW masters, lr 1e-6) and the
-rollout node (3 receivers, each a bf16 copy of the model with a WeightReceiver). Per link rate
+rollout node (3 receivers, each a bf16 copy of the model with a WeightReceiver; one stages each
+update and the other two commit its staging, as the RL job's rollout group does). Per link rate
 (100 Mbit/s, 1 Gbit/s, 10 Gbit/s and unlimited, set with `tc`), after real optimizer steps, it
 times publishes from "optimizer step done" to "every receiver committed" (median of several):
 - sparse: the fast-level delta of every rank's slice, pipelined (sync/transport.py);
@@ -99,6 +100,25 @@ class BenchReceiver:
         stats["extra_rss"] = rss.stop()
         return stats
 
+    # one receiver per node stages, the others commit its staging (as launch/rl_rollouts.py does)
+    def stage_shared(self, update):
+        self._rss = RssPeak()
+        self._rss.start()
+        self._staged = self.receiver.fetch(update)
+        return self.receiver.share(self._staged)
+
+    def commit_shared(self, _shared) -> dict:
+        stats = self.receiver.commit(self._staged)
+        stats["extra_rss"] = self._rss.stop()
+        return stats
+
+    def apply_shared(self, shared) -> dict:
+        rss = RssPeak()
+        rss.start()
+        stats = self.receiver.commit(self.receiver.adopt(shared))
+        stats["extra_rss"] = rss.stop()
+        return stats
+
     def checksum(self) -> str:
         return self.receiver.state_checksum()
 
@@ -154,7 +174,11 @@ def drive(args) -> dict:
         t0 = time.perf_counter()
         handle = publisher.begin()
         begin_s = time.perf_counter() - t0
-        applied = ray.get([r.apply.remote(publisher.update_for(versions[i])) for i, r in enumerate(receivers)])
+        if len(set(versions)) == 1:  # every receiver at one version: the node decodes once
+            shared = receivers[0].stage_shared.remote(publisher.update_for(versions[0]))
+            applied = ray.get([receivers[0].commit_shared.remote(shared)] + [r.apply_shared.remote(shared) for r in receivers[1:]])
+        else:
+            applied = ray.get([r.apply.remote(publisher.update_for(versions[i])) for i, r in enumerate(receivers)])
         seconds = time.perf_counter() - t0
         stats = publisher.finish(handle)
         publisher.observe(handle, seconds)

@@ -42,6 +42,7 @@ class RolloutGroup:
         self.workers = [self._start(i) for i in range(rollout_cfg.workers)]
         self.versions: list[int | None] = [None] * rollout_cfg.workers
         self.pending: dict[int, object] = {}  # async: worker id -> ObjectRef of its running generate
+        self._nodes: dict[int, tuple[int, str]] = {}  # worker id -> (incarnation, Ray node id)
 
     def _start(self, i: int):
         return self._remote.remote(i, self.model_cfg, self.cfg, self.task_cfg, self.incarnations[i])
@@ -95,19 +96,45 @@ class RolloutGroup:
 
     def apply_all(self) -> list[dict]:
         """Bring every worker to the trainer's newest version (a delta, a chain of deltas, or a
-        snapshot for a worker that is behind or new), all in parallel; their stats by worker."""
+        snapshot for a worker that is behind or new), all in parallel; their stats by worker.
+        Workers on one node at one version share the work: the first fetches and verifies the
+        update, the others commit what it staged (sync/receiver.py SharedUpdate), so a node
+        decodes each update once however many workers it holds."""
         import ray
 
-        refs = [w.apply_update.remote(self.update_for(self.versions[i])) for i, w in enumerate(self.workers)]
+        groups: dict = {}
+        for i in range(len(self.workers)):
+            groups.setdefault((self._node_of(i), self.versions[i]), []).append(i)
+        refs: dict[int, object] = {}
+        for (_, version), members in groups.items():
+            update = self.update_for(version)
+            if len(members) == 1 or update.kind == "none":
+                refs.update({i: self.workers[i].apply_update.remote(update) for i in members})
+                continue
+            lead, *rest = members
+            shared = self.workers[lead].stage_shared.remote(update)
+            refs[lead] = self.workers[lead].commit_shared.remote(shared)
+            refs.update({i: self.workers[i].apply_shared.remote(shared, update) for i in rest})
         out = []
-        for i, ref in enumerate(refs):
+        for i in range(len(self.workers)):
             try:
-                stats = ray.get(ref)
+                stats = ray.get(refs[i])
             except ray.exceptions.RayActorError as e:
-                stats = self.replace(i, type(e).__name__)
+                if e.actor_id not in (None, self.workers[i]._actor_id.hex()):
+                    # the worker that staged for this one died, this one did not: fetch itself
+                    stats = self._call(i, "apply_update", self.update_for(self.versions[i]))
+                else:
+                    stats = self.replace(i, type(e).__name__)
             self.versions[i] = stats["version"]
             out.append(stats)
         return out
+
+    def _node_of(self, i: int) -> str:
+        import ray
+
+        if self._nodes.get(i, (None,))[0] != self.incarnations[i]:
+            self._nodes[i] = (self.incarnations[i], ray.get(self.workers[i].node_id.remote()))
+        return self._nodes[i][1]
 
     def generate_all(self, shares: list, samples_per_prompt: int) -> list[RolloutBatch]:
         """Every worker generates its share of prompts (`shares[i]` for worker i) in parallel; a

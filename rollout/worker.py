@@ -32,7 +32,7 @@ from data.prompts import Sample
 from rollout.results import EvalResult, RolloutBatch
 from rollout.rewards import ScoredBatch, build_reward_fns, score_batch
 from rollout.tasks import BUILTIN_TASKS, TaskConfig, build_task
-from sync.errors import SyncError
+from sync.errors import SyncError, TensorMismatchError, VersionMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class RolloutWorker:
         self._fetch_stats: dict = {}
         self._fetch_error: BaseException | None = None
         self._fetch_thread: threading.Thread | None = None
+        self._shared_staged = None  # sync mode: staged by stage_shared for this node's workers
+        self._shared_fetch_s = 0.0
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -98,6 +100,55 @@ class RolloutWorker:
             started = time.perf_counter()
             with self._receiver_lock:
                 stats = dict(self.receiver.apply(update))
+                stats["checksum"] = self.receiver.state_checksum()
+            stats["sync_s"] = time.perf_counter() - started
+            return stats
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def stage_shared(self, update):
+        """Sync mode, one worker per node: fetch and verify `update` and keep it staged (commit
+        with commit_shared); returns it for the node's other workers (apply_shared), which then
+        neither download nor decode it."""
+        with self._update_lock:
+            self._wait_fetch()
+            with self._lock:
+                self._staged, self._fetch_error = None, None
+            started = time.perf_counter()
+            with self._receiver_lock:
+                self._shared_staged = self.receiver.fetch(update)
+                self._shared_fetch_s = time.perf_counter() - started
+                return self.receiver.share(self._shared_staged)
+
+    def commit_shared(self, _shared=None) -> dict:
+        """Swap in what stage_shared staged (the argument only orders the call after it)."""
+        with self._update_lock, self._receiver_lock:
+            started = time.perf_counter()
+            staged, self._shared_staged = self._shared_staged, None
+            if staged is None:
+                raise SyncError("commit_shared without a staged update (stage_shared failed or ran elsewhere)")
+            stats = dict(self.receiver.commit(staged))
+            stats["checksum"] = self.receiver.state_checksum()
+            stats["sync_s"] = self._shared_fetch_s + time.perf_counter() - started
+            return stats
+
+    def apply_shared(self, shared, update) -> dict:
+        """Sync mode: commit an update another worker on this node staged (stage_shared); when
+        this worker's weights are not the ones it was staged against, fetch `update` itself."""
+        with self._update_lock:
+            self._wait_fetch()
+            with self._lock:
+                self._staged, self._fetch_error = None, None
+            started = time.perf_counter()
+            with self._receiver_lock:
+                try:
+                    stats = dict(self.receiver.commit(self.receiver.adopt(shared)))
+                    stats["shared"] = True
+                except (TensorMismatchError, VersionMismatchError):
+                    stats = dict(self.receiver.apply(update))
                 stats["checksum"] = self.receiver.state_checksum()
             stats["sync_s"] = time.perf_counter() - started
             return stats

@@ -27,7 +27,7 @@ import torch
 
 from sync.delta_kernels import scatter
 from sync.dtypes import info_for, tensor_from_bits
-from sync.errors import SyncError, TensorMismatchError, UpdateUnavailableError
+from sync.errors import SyncError, TensorMismatchError, UpdateUnavailableError, VersionMismatchError
 from sync.slices import target_views
 from sync.staging import Base, KeyChange, stage_payload
 from sync.transport import Part, WeightUpdate, combine_checksums
@@ -53,6 +53,22 @@ class StagedUpdate:
     def staged_bytes(self) -> int:
         """Memory the staged changes hold (what fetch() adds until commit)."""
         return sum(c.nbytes() for c in self.changes.values())
+
+
+@dataclass
+class SharedUpdate:
+    """An update as one receiver staged and verified it, for the other receivers at the same
+    version to commit without downloading or decoding it again (WeightReceiver.adopt). Put in
+    the object store of that receiver's node, its arrays are read there without a copy, so a
+    node with K rollout workers decodes each update once, not K times."""
+
+    kind: str
+    base_version: int | None
+    target_version: int | None
+    payload_bytes: int
+    base_digests: dict  # key -> digest of the bits the update was staged against (deltas)
+    changes: dict  # key -> KeyChange
+    meta: dict  # key -> (DtypeInfo, shape)
 
 
 class WeightReceiver:
@@ -185,6 +201,46 @@ class WeightReceiver:
                 raise TensorMismatchError(f"tensor {key!r}: update has shape {list(shape)}, target has {list(views[key].shape)}")
         return views
 
+    # ------------------------------------------------------------ sharing a staged update
+    def share(self, staged: StagedUpdate) -> SharedUpdate:
+        """The pending `staged` update, for receivers that hold the same version (adopt())."""
+        if staged is not self._pending:
+            raise SyncError("only the receiver's pending update can be shared")
+        base = Base(self._meta, self._read, self._digests)
+        digests = {} if staged.kind == "snapshot" else {k: base.digest(k) for k in self._meta}
+        return SharedUpdate(staged.kind, staged.base_version, staged.target_version, staged.payload_bytes, digests,
+                            staged.changes, staged.meta)
+
+    def adopt(self, shared: SharedUpdate) -> StagedUpdate:
+        """Stage an update another receiver staged and verified (share()). It applies only when
+        this receiver holds exactly the bits that one staged against (same keys and digests);
+        otherwise TensorMismatchError, and this receiver should fetch the update itself. The
+        digests compared are the ones cached at commit: only the receiver writes its target
+        (a rollout engine never does), and rehash() re-reads them when in doubt."""
+        self._pending = None
+        t0 = time.perf_counter()
+        if shared.kind != "snapshot":  # a snapshot replaces everything; anything else needs the same base
+            if shared.base_version != self.version:
+                raise VersionMismatchError(f"a shared update from version {shared.base_version}; this receiver is at {self.version}")
+            base = Base(self._meta, self._read, self._digests)
+            if set(shared.base_digests) != set(self._meta) or any(base.digest(k) != h for k, h in shared.base_digests.items()):
+                raise TensorMismatchError("this receiver's weights differ from the ones the shared update was staged against")
+        staged = StagedUpdate(shared.kind, self.version, shared.target_version, 0, 0.0, 0.0,
+                              changes=dict(shared.changes), meta=dict(shared.meta))
+        if self.target is not None and staged.changes:
+            staged.views = self._views_for_target(staged.meta)
+        staged.decode_s = time.perf_counter() - t0
+        self._pending = staged
+        return staged
+
+    def rehash(self) -> bool:
+        """Re-read the committed weights' digests (they are cached at commit); False when they
+        differ from the cached ones (something else wrote the target)."""
+        cached = dict(self._digests)
+        self._digests = {}
+        base = Base(self._meta, self._read, self._digests)
+        return all(base.digest(k) == cached.get(k, base.digest(k)) for k in self._meta)
+
     # ------------------------------------------------------------ commit
     def commit(self, staged: StagedUpdate) -> dict:
         """Write a verified update into the target (or own state). Cheap for a delta: a
@@ -201,7 +257,8 @@ class WeightReceiver:
             else:  # own state: new tensors hold the staged bits, others are edited in place
                 for key, ch in staged.changes.items():
                     if ch.whole is not None or key not in self.state:
-                        self.state[key] = tensor_from_bits(ch.whole, ch.info, ch.shape)
+                        whole = ch.whole if ch.whole.flags.writeable else ch.whole.copy()
+                        self.state[key] = tensor_from_bits(whole, ch.info, ch.shape)
                     else:
                         _write(self.state[key], ch)
                 self.state = {k: self.state[k] for k in staged.meta}
@@ -233,7 +290,8 @@ def _write(t: torch.Tensor, ch: KeyChange) -> None:
     """Write a key's staged change into tensor (or view) `t`, converting dtype and device."""
     info = ch.info
     if ch.whole is not None:
-        t.copy_(tensor_from_bits(ch.whole, info, tuple(t.shape)))
+        whole = ch.whole if ch.whole.flags.writeable else ch.whole.copy()  # shared: read-only in the object store
+        t.copy_(tensor_from_bits(whole, info, tuple(t.shape)))
         return
     if ch.pos is None or ch.pos.shape[0] == 0:
         return

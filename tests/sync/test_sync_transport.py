@@ -151,3 +151,46 @@ def test_receiver_rejects_bad_updates_and_keeps_weights(ray_cluster):
     # and the receiver still accepts the right update afterwards (chain 0 -> 1 -> 2 or snapshot)
     rec.apply(pub.update_for(0))
     assert rec.version == 2 and rec.state_checksum() == pub.state_checksum()
+
+
+def test_receivers_at_the_same_version_adopt_one_staged_update():
+    """One receiver stages and verifies; another at the same version commits the shared staging
+    and ends bit-identical; one whose weights differ is refused and keeps them."""
+    import pickle
+
+    import torch
+
+    from sync.codec import encode
+    from sync.errors import TensorMismatchError, VersionMismatchError
+    from sync.receiver import WeightReceiver
+    from sync.transport import state_checksum
+
+    gen = torch.Generator().manual_seed(4)
+    v1 = {"w": (torch.randn(300_000, generator=gen) * 0.02).to(torch.bfloat16), "b": torch.zeros(7, dtype=torch.bfloat16)}
+    v2 = {k: v.clone() for k, v in v1.items()}
+    v2["w"][::97] += 0.001
+    v2["b"] += 1
+    snapshot = encode(None, v1, base_version=None, target_version=1, level="fast")
+    delta = encode(v1, v2, base_version=1, target_version=2, level="fast")
+    lead, peer, other = (WeightReceiver({k: torch.zeros_like(v) for k, v in v1.items()}) for _ in range(3))
+    staged = lead.stage_buckets([snapshot], kind="snapshot")
+    shared_snapshot = pickle.loads(pickle.dumps(lead.share(staged)))  # as it crosses the object store
+    lead.commit(staged)
+    for r in (peer, other):
+        r.commit(r.adopt(shared_snapshot))  # a snapshot applies to any receiver
+    for r in (lead, peer, other):
+        assert r.version == 1 and r.state_checksum() == state_checksum(v1)
+    other.target["w"][5] += 1  # weights that drifted: the shared delta must not apply
+    assert peer.rehash() and not other.rehash()
+    staged = lead.stage_buckets([delta])
+    shared = pickle.loads(pickle.dumps(lead.share(staged)))
+    lead.commit(staged)
+    peer.commit(peer.adopt(shared))
+    assert peer.version == 2 and peer.state_checksum() == state_checksum(v2) == lead.state_checksum()
+    assert torch.equal(peer.target["w"].view(torch.int16), v2["w"].view(torch.int16))
+    before = other.target["w"].clone()
+    with pytest.raises(TensorMismatchError):
+        other.adopt(shared)
+    assert other.version == 1 and torch.equal(other.target["w"], before)
+    with pytest.raises(VersionMismatchError):
+        peer.adopt(shared)  # already at 2

@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/sync_cluster.json")
     p.add_argument("--publishes", type=int, default=None, help="sparse (and auto) publishes per link")
     p.add_argument("--full-publishes", type=int, default=None)
-    p.add_argument("--part-mb", type=int, default=64)
+    p.add_argument("--part-mb", type=int, default=16)
     p.add_argument("--warmup-steps", type=int, default=30, help="optimizer steps (each published) before measuring")
     p.add_argument("--zero-stage", type=int, default=1, help="the trainer group's ZeRO stage (2 or 3 need less memory)")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)

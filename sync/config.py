@@ -17,7 +17,7 @@ class SyncConfig:
     # Each trainer rank encodes its slice in parts of about this many dense bytes; a receiver
     # fetches and decodes part i while part i+1 is still being encoded (pipelining), and its
     # transient memory is one part's payload.
-    part_bytes: int = 64 << 20
+    part_bytes: int = 16 << 20
     # What a publish sends: "sparse" (a delta at `level`), "dense" (the full weights, raw), or
     # "auto": whichever was fastest end to end, from measured publish times (sync/policy.py).
     mode: str = "auto"

@@ -81,22 +81,24 @@ def _encode_mask(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) ->
     return zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL["fast"], write_content_size=True).compress(buf[:used])
 
 
-def _gap8_body(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) -> bytes:
-    """The "gap8" body: u32 length of frame A, frame A (gap bytes, then the gap escapes as 4
-    byte planes), frame B (value bytes, then the value escapes as w/8 byte planes)."""
+def _gap8_body(o: np.ndarray, n: np.ndarray, info: DtypeInfo, cap: int) -> tuple[int, bytes] | None:
+    """(changes, "gap8" body) of a chunk, or None when it has more than `cap` changes (the scan
+    is also the count: no separate counting pass). The body: u32 length of frame A, frame A
+    (gap bytes, then the gap escapes as 4 byte planes), frame B (value bytes, then the value
+    escapes as w/8 byte planes)."""
     wb = info.width // 8
-    g, v = np.empty(changed, np.uint8), np.empty(changed, np.uint8)
-    ge, ve = np.empty(changed, np.uint32), np.empty(changed, np.uint64)
+    g, v = scratch("g8_g", cap, np.uint8), scratch("g8_v", cap, np.uint8)
+    ge, ve = scratch("g8_ge", cap, np.uint32), scratch("g8_ve", cap, np.uint64)
     per = 8 // o.itemsize
     nw = o.shape[0] // per if o.ctypes.data % 8 == 0 and n.ctypes.data % 8 == 0 else 0
     nch, neg, nev = K.encode_gap8(o, n, o[: nw * per].view(np.uint64), n[: nw * per].view(np.uint64), per,
                                   info.width, kernel_params(info)[-1], g, v, ge, ve)
-    if nch != changed:
-        raise RuntimeError("tensor changed while it was being encoded")
+    if nch < 0:
+        return None
     z = zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL["fast"], write_content_size=True)
-    a = z.compress(g.tobytes() + ge[:neg].view(np.uint8).reshape(-1, 4).T.tobytes())
-    b = z.compress(v.tobytes() + ve[:nev].view(np.uint8).reshape(-1, 8)[:, :wb].T.tobytes())
-    return b"".join((struct.pack("<I", len(a)), a, b))
+    a = z.compress(g[:nch].tobytes() + ge[:neg].view(np.uint8).reshape(-1, 4).T.tobytes())
+    b = z.compress(v[:nch].tobytes() + ve[:nev].view(np.uint8).reshape(-1, 8)[:, :wb].T.tobytes())
+    return nch, b"".join((struct.pack("<I", len(a)), a, b))
 
 
 def _gap_body(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) -> bytes | None:
@@ -119,10 +121,11 @@ def _encode_delta(o: np.ndarray, n: np.ndarray, info: DtypeInfo, level: str) -> 
     raw_len = n.nbytes
     body = None
     if level == "fast":
-        changed = _count_changes(o, n)
+        gap8 = _gap8_body(o, n, info, int(MASK_MIN_FRAC * o.shape[0]))
+        changed = gap8[0] if gap8 is not None else _count_changes(o, n)
         if changed == 0:
             return "none", b"", 0
-        if changed > MASK_MIN_FRAC * o.shape[0]:
+        if gap8 is None:
             enc, body = "mask", _encode_mask(o, n, info, changed)
             if o.shape[0] <= GAP_ALSO_MAX_ELEMS:
                 # small chunk: the range coder's time is small in absolute terms and its context
@@ -134,7 +137,7 @@ def _encode_delta(o: np.ndarray, n: np.ndarray, info: DtypeInfo, level: str) -> 
                 return enc, body, changed
             dense_enc, dense = _encode_dense(n, level)
             return (enc, body, changed) if len(body) <= len(dense) else (dense_enc, dense, changed)
-        enc, body = "gap8", _gap8_body(o, n, info, changed)
+        enc, body = "gap8", gap8[1]
         if o.shape[0] <= GAP_ALSO_MAX_ELEMS:
             gbody = _gap_body(o, n, info, changed)
             if gbody is not None and len(gbody) < len(body):

@@ -6,7 +6,8 @@ Two Ray nodes run in their own network namespaces joined by a veth pair (bench/n
 trainer node (a trainer group of 2 DeepSpeed ranks, ZeRO-1, fp32 AdamW masters, lr 1e-6) and the
 rollout node (3 receivers, each a bf16 copy of the model with a WeightReceiver; one stages each
 update and the other two commit its staging, as the RL job's rollout group does). Per link rate
-(100 Mbit/s, 1 Gbit/s, 10 Gbit/s and unlimited, set with `tc`), after real optimizer steps, it
+(100 Mbit/s, 1 Gbit/s, 10 Gbit/s and unlimited, set with `tc`), after real optimizer steps (or,
+with `--updates synthetic`, `--change-fraction` of the weights moved by +-1 ulp), it
 times publishes from "optimizer step done" to "every receiver committed" (median of several):
 - sparse: the fast-level delta of every rank's slice, pipelined (sync/transport.py);
 - full: the full bf16 weights, raw, over the same path (what a full broadcast ships);
@@ -76,6 +77,22 @@ class BenchRank(RLTrainerWorker):
 
     def rss_stop(self) -> int:
         return self._rss.stop()
+
+    def synthetic_step(self, seed: int, fraction: float) -> None:
+        """Instead of an optimizer step: move `fraction` of the weights, drawn alike on every rank,
+        by +-1 bf16 ulp (how almost all real changes at a small lr look), in the weights that a
+        publish under ZeRO 0-2 reads."""
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, p in self.module.named_parameters():
+                bits = p.data.to(torch.bfloat16).view(torch.int16)
+                moved = torch.rand(p.shape, generator=gen) < fraction
+                step = torch.where(torch.rand(p.shape, generator=gen) < 0.5, 1, -1).to(torch.int16)
+                step = torch.where(bits & 0x7FFF == 0, 1, step).to(torch.int16)  # +-0 grows: never 0xFFFF (NaN)
+                new = torch.where(moved, bits + step, bits).view(torch.bfloat16)
+                p.data.copy_(new.to(p.dtype))
 
     def slice_bytes(self) -> int:
         return sum(t.numel() * 2 for t in self.published_slice().values())
@@ -162,7 +179,12 @@ def drive(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     versions: list[int | None] = [None] * len(receivers)
 
+    steps = iter(range(1, 1 << 30))
+
     def train_step() -> None:
+        if args.updates == "synthetic":
+            group.call("synthetic_step", next(steps), args.change_fraction)
+            return
         batches = [{"tokens": torch.randint(0, 256, (1, 33), generator=gen)} for _ in group.workers]
         group.call_per_rank("train_step", batches)
 
@@ -244,7 +266,7 @@ def drive(args) -> dict:
         "receiver_extra_rss_bytes": max(r["receiver_extra_rss"] for r in all_sparse),
         "receiver_staged_bytes": max(r["receiver_staged_bytes"] for r in all_sparse),
         "links": rows,
-        "setup": {"zero_stage": args.zero_stage, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
+        "setup": {"updates": args.updates, "zero_stage": args.zero_stage, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
                   "level": "fast", "part_bytes": args.part_mb << 20, "publishes_per_mode": args.publishes,
                   "full_publishes": args.full_publishes, "layers": args.layers, "embd": args.embd,
                   "warmup_steps": args.warmup_steps},
@@ -322,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--publishes", type=int, default=None, help="sparse (and auto) publishes per link")
     p.add_argument("--full-publishes", type=int, default=None)
     p.add_argument("--part-mb", type=int, default=16)
-    p.add_argument("--warmup-steps", type=int, default=30, help="optimizer steps (each published) before measuring")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="optimizer steps (each published) before measuring (default 30; 1 with --updates synthetic)")
+    p.add_argument("--updates", choices=("train", "synthetic"), default="train",
+                   help="train: real AdamW steps at lr 1e-6; synthetic: --change-fraction of the weights moved by +-1 ulp")
+    p.add_argument("--change-fraction", type=float, default=0.01, help="with --updates synthetic")
     p.add_argument("--zero-stage", type=int, default=1, help="the trainer group's ZeRO stage (2 or 3 need less memory)")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
@@ -333,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.layers is None:
         args.layers = 8 if args.quick else 24  # 12 * L * 1024^2: ~101M / ~302M parameters
+    if args.warmup_steps is None:
+        args.warmup_steps = 1 if args.updates == "synthetic" else 30
+    if args.updates == "synthetic" and args.zero_stage == 3:
+        p.error("--updates synthetic moves the full weights a rank holds under ZeRO 0-2")
     if args.publishes is None:
         args.publishes = 3 if args.quick else 5
     if args.full_publishes is None:
@@ -379,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             raw = tmp / "result.json"
             cmd = [sys.executable, "-m", "bench.sync_cluster", "--driver", f"--address={head}", f"--lab={args.lab}",
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
-                   f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}", f"--warmup-steps={args.warmup_steps}",
+                   f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}", f"--warmup-steps={args.warmup_steps}", f"--updates={args.updates}",
+                   f"--change-fraction={args.change_fraction}",
                    f"--zero-stage={args.zero_stage}"]
             rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400).returncode
             if rc != 0 or not raw.exists():

@@ -15,6 +15,7 @@ Weights arrive through a sync WeightReceiver whose target is the engine's own te
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -91,12 +92,19 @@ class RolloutWorker:
         """A CPU copy of the policy's weights (tests, export)."""
         return {k: v.detach().cpu().clone() for k, v in self.engine.weights().items()}
 
-    def apply_update(self, update) -> dict:
-        """Sync mode: download + decode + swap now. Returns the receiver's stats + checksum."""
+    @contextlib.contextmanager
+    def _sync_update(self):
+        """A sync-mode update: one at a time, after any background fetch, and superseding
+        whatever an offer staged (failed ones included)."""
         with self._update_lock:
             self._wait_fetch()
-            with self._lock:  # a full apply supersedes any offered update, failed ones included
+            with self._lock:
                 self._staged, self._fetch_error = None, None
+            yield
+
+    def apply_update(self, update) -> dict:
+        """Sync mode: download + decode + swap now. Returns the receiver's stats + checksum."""
+        with self._sync_update():
             started = time.perf_counter()
             with self._receiver_lock:
                 stats = dict(self.receiver.apply(update))
@@ -113,10 +121,7 @@ class RolloutWorker:
         """Sync mode, one worker per node: fetch and verify `update` and keep it staged (commit
         with commit_shared); returns it for the node's other workers (apply_shared), which then
         neither download nor decode it."""
-        with self._update_lock:
-            self._wait_fetch()
-            with self._lock:
-                self._staged, self._fetch_error = None, None
+        with self._sync_update():
             started = time.perf_counter()
             with self._receiver_lock:
                 self._shared_staged = self.receiver.fetch(update)
@@ -138,10 +143,7 @@ class RolloutWorker:
     def apply_shared(self, shared, update) -> dict:
         """Sync mode: commit an update another worker on this node staged (stage_shared); when
         this worker's weights are not the ones it was staged against, fetch `update` itself."""
-        with self._update_lock:
-            self._wait_fetch()
-            with self._lock:
-                self._staged, self._fetch_error = None, None
+        with self._sync_update():
             started = time.perf_counter()
             with self._receiver_lock:
                 try:

@@ -189,30 +189,36 @@ def _entries(buckets):
     return [e for i, b in enumerate(buckets) for e in parse_bucket(b, i).header["entries"]]
 
 
+def _mixed_dtypes_with_escapes(sizes: tuple[int, int, int, int], frac: float, big: int, flip: float, gen):
+    """bf16, fp32, int8 and fp64 tensors, and a copy with about `frac` of each moved by
+    +-1..3 steps of their bit patterns, 5 % of the moves by +-`big` and `flip` of them by a sign
+    flip (the large values that take the encodings' escape paths)."""
+    old = {
+        "bf16": (torch.randn(sizes[0], generator=gen) * 0.02).to(torch.bfloat16),
+        "fp32": torch.randn(sizes[1], generator=gen),
+        "i8": torch.randint(-128, 127, (sizes[2],), generator=gen, dtype=torch.int8),
+        "f64": torch.randn(sizes[3], generator=gen, dtype=torch.float64),
+    }
+    new = clone_state(old)
+    for t in new.values():
+        flat = bits(t)
+        m = flat.numel()
+        idx = torch.randperm(m, generator=gen)[: max(2, int(m * frac))]
+        step = torch.randint(1, 4, (idx.numel(),), generator=gen)
+        step = torch.where(torch.rand(idx.numel(), generator=gen) < 0.05, torch.full_like(step, big), step)
+        step = step * torch.where(torch.rand(idx.numel(), generator=gen) < 0.5, -1, 1)
+        flat[idx] = flat[idx] + step.to(flat.dtype)
+        flips = idx[torch.rand(idx.numel(), generator=gen) < flip]
+        flat[flips] ^= torch.tensor(1, dtype=flat.dtype) << (flat.element_size() * 8 - 1)
+    return old, new
+
+
 @pytest.mark.parametrize("frac", [0.15, 0.3, 0.9, 1.0])
 def test_mask_encoding_round_trips_with_escapes(frac, monkeypatch):
     """Level fast codes many-change chunks as "mask"; large moves (sign flips, +-100 ulp)
     take the escape path; odd sizes leave partial 8-element groups and an odd nibble."""
     monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)  # small chunks would also try "gap"
-    gen = _gen(21)
-    n = 100_003
-    old = {
-        "bf16": (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16),
-        "fp32": torch.randn(20_001, generator=gen),
-        "i8": torch.randint(-128, 127, (9_999,), generator=gen, dtype=torch.int8),
-        "f64": torch.randn(5_005, generator=gen, dtype=torch.float64),
-    }
-    new = clone_state(old)
-    for k, t in new.items():
-        flat = bits(t)
-        m = flat.numel()
-        idx = torch.randperm(m, generator=gen)[: int(m * frac)]
-        step = torch.randint(1, 4, (idx.numel(),), generator=gen)
-        step = torch.where(torch.rand(idx.numel(), generator=gen) < 0.05, torch.full_like(step, 100), step)
-        step = step * torch.where(torch.rand(idx.numel(), generator=gen) < 0.5, -1, 1)
-        flat[idx] = flat[idx] + step.to(flat.dtype)
-        flips = idx[torch.rand(idx.numel(), generator=gen) < 0.02]
-        flat[flips] ^= torch.tensor(1, dtype=flat.dtype) << (flat.element_size() * 8 - 1)
+    old, new = _mixed_dtypes_with_escapes((100_003, 20_001, 9_999, 5_005), frac, 100, 0.02, _gen(21))
     buckets = codec.encode(old, new, base_version=0, target_version=1, level="fast", bucket_bytes=1 << 16)
     encs = {e["enc"] for e in _entries(buckets)}
     assert "mask" in encs, encs
@@ -225,24 +231,7 @@ def test_gap8_encoding_round_trips_with_escapes(frac, monkeypatch):
     """Level fast codes few-change chunks as "gap8": gaps of 255 or more (rare changes) and
     values of 255 or more (sign flips, +-100 ulp, wide dtypes) take the escape streams."""
     monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)  # small chunks would also try "gap"
-    gen = _gen(23)
-    old = {
-        "bf16": (torch.randn(200_003, generator=gen) * 0.02).to(torch.bfloat16),
-        "fp32": torch.randn(40_001, generator=gen),
-        "i8": torch.randint(-128, 127, (30_011,), generator=gen, dtype=torch.int8),
-        "f64": torch.randn(20_005, generator=gen, dtype=torch.float64),
-    }
-    new = clone_state(old)
-    for k, t in new.items():
-        flat = bits(t)
-        m = flat.numel()
-        idx = torch.randperm(m, generator=gen)[: max(2, int(m * frac))]
-        step = torch.randint(1, 4, (idx.numel(),), generator=gen)
-        step = torch.where(torch.rand(idx.numel(), generator=gen) < 0.05, torch.full_like(step, 300), step)
-        step = step * torch.where(torch.rand(idx.numel(), generator=gen) < 0.5, -1, 1)
-        flat[idx] = flat[idx] + step.to(flat.dtype)
-        flips = idx[torch.rand(idx.numel(), generator=gen) < 0.05]
-        flat[flips] ^= torch.tensor(1, dtype=flat.dtype) << (flat.element_size() * 8 - 1)
+    old, new = _mixed_dtypes_with_escapes((200_003, 40_001, 30_011, 20_005), frac, 300, 0.05, _gen(23))
     new["i8"][:3] = old["i8"][:3] + 1  # a change at position 0 (gap from -1) and runs of gap 1
     buckets = codec.encode(old, new, base_version=0, target_version=1, level="fast", bucket_bytes=1 << 16)
     encs = {e["enc"] for e in _entries(buckets)}

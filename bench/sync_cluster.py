@@ -196,8 +196,9 @@ def drive(args) -> dict:
         t0 = time.perf_counter()
         handle = publisher.begin()
         begin_s = time.perf_counter() - t0
-        if len(set(versions)) == 1:  # every receiver at one version: the node decodes once
-            shared = receivers[0].stage_shared.remote(publisher.update_for(versions[0]))
+        update = publisher.update_for(versions[0])
+        if len(set(versions)) == 1 and update.kind in ("delta", "chain"):  # one version: the node decodes once
+            shared = receivers[0].stage_shared.remote(update)
             applied = ray.get([receivers[0].commit_shared.remote(shared)] + [r.apply_shared.remote(shared) for r in receivers[1:]])
         else:
             applied = ray.get([r.apply.remote(publisher.update_for(versions[i])) for i, r in enumerate(receivers)])

@@ -108,7 +108,7 @@ class RolloutGroup:
         refs: dict[int, object] = {}
         for (_, version), members in groups.items():
             update = self.update_for(version)
-            if len(members) == 1 or update.kind == "none":
+            if len(members) == 1 or update.kind not in ("delta", "chain"):  # a snapshot: nothing to decode
                 refs.update({i: self.workers[i].apply_update.remote(update) for i in members})
                 continue
             lead, *rest = members

@@ -19,6 +19,7 @@ Keys follow the publish (sync/slices.py): whole tensors from a single trainer ra
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -290,8 +291,9 @@ def _write(t: torch.Tensor, ch: KeyChange) -> None:
     """Write a key's staged change into tensor (or view) `t`, converting dtype and device."""
     info = ch.info
     if ch.whole is not None:
-        whole = ch.whole if ch.whole.flags.writeable else ch.whole.copy()  # shared: read-only in the object store
-        t.copy_(tensor_from_bits(whole, info, tuple(t.shape)))
+        with warnings.catch_warnings():  # a shared update's arrays are read-only in the object store; only read here
+            warnings.simplefilter("ignore", UserWarning)
+            t.copy_(tensor_from_bits(ch.whole, info, tuple(t.shape)))
         return
     if ch.pos is None or ch.pos.shape[0] == 0:
         return

@@ -93,6 +93,7 @@ class BenchRank(RLTrainerWorker):
                 step = torch.where(bits & 0x7FFF == 0, 1, step).to(torch.int16)  # +-0 grows: never 0xFFFF (NaN)
                 new = torch.where(moved, bits + step, bits).view(torch.bfloat16)
                 p.data.copy_(new.to(p.dtype))
+        self.version_offset += 1  # a new version to publish, as an optimizer step makes one
 
     def slice_bytes(self) -> int:
         return sum(t.numel() * 2 for t in self.published_slice().values())

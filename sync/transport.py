@@ -195,11 +195,13 @@ class ShardedPublisher:
         dense = self._force_dense or self.chooser.choose(self._dense_bytes)
         try:
             staged: list[StagedSlice] = ray.get([c.stage(dense) for c in self.channels], timeout=self.cfg.fetch_timeout_s)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
-            # a rank that hangs or dies while staging: nothing of this version exists yet
+        except ray.exceptions.GetTimeoutError as e:  # a rank that hangs: nothing of this version exists yet
             self._force_dense = True
             raise UpdateUnavailableError(f"a trainer rank did not stage its slice for publishing within "
-                                         f"{self.cfg.fetch_timeout_s} s (sync.fetch_timeout_s): {type(e).__name__}: "
+                                         f"{self.cfg.fetch_timeout_s} s (sync.fetch_timeout_s)") from e
+        except ray.exceptions.RayError as e:  # a rank that died or failed while staging
+            self._force_dense = True
+            raise UpdateUnavailableError(f"a trainer rank failed to stage its slice for publishing: {type(e).__name__}: "
                                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
         versions = {s.version for s in staged}
         bases = {s.base_version for s in staged}

@@ -602,8 +602,6 @@ def decode_delta_chunk(enc: str, body: memoryview, changed: int, old: np.ndarray
     return pos, vals
 
 
-
-
 def _gap8_frames(buf: np.ndarray, changed: int, wb: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     """The two decompressed streams of a "gap8" body, their sizes checked against the change
     count (and the escapes the bytes announce) before and after decompressing."""

@@ -557,9 +557,9 @@ def encode_gap8(old, new, old64, new64, per, w, mask, g_out, v_out, ge_out, ve_o
     """Gap bytes (gap = position - previous position, the first from -1; >= 255 escapes to
     ge_out) and value bytes (u = zigzag(new - old); >= 255 escapes to ve_out) of every change.
     `old64`/`new64` view the first elements as 64-bit words of `per` elements each, so unchanged
-    words are skipped in one comparison. Output arrays need one slot per change. Returns
-    (changes, gap escapes, value escapes), or changes = -1 when there are more changes than
-    slots (the caller's count was wrong)."""
+    words are skipped in one comparison. The output arrays' length is the most changes the
+    caller accepts (the encoder codes a chunk with more as "mask"). Returns (changes, gap
+    escapes, value escapes), or changes = -1 when there are more changes than that."""
     prev = -1
     j = 0
     eg = 0

@@ -31,7 +31,7 @@ from sync.dtypes import info_for, tensor_from_bits
 from sync.errors import SyncError, TensorMismatchError, UpdateUnavailableError, VersionMismatchError
 from sync.slices import target_views
 from sync.staging import Base, KeyChange, stage_payload
-from sync.transport import Part, WeightUpdate, combine_checksums
+from sync.transport import Part, WeightUpdate, checksum_entry, combine_checksums
 
 _INT_NUMPY = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}
 
@@ -264,10 +264,9 @@ class WeightReceiver:
                         _write(self.state[key], ch)
                 self.state = {k: self.state[k] for k in staged.meta}
                 self._views = self.state
-        if staged.changes or staged.kind != "none":
-            self._meta = staged.meta
-            self._digests = {**self._digests, **{k: c.xxh for k, c in staged.changes.items()}}
-            self._digests = {k: v for k, v in self._digests.items() if k in self._meta}
+        self._meta = staged.meta  # an update without changes staged the committed layout itself
+        digests = {**self._digests, **{k: c.xxh for k, c in staged.changes.items()}}
+        self._digests = {k: v for k, v in digests.items() if k in self._meta}
         self.version = staged.target_version
         self._pending = None
         return {
@@ -283,7 +282,7 @@ class WeightReceiver:
         """Checksum of the committed state in the published dtype (cached digests; compare with
         the publisher's state_checksum())."""
         base = Base(self._meta, self._read, self._digests)
-        return combine_checksums({key: f"{key}|{info.name}|{list(shape)}|{base.digest(key)};"
+        return combine_checksums({key: checksum_entry(key, info.name, shape, base.digest(key))
                                   for key, (info, shape) in self._meta.items()})
 
 

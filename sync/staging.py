@@ -79,8 +79,7 @@ class Base:
         if ch is not None:
             return ch.xxh
         if self.digests.get(key) is None:
-            info, shape = self.meta[key]
-            n = int(np.prod(shape, dtype=np.int64))
+            n = int(np.prod(self.meta[key][1], dtype=np.int64))
             self.digests[key] = digest(self.read(key, 0, n))
         return self.digests[key]
 

@@ -41,12 +41,17 @@ from sync.publisher import PartStats, SlicePublisher, StagedSlice
 # ---------------------------------------------------------------- checksums
 
 
+def checksum_entry(key: str, dtype_name: str, shape, xxh: str) -> str:
+    """One key's part of a state checksum: its name, dtype, shape and bit-pattern digest."""
+    return f"{key}|{dtype_name}|{list(shape)}|{xxh};"
+
+
 def checksum_entries(state: dict[str, torch.Tensor], digests: dict[str, str] | None = None) -> dict[str, str]:
-    """Per tensor (or slice) key: its name, dtype, shape and bit-pattern digest (from `digests`
-    where given). Ranks compute these for their slices; the union gives the checksum of the
-    whole published state."""
+    """Per tensor (or slice) key: its checksum entry (digests from `digests` where given).
+    Ranks compute these for their slices; the union gives the checksum of the whole published
+    state."""
     digests = digests or {}
-    return {name: f"{name}|{info_for(t.dtype, name).name}|{list(t.shape)}|{digests.get(name) or digest(bits_of(t))};"
+    return {name: checksum_entry(name, info_for(t.dtype, name).name, t.shape, digests.get(name) or digest(bits_of(t)))
             for name, t in state.items()}
 
 

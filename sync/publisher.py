@@ -1,7 +1,7 @@
 """One trainer rank's side of a publish: its slice of the weights in, encoded parts out.
 
 A rank keeps the last published copy of its own slice only (sync/slices.py says which elements
-are its), never the full model. A publish is three steps, each a call the driver makes on the
+are its), never the full model, plus the buffers the next publish converts into. A publish is three steps, each a call the driver makes on the
 rank (sync/transport.py's ShardedPublisher):
 
     stage(slice, version, dense)  owned copies in the published dtype; the part plan
@@ -73,6 +73,11 @@ class SlicePublisher:
         self._last: dict[str, torch.Tensor] | None = None
         self._last_parts: list[list[str]] = []
         self._next: dict[str, torch.Tensor] | None = None
+        # The buffers of the copy before the base (or of a publish that never finished): the
+        # next stage converts into them, since fresh tensors of this size cost more in page
+        # faults than the conversion itself. So a rank holds two copies of its slice in the
+        # published dtype between publishes (half the slice's fp32 size), and allocates none.
+        self._spare: dict[str, torch.Tensor] = {}
         self._next_digests: dict[str, str] = {}
         self._last_digests: dict[str, str] = {}
         self._staged: StagedSlice | None = None
@@ -84,7 +89,9 @@ class SlicePublisher:
 
         if self.version is not None and version <= self.version:
             raise ValueError(f"publish version {version} must be greater than the last one ({self.version})")
-        copies = {k: published_copy(v, self.dtype) for k, v in state.items()}
+        spare = self._next if self._next is not None else self._spare
+        copies = {k: published_copy(v, self.dtype, out=spare.get(k)) for k, v in state.items()}
+        self._spare = {}
         self._next = {k: c for k, (c, _) in copies.items()}
         # each tensor is hashed once per publish: the checksum, the payload's manifest and, at
         # the next publish, the delta's base all use this digest
@@ -120,6 +127,7 @@ class SlicePublisher:
                           changed_in(buckets), time.perf_counter() - t0)
         self._encoded.add(index)
         if len(self._encoded) == len(staged.parts):  # the whole version is out: it is the new base
+            self._spare = self._last or {}
             self._last, self._last_parts, self.version = self._next, staged.parts, staged.version
             self._last_digests = self._next_digests
             self._next, self._staged = None, None
@@ -137,7 +145,8 @@ class SlicePublisher:
                                   sum(t.numel() * t.element_size() for t in new.values()), 0, time.perf_counter() - t0)
 
     def last_published(self) -> dict[str, torch.Tensor]:
-        return dict(self._last or {})
+        """Copies of the last published slice (its buffers are reused by later publishes)."""
+        return {k: t.clone() for k, t in (self._last or {}).items()}
 
 
 def changed_in(buckets: list[bytes]) -> int:

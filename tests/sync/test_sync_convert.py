@@ -30,3 +30,52 @@ def test_other_dtypes_fall_back_to_torch():
     same = torch.tensor([1, 0, 3], dtype=torch.int64)
     copy, nonzero = published_copy(same, torch.bfloat16)
     assert torch.equal(copy, same) and copy.data_ptr() != same.data_ptr() and nonzero == 2
+
+
+def test_conversion_into_a_given_buffer():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 32, generator=gen)
+    buf = torch.full((64, 32), 7.0, dtype=torch.bfloat16)
+    got, nonzero = published_copy(x, torch.bfloat16, out=buf)
+    assert got.data_ptr() == buf.data_ptr()  # written into the buffer, nothing allocated
+    assert torch.equal(got.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    assert nonzero == int(torch.count_nonzero(x.to(torch.bfloat16)))
+    ints = torch.tensor([1, 0, 3])
+    got, nonzero = published_copy(ints, torch.bfloat16, out=torch.zeros(3, dtype=torch.int64))
+    assert torch.equal(got, ints) and nonzero == 2
+    for unfit in (torch.empty(32, 64, dtype=torch.bfloat16), torch.empty(64, 32, dtype=torch.float16),
+                  torch.empty(32, 64, dtype=torch.bfloat16).T):  # wrong shape, dtype; not contiguous
+        got, _ = published_copy(x, torch.bfloat16, out=unfit)
+        assert got.data_ptr() != unfit.data_ptr()
+        assert torch.equal(got.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+
+
+def test_publisher_reuses_its_buffers_and_every_delta_stays_exact():
+    """Each publish converts into the buffers of the copy before its base; an abandoned publish
+    (staged, never encoded) gives its buffers back. The base must never be overwritten: every
+    delta, decoded by a receiver, gives exactly the weights cast to bf16."""
+    from sync.config import SyncConfig
+    from sync.publisher import SlicePublisher
+    from sync.receiver import WeightReceiver
+    from sync.transport import state_checksum
+
+    gen = torch.Generator().manual_seed(5)
+    state = {"a": torch.randn(300, 40, generator=gen), "b": torch.randn(5000, generator=gen)}
+    pub = SlicePublisher(SyncConfig(level="fast", bucket_bytes=8 << 10))  # one part of several buckets
+    rx = WeightReceiver()
+    buffers = set()
+    for version in range(1, 7):
+        with torch.no_grad():
+            for t in state.values():
+                moved = torch.rand(t.shape, generator=gen) < 0.05
+                t.add_(moved * torch.randn(t.shape, generator=gen) * 0.05)
+        staged = pub.stage(state, version)
+        buffers |= {t.data_ptr() for t in pub._next.values()}
+        if version == 4:  # abandoned: the driver gave up on it (the next publish is a full one)
+            continue
+        assert len(staged.parts) == 1
+        buckets, _ = pub.encode_part(0)
+        rx.commit(rx.stage_buckets([buckets], kind="delta" if staged.base_version is not None else "snapshot"))
+        want = {k: v.to(torch.bfloat16) for k, v in state.items()}
+        assert rx.state_checksum() == state_checksum(want), f"version {version}"
+    assert len(buffers) <= 3 * len(state)  # base, spare, and the abandoned publish's once

@@ -644,6 +644,14 @@ def decode_gap8(old, ga, va, nval, wb, mask, pos_out, val_out):
 
 
 @nb.njit(**_jit)
+def scatter_shifted(dst, pos, vals, shift):
+    """dst[pos[i] - shift] = vals[i] (a block of a chunk starting at `shift`); positions come
+    checked from the decoders."""
+    for i in range(pos.shape[0]):
+        dst[pos[i] - shift] = vals[i]
+
+
+@nb.njit(**_jit)
 def scatter(dst, pos, vals):
     """dst[pos[i]] = vals[i]; positions come checked (in range) from the decoders. Several times
     faster than numpy's fancy assignment for scattered positions."""

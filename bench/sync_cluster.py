@@ -6,8 +6,10 @@ Two Ray nodes run in their own network namespaces joined by a veth pair (bench/n
 trainer node (a trainer group of 2 DeepSpeed ranks, ZeRO-1, fp32 AdamW masters, lr 1e-6) and the
 rollout node (3 receivers, each a bf16 copy of the model with a WeightReceiver; one stages each
 update and the other two commit its staging, as the RL job's rollout group does). Per link rate
-(100 Mbit/s, 1 Gbit/s, 10 Gbit/s and unlimited, set with `tc`), after real optimizer steps (or,
-with `--updates synthetic`, `--change-fraction` of the weights moved by +-1 ulp), it
+(100 Mbit/s, 1 Gbit/s, 10 Gbit/s and unlimited, set with `tc`), after real optimizer steps
+(`--updates train`, the full run's default) or `--change-fraction` (1 %) of the weights moved by
++-1 ulp (`--updates synthetic`, --quick's default: how almost every real change at a small lr
+looks, at the ~1 % that the sync bar names; real steps change ~2 % on this small model), it
 times publishes from "optimizer step done" to "every receiver committed" (median of several):
 - sparse: the fast-level delta of every rank's slice, pipelined (sync/transport.py);
 - full: the full bf16 weights, raw, over the same path (what a full broadcast ships);
@@ -40,7 +42,9 @@ PORT = 6390
 
 
 class RssPeak:
-    """Peak growth of this process's resident memory while the block runs (sampled every 2 ms)."""
+    """Peak growth of this process's resident memory while the block runs (sampled every 10 ms:
+    the arrays of a publish live for its whole length, and faster sampling takes the GIL from
+    the work being measured)."""
 
     def __init__(self):
         self.peak = self.base = 0
@@ -58,7 +62,7 @@ class RssPeak:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.002):
+        while not self._stop.wait(0.01):
             self.peak = max(self.peak, self.rss())
 
     def stop(self) -> int:
@@ -211,7 +215,7 @@ def drive(args) -> dict:
         for i, a in enumerate(applied):
             versions[i] = a["version"]
         checksums = ray.get([r.checksum.remote() for r in receivers])
-        if any(c != handle.checksum for c in checksums):
+        if any(c != stats.checksum for c in checksums):
             raise SystemExit(f"receivers are not bit-identical to the trainer after version {handle.version}")
         return {"mode": mode, "dense": handle.dense, "seconds": seconds, "payload_bytes": stats.payload_bytes,
                 "dense_bytes": stats.dense_bytes, "changed": stats.changed, "encode_s": stats.encode_s,
@@ -231,7 +235,7 @@ def drive(args) -> dict:
         train_step()
         sync("sparse")
     rows, all_sparse = [], []
-    for rate in LINKS:
+    for rate in args.links:
         lab.limit(rate)
         runs = {"sparse": [], "dense": [], "auto": []}
         for mode, count in (("sparse", args.publishes), ("dense", args.full_publishes), ("auto", args.publishes)):
@@ -348,10 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part-mb", type=int, default=16)
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="optimizer steps (each published) before measuring (default 30; 1 with --updates synthetic)")
-    p.add_argument("--updates", choices=("train", "synthetic"), default="train",
-                   help="train: real AdamW steps at lr 1e-6; synthetic: --change-fraction of the weights moved by +-1 ulp")
+    p.add_argument("--updates", choices=("train", "synthetic"), default=None,
+                   help="train: real AdamW steps at lr 1e-6 (~2 %% of the bf16 weights change per step here); "
+                        "synthetic: --change-fraction of the weights moved by +-1 ulp (default: synthetic with "
+                        "--quick, the bar's ~1 %% setting; train without)")
     p.add_argument("--change-fraction", type=float, default=0.01, help="with --updates synthetic")
     p.add_argument("--zero-stage", type=int, default=1, help="the trainer group's ZeRO stage (2 or 3 need less memory)")
+    p.add_argument("--links", default=",".join(str(r or 0) for r in LINKS),
+                   help="link rates to measure, Mbit/s, comma-separated (0 = unlimited)")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--lab", default="stb", help=argparse.SUPPRESS)
@@ -359,12 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--embd", type=int, default=1024, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    try:
+        args.links = [int(r) or None for r in str(args.links).split(",")]
+    except ValueError:
+        p.error(f"--links must be comma-separated integers (Mbit/s, 0 = unlimited), got {args.links!r}")
     if args.layers is None:
         args.layers = 8 if args.quick else 24  # 12 * L * 1024^2: ~101M / ~302M parameters
+    if args.updates is None:  # --quick measures the bar's setting (~1 % changed); the full run real steps
+        args.updates = "synthetic" if args.quick else "train"
     if args.warmup_steps is None:
         args.warmup_steps = 1 if args.updates == "synthetic" else 30
     if args.updates == "synthetic" and args.zero_stage == 3:
-        p.error("--updates synthetic moves the full weights a rank holds under ZeRO 0-2")
+        p.error("--updates synthetic moves the full weights a rank holds under ZeRO 0-2: use --updates train with --zero-stage 3")
     if args.publishes is None:
         args.publishes = 3 if args.quick else 5
     if args.full_publishes is None:
@@ -413,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
                    f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}", f"--warmup-steps={args.warmup_steps}", f"--updates={args.updates}",
                    f"--change-fraction={args.change_fraction}",
-                   f"--zero-stage={args.zero_stage}"]
+                   f"--zero-stage={args.zero_stage}", f"--links={','.join(str(r or 0) for r in args.links)}"]
             rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400).returncode
             if rc != 0 or not raw.exists():
                 for log in ("head.log", "node.log"):

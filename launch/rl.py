@@ -339,7 +339,6 @@ def begin_publish(job: RLJob):
     the new version is known now, its stats once finish_publish has waited for the encode."""
     publishing = job.trainers.begin_publish()
     job.state.version = publishing.version
-    job.checksums[publishing.version] = publishing.checksum
     return publishing
 
 
@@ -347,6 +346,7 @@ def finish_publish(job: RLJob, publishing, sync_s: float | None) -> dict:
     """The publish's stats (PublishStats as a dict); `sync_s` (begin to every worker committed,
     sync mode) feeds the sparse/dense choice of later publishes."""
     pub = job.trainers.finish_publish(publishing, sync_s)
+    job.checksums[pub["version"]] = pub["checksum"]
     job.state.totals["payload"] += pub["payload_bytes"]
     job.state.totals["dense"] += pub["dense_bytes"]
     return pub
@@ -360,9 +360,9 @@ def start_rl(job: RLJob, version_floor: int) -> dict:
     started = time.perf_counter()
     publishing = job.trainers.begin_publish()
     job.state.version = job.rl_start_version = publishing.version
-    job.checksums[publishing.version] = publishing.checksum
     applied = job.rollouts.apply_all()
     pub = job.trainers.finish_publish(publishing, time.perf_counter() - started)
+    job.checksums[pub["version"]] = pub["checksum"]
     for stats in applied:
         job.state.totals["snapshot_payload"] += stats["payload_bytes"]
         job.state.totals["mismatches"] += stats["checksum"] != pub["checksum"]

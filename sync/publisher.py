@@ -4,14 +4,19 @@ A rank keeps the last published copy of its own slice only (sync/slices.py says 
 are its), never the full model, plus the buffers the next publish converts into. A publish is three steps, each a call the driver makes on the
 rank (sync/transport.py's ShardedPublisher):
 
-    stage(slice, version, dense)  owned copies in the published dtype; the part plan
-    encode_part(i)                part i as a payload (a delta against the last published copy,
-                                  or the whole part raw when dense), plus its stats
+    stage(slice, version, dense)  the part plan (no copy yet: stage returns at once, so the
+                                  receivers' first fetch is not held up by the whole slice)
+    encode_part(i)                part i's copy in the published dtype, and the part as a
+                                  payload (a delta against the last published copy, or the
+                                  whole part raw when dense), plus its stats and checksums
     snapshot_part(i)              part i of the last published version as a snapshot (catch-up)
 
 Parts are groups of tensors of about `part_bytes` dense bytes, each an independent payload, so
-a receiver can fetch and apply part i while part i+1 is still being encoded. The staged copy
-becomes the base of the next delta once its last part is encoded.
+a receiver can fetch and apply part i while part i+1 is still being copied and encoded. The
+copy becomes the base of the next delta once its last part is encoded. The slice's tensors are
+read when their part is encoded, so the weights must not move in between: a rank's calls run
+in order, and the rank refuses a part when its version moved since stage (encode_part's
+`version`).
 """
 from __future__ import annotations
 
@@ -35,9 +40,7 @@ class StagedSlice:
     base_version: int | None  # None: the parts are snapshots
     dense: bool  # the parts are the whole slice, raw (a full send)
     parts: list[list[str]]  # the slice keys of each part
-    checksums: dict[str, str]  # slice key -> checksum entry (sync.transport.checksum_entries)
-    dense_bytes: int
-    nonzero: int
+    dense_bytes: int  # of the slice in the published dtype
     numel: int
 
 
@@ -47,14 +50,16 @@ class PartStats:
     payload_bytes: int
     dense_bytes: int
     changed: int
-    encode_s: float
+    encode_s: float  # copy, hash and encode
+    checksums: dict[str, str]  # the part's keys -> checksum entry (sync.transport.checksum_entries)
+    nonzero: int  # nonzero elements of the part's copy
 
 
-def plan_parts(state: dict[str, torch.Tensor], part_bytes: int) -> list[list[str]]:
-    """Consecutive groups of keys of about `part_bytes` dense bytes each (at least one key)."""
+def plan_parts(sizes: dict[str, int], part_bytes: int) -> list[list[str]]:
+    """Consecutive groups of keys of about `part_bytes` dense bytes each (at least one key),
+    from each key's size in bytes."""
     parts, cur, size = [], [], 0
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
+    for key, nbytes in sizes.items():
         if cur and size + nbytes > part_bytes:
             parts.append(cur)
             cur, size = [], 0
@@ -72,6 +77,7 @@ class SlicePublisher:
         self.version: int | None = None  # of the last fully encoded publish
         self._last: dict[str, torch.Tensor] | None = None
         self._last_parts: list[list[str]] = []
+        self._source: dict[str, torch.Tensor] = {}  # the staged slice, read part by part
         self._next: dict[str, torch.Tensor] | None = None
         # The buffers of the copy before the base (or of a publish that never finished): the
         # next stage converts into them, since fresh tensors of this size cost more in page
@@ -84,35 +90,44 @@ class SlicePublisher:
         self._encoded: set[int] = set()
 
     def stage(self, state: dict[str, torch.Tensor], version: int, dense: bool = False) -> StagedSlice:
-        """Copy this rank's slice (already masked and cut) for publishing as `version`."""
-        from sync.transport import checksum_entries
-
+        """Plan publishing this rank's slice (already masked and cut) as `version`. The tensors
+        are read, copied and hashed when their part is encoded."""
         if self.version is not None and version <= self.version:
             raise ValueError(f"publish version {version} must be greater than the last one ({self.version})")
-        spare = self._next if self._next is not None else self._spare
-        copies = {k: published_copy(v, self.dtype, out=spare.get(k)) for k, v in state.items()}
-        self._spare = {}
-        self._next = {k: c for k, (c, _) in copies.items()}
-        # each tensor is hashed once per publish: the checksum, the payload's manifest and, at
-        # the next publish, the delta's base all use this digest
-        self._next_digests = {k: digest(bits_of(t)) for k, t in self._next.items()}
-        parts = plan_parts(self._next, self.cfg.part_bytes)
+        if self._next:  # a publish that never finished: its copies are spare buffers now
+            self._spare.update(self._next)
+        self._source, self._next, self._next_digests = dict(state), {}, {}
+        sizes = {k: t.numel() * self._published_itemsize(t) for k, t in self._source.items()}
+        parts = plan_parts(sizes, self.cfg.part_bytes)
         base = None if (dense or self._last is None) else self.version
-        self._staged = StagedSlice(
-            version=version, base_version=base, dense=dense, parts=parts, checksums=checksum_entries(self._next, self._next_digests),
-            dense_bytes=sum(t.numel() * t.element_size() for t in self._next.values()),
-            nonzero=sum(nz for _, nz in copies.values()),
-            numel=sum(t.numel() for t in self._next.values()),
-        )
+        self._staged = StagedSlice(version=version, base_version=base, dense=dense, parts=parts,
+                                   dense_bytes=sum(sizes.values()), numel=sum(t.numel() for t in self._source.values()))
         self._encoded = set()
         return self._staged
 
-    def encode_part(self, index: int) -> tuple[list[bytes], PartStats]:
+    def _published_itemsize(self, t: torch.Tensor) -> int:
+        return self.dtype.itemsize if t.is_floating_point() else t.element_size()
+
+    def encode_part(self, index: int, version: int | None = None) -> tuple[list[bytes], PartStats]:
+        """Part `index` of the staged publish. `version`: the version the caller's weights are
+        at now; a part is refused (ValueError) when it is not the staged one."""
+        from sync.transport import checksum_entries
+
         staged = self._staged
         if staged is None or not 0 <= index < len(staged.parts):
             raise ValueError(f"no staged publish with a part {index}")
+        if version is not None and version != staged.version:
+            raise ValueError(f"the weights moved to version {version} after version {staged.version} was staged "
+                             "for publishing; the publish is void")
         keys = staged.parts[index]
         t0 = time.perf_counter()
+        nonzero = 0
+        for k in keys:
+            # each tensor is hashed once per publish: the checksum, the payload's manifest and,
+            # at the next publish, the delta's base all use this digest
+            copy, nz = published_copy(self._source[k], self.dtype, out=self._spare.pop(k, None))
+            self._next[k], self._next_digests[k] = copy, digest(bits_of(copy))
+            nonzero += nz
         new = {k: self._next[k] for k in keys}
         if staged.base_version is None:
             buckets = encode(None, new, base_version=None, target_version=staged.version,
@@ -124,13 +139,13 @@ class SlicePublisher:
                              level=self.cfg.level, bucket_bytes=self.cfg.bucket_bytes,
                              digests=self._next_digests, base_digests=self._last_digests)
         stats = PartStats(index, sum(len(b) for b in buckets), sum(t.numel() * t.element_size() for t in new.values()),
-                          changed_in(buckets), time.perf_counter() - t0)
+                          changed_in(buckets), time.perf_counter() - t0, checksum_entries(new, self._next_digests), nonzero)
         self._encoded.add(index)
         if len(self._encoded) == len(staged.parts):  # the whole version is out: it is the new base
             self._spare = self._last or {}
             self._last, self._last_parts, self.version = self._next, staged.parts, staged.version
             self._last_digests = self._next_digests
-            self._next, self._staged = None, None
+            self._next, self._staged, self._source = None, None, {}
         return buckets, stats
 
     def snapshot_part(self, index: int) -> tuple[list[bytes], PartStats]:
@@ -142,7 +157,8 @@ class SlicePublisher:
         buckets = encode(None, new, base_version=None, target_version=self.version, level=self.cfg.level,
                          bucket_bytes=self.cfg.bucket_bytes, digests=self._last_digests)
         return buckets, PartStats(index, sum(len(b) for b in buckets),
-                                  sum(t.numel() * t.element_size() for t in new.values()), 0, time.perf_counter() - t0)
+                                  sum(t.numel() * t.element_size() for t in new.values()), 0, time.perf_counter() - t0,
+                                  {}, 0)
 
     def last_published(self) -> dict[str, torch.Tensor]:
         """Copies of the last published slice (its buffers are reused by later publishes)."""

@@ -5,11 +5,11 @@ Every trainer rank publishes its own slice (sync/slices.py) with a SlicePublishe
 so it lands in the object store of the rank's own node and no rank ever holds the full model.
 The driver (ShardedPublisher) keeps only ObjectRefs and small stats:
 
-    begin()          every rank stages its slice (masked, in the published dtype) and the driver
-                     queues one encode call per part: it returns as soon as the ranks have staged,
-                     with the parts still encoding, so receivers start fetching part 0 while
-                     later parts are encoded (pipelining)
-    finish(handle)   waits for every part's stats: payload bytes, encode time, errors
+    begin()          every rank plans its slice's parts and the driver queues one encode call per
+                     part (copy to the published dtype, hash, encode): it returns as soon as the
+                     ranks have planned, with the parts still encoding, so receivers start
+                     fetching part 0 while later parts are copied and encoded (pipelining)
+    finish(handle)   waits for every part's stats: payload bytes, encode time, checksums, errors
     update_for(v)    the cheapest update that brings a receiver at version v to the newest one:
                      the latest delta, the chain of deltas it missed, or a snapshot (encoded on
                      demand from the ranks' last published copies), whichever is fewer bytes
@@ -127,8 +127,8 @@ class PublishHandle:
     dense: bool
     record: _Record
     staged: list[StagedSlice]
-    checksum: str
     dense_bytes: int
+    checksum: str | None = None  # of the published state, once finish() has the parts' stats
 
 
 # ---------------------------------------------------------------- rank channels
@@ -170,7 +170,7 @@ class LocalChannel:
         return ray.put(result[0]), ray.put(result[1])
 
     def encode(self, index: int):
-        return self._put(self.publisher.encode_part(index))
+        return self._put(self.publisher.encode_part(index, self.version))
 
     def snapshot(self, index: int):
         return self._put(self.publisher.snapshot_part(index))
@@ -225,11 +225,9 @@ class ShardedPublisher:
         self._history.append(record)
         self._snapshot = record if base is None else None
         self.version = version
-        self._checksums = {k: v for s in staged for k, v in s.checksums.items()}
         self._dense_bytes = sum(s.dense_bytes for s in staged)
         self._force_dense = False
-        self._open = PublishHandle(version, base is None and dense, record, staged,
-                                   combine_checksums(self._checksums), self._dense_bytes)
+        self._open = PublishHandle(version, base is None and dense, record, staged, self._dense_bytes)
         return self._open
 
     def finish(self, handle: PublishHandle) -> PublishStats:
@@ -255,12 +253,16 @@ class ShardedPublisher:
             self._open = None
         record = handle.record
         record.payload_bytes = sum(s.payload_bytes for s in stats)
+        checksums = {k: v for s in stats for k, v in s.checksums.items()}
+        handle.checksum = combine_checksums(checksums)
+        if record.target_version == self.version:
+            self._checksums = checksums
         per_rank: dict[int, float] = {}
         at = 0
         for r, s in enumerate(handle.staged):
             per_rank[r] = sum(p.encode_s for p in stats[at:at + len(s.parts)])
             at += len(s.parts)
-        nonzero = sum(s.nonzero for s in handle.staged)
+        nonzero = sum(s.nonzero for s in stats)
         numel = sum(s.numel for s in handle.staged)
         return PublishStats(
             version=handle.version, kind="snapshot" if record.base_version is None else "delta", dense=handle.dense,
@@ -340,7 +342,8 @@ class ShardedPublisher:
         return self._snapshot
 
     def state_checksum(self) -> str:
-        """Checksum of the latest published (published-dtype) state, over all ranks' slices."""
+        """Checksum of the latest published (published-dtype) state, over all ranks' slices
+        (known once that publish is finished)."""
         return combine_checksums(self._checksums)
 
 

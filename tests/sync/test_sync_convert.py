@@ -79,3 +79,20 @@ def test_publisher_reuses_its_buffers_and_every_delta_stays_exact():
         want = {k: v.to(torch.bfloat16) for k, v in state.items()}
         assert rx.state_checksum() == state_checksum(want), f"version {version}"
     assert len(buffers) <= 3 * len(state)  # base, spare, and the abandoned publish's once
+
+
+def test_a_part_is_refused_when_the_weights_moved_since_stage():
+    """The slice is read when its part is encoded: a rank whose version moved in between (an
+    optimizer step) must not publish a mix of two versions."""
+    import pytest
+
+    from sync.config import SyncConfig
+    from sync.publisher import SlicePublisher
+
+    pub = SlicePublisher(SyncConfig(level="fast"))
+    state = {"w": torch.randn(64)}
+    pub.stage(state, 3)
+    with pytest.raises(ValueError, match="moved to version 4"):
+        pub.encode_part(0, version=4)
+    buckets, stats = pub.encode_part(0, version=3)
+    assert stats.nonzero == int(torch.count_nonzero(state["w"].to(torch.bfloat16))) and set(stats.checksums) == {"w"}

@@ -106,7 +106,8 @@ class RLTrainerWorker(TrainerWorker):
         return self.slice_publisher.stage(self.published_slice(), self.version(), dense)
 
     def sync_encode(self, index: int):
-        return self.slice_publisher.encode_part(index)
+        # the slice is read now: refused when an optimizer step came between stage and encode
+        return self.slice_publisher.encode_part(index, self.version())
 
     def sync_snapshot(self, index: int):
         return self.slice_publisher.snapshot_part(index)

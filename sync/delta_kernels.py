@@ -645,8 +645,8 @@ def decode_gap8(old, ga, va, nval, wb, mask, pos_out, val_out):
 
 @nb.njit(**_jit)
 def scatter_shifted(dst, pos, vals, shift):
-    """dst[pos[i] - shift] = vals[i] (a block of a chunk starting at `shift`); positions come
-    checked from the decoders."""
+    """dst[pos[i] - shift] = vals[i]: `dst` is the block of a chunk that starts at `shift`, and
+    the caller passes only the (decoder-checked, sorted) positions that fall inside it."""
     for i in range(pos.shape[0]):
         dst[pos[i] - shift] = vals[i]
 

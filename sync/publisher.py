@@ -1,8 +1,8 @@
 """One trainer rank's side of a publish: its slice of the weights in, encoded parts out.
 
 A rank keeps the last published copy of its own slice only (sync/slices.py says which elements
-are its), never the full model, plus the buffers the next publish converts into. A publish is three steps, each a call the driver makes on the
-rank (sync/transport.py's ShardedPublisher):
+are its), never the full model, plus the buffers the next publish converts into. A publish is
+three steps, each a call the driver makes on the rank (sync/transport.py's ShardedPublisher):
 
     stage(slice, version, dense)  the part plan (no copy yet: stage returns at once, so the
                                   receivers' first fetch is not held up by the whole slice)
@@ -14,9 +14,10 @@ rank (sync/transport.py's ShardedPublisher):
 Parts are groups of tensors of about `part_bytes` dense bytes, each an independent payload, so
 a receiver can fetch and apply part i while part i+1 is still being copied and encoded. The
 copy becomes the base of the next delta once its last part is encoded. The slice's tensors are
-read when their part is encoded, so the weights must not move in between: a rank's calls run
-in order, and the rank refuses a part when its version moved since stage (encode_part's
-`version`).
+read when their part is encoded, so from stage to the last encode_part nothing may write the
+rank's weights or change its version: a rank's calls run in order and the drivers publish
+between steps, and as a guard the rank refuses a part when its version moved since stage
+(encode_part's `version`; a write without a version change is not detected).
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class SlicePublisher:
         # The buffers of the copy before the base (or of a publish that never finished): the
         # next stage converts into them, since fresh tensors of this size cost more in page
         # faults than the conversion itself. So a rank holds two copies of its slice in the
-        # published dtype between publishes (half the slice's fp32 size), and allocates none.
+        # published dtype between publishes (together the slice's fp32 size), and allocates none.
         self._spare: dict[str, torch.Tensor] = {}
         self._next_digests: dict[str, str] = {}
         self._last_digests: dict[str, str] = {}

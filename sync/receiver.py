@@ -108,11 +108,18 @@ class WeightReceiver:
         timeout_s = update.fetch_timeout_s or self.fetch_timeout_s
         return self._stage(staged, update.steps, lambda part: self._get(part, timeout_s))
 
-    def stage_buckets(self, payloads: list[list[bytes]], kind: str = "delta") -> StagedUpdate:
-        """fetch() for payloads already in memory (lists of bucket bytes, applied in order, each
-        covering every tensor)."""
+    def stage_buckets(self, payloads: list[list[bytes]], kind: str = "delta",
+                      part_keys: list[list[str]] | None = None) -> StagedUpdate:
+        """fetch() for payloads already in memory (lists of bucket bytes): applied in order,
+        each covering every tensor; or, with `part_keys`, the parts of one version, payload i
+        covering the keys part_keys[i] (a publish's parts, sync/publisher.py)."""
         self._pending = None
-        steps = [[Part(None, buckets)] for buckets in payloads]
+        if part_keys is not None:
+            if len(part_keys) != len(payloads):
+                raise ValueError(f"{len(payloads)} payloads but {len(part_keys)} key lists")
+            steps = [[Part(list(keys), buckets) for keys, buckets in zip(part_keys, payloads)]]
+        else:
+            steps = [[Part(None, buckets)] for buckets in payloads]
         return self._stage(StagedUpdate(kind, self.version, None, 0, 0.0, 0.0), steps, lambda part: part.ref)
 
     @staticmethod

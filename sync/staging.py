@@ -30,7 +30,7 @@ from sync.errors import CorruptBucketError, LimitError, SyncError, TensorMismatc
 from sync.format import DENSE_ENCODINGS, digest
 from sync.workspace import PARALLEL_MIN_ELEMS, scratch, workers
 
-VERIFY_BLOCK_ELEMS = 1 << 17  # a 256 KB block of bf16: stays in L2 while it is patched and hashed
+VERIFY_BLOCK_BYTES = 256 << 10  # stays in L2 while it is patched and hashed
 
 
 @dataclass
@@ -214,7 +214,7 @@ def _patched_digest(old: np.ndarray, rel: np.ndarray, vals: np.ndarray) -> str:
     core's cache: a chunk-sized copy would go out to memory and back, and staging is bound by
     memory bandwidth (the copy cost more than decoding the changes)."""
     n = old.shape[0]
-    block = scratch("stage_block", min(n, VERIFY_BLOCK_ELEMS), old.dtype)
+    block = scratch("stage_block", min(n, max(1, VERIFY_BLOCK_BYTES // old.itemsize)), old.dtype)
     h = xxhash.xxh3_64()
     starts = range(0, n, block.shape[0])
     cuts = np.searchsorted(rel, np.fromiter(starts, np.int64, len(starts))).tolist() + [rel.shape[0]]

@@ -22,9 +22,12 @@ def workers() -> int:
 
 
 def scratch(name: str, size: int, dtype) -> np.ndarray:
-    """A per-thread work array, reused across chunks (fresh ones would page-fault every time)."""
-    have = getattr(_SCRATCH, name, None)
+    """A per-thread work array, reused across chunks (fresh ones would page-fault every time);
+    one per name and dtype."""
+    dtype = np.dtype(dtype)
+    key = f"{name}_{dtype.str}"
+    have = getattr(_SCRATCH, key, None)
     if have is None or have.shape[0] < size:
         have = np.empty(max(size, 1 << 16), dtype)
-        setattr(_SCRATCH, name, have)
+        setattr(_SCRATCH, key, have)
     return have[:size]

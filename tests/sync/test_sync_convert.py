@@ -52,33 +52,40 @@ def test_conversion_into_a_given_buffer():
 
 def test_publisher_reuses_its_buffers_and_every_delta_stays_exact():
     """Each publish converts into the buffers of the copy before its base; an abandoned publish
-    (staged, never encoded) gives its buffers back. The base must never be overwritten: every
-    delta, decoded by a receiver, gives exactly the weights cast to bf16."""
+    (staged, partly encoded) gives its buffers back. The base must never be overwritten: it
+    always holds exactly the last published weights cast to bf16, and every delta decoded by a
+    receiver gives exactly the new weights cast to bf16."""
     from sync.config import SyncConfig
     from sync.publisher import SlicePublisher
     from sync.receiver import WeightReceiver
     from sync.transport import state_checksum
 
     gen = torch.Generator().manual_seed(5)
-    state = {"a": torch.randn(300, 40, generator=gen), "b": torch.randn(5000, generator=gen)}
-    pub = SlicePublisher(SyncConfig(level="fast", bucket_bytes=8 << 10))  # one part of several buckets
+    state = {k: torch.randn(2048, generator=gen) for k in "abc"}  # 4 KB each in bf16: one part each
+    pub = SlicePublisher(SyncConfig(level="fast", part_bytes=4096, bucket_bytes=4096))
     rx = WeightReceiver()
-    buffers = set()
-    for version in range(1, 7):
+    buffers, published = set(), None
+    for version in range(1, 8):
         with torch.no_grad():
             for t in state.values():
-                moved = torch.rand(t.shape, generator=gen) < 0.05
-                t.add_(moved * torch.randn(t.shape, generator=gen) * 0.05)
+                t.add_((torch.rand(t.shape, generator=gen) < 0.05) * torch.randn(t.shape, generator=gen) * 0.05)
         staged = pub.stage(state, version)
-        buffers |= {t.data_ptr() for t in pub._next.values()}
-        if version == 4:  # abandoned: the driver gave up on it (the next publish is a full one)
+        assert len(staged.parts) == 3
+        if version == 4:  # abandoned after one part: the driver gave up on it
+            pub.encode_part(0, version)
+            buffers |= {t.data_ptr() for t in pub._next.values()}
+            assert not {t.data_ptr() for t in pub._next.values()} & {t.data_ptr() for t in pub._last.values()}
+            assert all(torch.equal(pub._last[k].view(torch.int16), published[k].view(torch.int16)) for k in state)
             continue
-        assert len(staged.parts) == 1
-        buckets, _ = pub.encode_part(0)
-        rx.commit(rx.stage_buckets([buckets], kind="delta" if staged.base_version is not None else "snapshot"))
-        want = {k: v.to(torch.bfloat16) for k, v in state.items()}
-        assert rx.state_checksum() == state_checksum(want), f"version {version}"
-    assert len(buffers) <= 3 * len(state)  # base, spare, and the abandoned publish's once
+        payloads = [pub.encode_part(i, version)[0] for i in range(3)]
+        buffers |= {t.data_ptr() for t in pub._last.values()}
+        assert not {t.data_ptr() for t in pub._spare.values()} & {t.data_ptr() for t in pub._last.values()}
+        published = {k: v.to(torch.bfloat16) for k, v in state.items()}
+        assert all(torch.equal(pub._last[k].view(torch.int16), published[k].view(torch.int16)) for k in state)
+        kind = "delta" if staged.base_version is not None else "snapshot"
+        rx.commit(rx.stage_buckets(payloads, kind, part_keys=staged.parts))
+        assert rx.state_checksum() == state_checksum(published), f"version {version}"
+    assert len(buffers) <= 3 * len(state)  # two copies in turn, plus the abandoned publish's once
 
 
 def test_a_part_is_refused_when_the_weights_moved_since_stage():
@@ -96,3 +103,22 @@ def test_a_part_is_refused_when_the_weights_moved_since_stage():
         pub.encode_part(0, version=4)
     buckets, stats = pub.encode_part(0, version=3)
     assert stats.nonzero == int(torch.count_nonzero(state["w"].to(torch.bfloat16))) and set(stats.checksums) == {"w"}
+
+
+def test_one_thread_stages_deltas_of_several_dtypes():
+    """Per-thread scratch arrays are kept per dtype: a bf16 entry staged after an fp32 one on
+    the same thread must not be patched in the fp32 entry's array (a valid payload refused)."""
+    from sync.codec import encode
+    from sync.receiver import WeightReceiver
+    from sync.transport import state_checksum
+
+    gen = torch.Generator().manual_seed(6)
+    old = {"f32": torch.randn(5000, generator=gen), "bf16": torch.randn(5000, generator=gen).to(torch.bfloat16),
+           "i64": torch.randint(0, 1000, (5000,), generator=gen)}
+    new = {k: v.clone() for k, v in old.items()}
+    for t in new.values():
+        t[::97] += 1
+    rx = WeightReceiver({k: v.clone() for k, v in old.items()}, version=1)
+    buckets = encode(old, new, base_version=1, target_version=2, level="fast")
+    rx.commit(rx.stage_buckets([buckets]))
+    assert rx.state_checksum() == state_checksum(new)

@@ -7,10 +7,11 @@ Built by launch/trainer_group.py (`worker_cls=RLTrainerWorker`), then configured
     begin_rl()        switch the objective to the RL algorithm (reference policy frozen here),
                       plus the distillation term with distill=squarehead|kl
     train_step(batch) one RL optimizer step (TrainerWorker's step with the RL objective)
-    sync_stage(dense)  this rank's slice of the bf16 weights (masked) staged for publishing as
-                       version = step (+ offset); sync_encode(i) / sync_snapshot(i) encode its
-                       parts (sync/publisher.py); the driver's ShardedPublisher (sync/transport.py)
-                       makes these calls and answers receivers
+    sync_stage(dense)  plan publishing this rank's slice of the weights (masked) as version =
+                       step (+ offset); sync_encode(i) copies part i to bf16 and encodes it,
+                       sync_snapshot(i) re-sends a part of the last version (sync/publisher.py);
+                       the driver's ShardedPublisher (sync/transport.py) makes these calls and
+                       answers receivers
 
 The weight version is the number of optimizer steps taken, so SFT steps count too, plus an
 offset that only a restored trainer has (`set_version_floor`): rollout workers may already hold

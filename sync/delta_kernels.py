@@ -546,8 +546,9 @@ def decode_mask(old, data, nval, w, mask, out, d, vals):
 # Level fast's encoding at low and moderate change rates. Each change is one gap byte and one
 # value byte (255 escapes to a full-width value kept apart), and zstd's entropy stage does the
 # rest: within ~5 % of the range-coded "gap" size on real updates, but a single branch-light
-# pass each way, so decoding costs a few ns per change instead of ~100 (the range coder's
-# serial decisions). See FORMAT.md.
+# pass each way: the encode scan costs ~1 ns per element, the decode ~25-50 ns per change here
+# (its reads of the base at the change positions), against ~100 and more for the range coder's
+# serial decisions. See FORMAT.md.
 
 GAP8_ESC = 255
 

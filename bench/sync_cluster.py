@@ -343,6 +343,11 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _links_arg(rates: list[int | None]) -> str:
+    """Link rates as --links takes them (0 = unlimited)."""
+    return ",".join(str(r or 0) for r in rates)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a ~100M-param model and fewer publishes")
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--quick, the bar's ~1 %% setting; train without)")
     p.add_argument("--change-fraction", type=float, default=0.01, help="with --updates synthetic")
     p.add_argument("--zero-stage", type=int, default=1, help="the trainer group's ZeRO stage (2 or 3 need less memory)")
-    p.add_argument("--links", default=",".join(str(r or 0) for r in LINKS),
+    p.add_argument("--links", default=_links_arg(LINKS),
                    help="link rates to measure, Mbit/s, comma-separated (0 = unlimited)")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
@@ -427,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
                    f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}", f"--warmup-steps={args.warmup_steps}", f"--updates={args.updates}",
                    f"--change-fraction={args.change_fraction}",
-                   f"--zero-stage={args.zero_stage}", f"--links={','.join(str(r or 0) for r in args.links)}"]
+                   f"--zero-stage={args.zero_stage}", f"--links={_links_arg(args.links)}"]
             rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400).returncode
             if rc != 0 or not raw.exists():
                 for log in ("head.log", "node.log"):

@@ -645,16 +645,9 @@ def decode_gap8(old, ga, va, nval, wb, mask, pos_out, val_out):
 
 
 @nb.njit(**_jit)
-def scatter_shifted(dst, pos, vals, shift):
-    """dst[pos[i] - shift] = vals[i]: `dst` is the block of a chunk that starts at `shift`, and
-    the caller passes only the (decoder-checked, sorted) positions that fall inside it."""
-    for i in range(pos.shape[0]):
-        dst[pos[i] - shift] = vals[i]
-
-
-@nb.njit(**_jit)
-def scatter(dst, pos, vals):
-    """dst[pos[i]] = vals[i]; positions come checked (in range) from the decoders. Several times
+def scatter(dst, pos, vals, shift=0):
+    """dst[pos[i] - shift] = vals[i]; positions come checked (in range) from the decoders, and
+    `shift` is where `dst` starts when it is one block of the positions' range. Several times
     faster than numpy's fancy assignment for scattered positions."""
     for i in range(pos.shape[0]):
-        dst[pos[i]] = vals[i]
+        dst[pos[i] - shift] = vals[i]

@@ -223,7 +223,7 @@ def _patched_digest(old: np.ndarray, rel: np.ndarray, vals: np.ndarray) -> str:
         out = block[: hi - lo]
         np.copyto(out, old[lo:hi])
         if cuts[b + 1] > cuts[b]:
-            K.scatter_shifted(out, rel[cuts[b] : cuts[b + 1]], vals[cuts[b] : cuts[b + 1]], lo)
+            K.scatter(out, rel[cuts[b] : cuts[b + 1]], vals[cuts[b] : cuts[b + 1]], lo)
         h.update(out)
     return h.hexdigest()
 

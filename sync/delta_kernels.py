@@ -553,6 +553,26 @@ def decode_mask(old, data, nval, w, mask, out, d, vals):
 GAP8_ESC = 255
 
 
+@nb.njit(**_leaf)
+def _gap8_emit(i, prev, j, eg, ev, o, x, w, mask, g_out, v_out, ge_out, ve_out):
+    """Append the change at position i (previous change at prev) to encode_gap8's streams."""
+    gap = i - prev
+    if gap >= GAP8_ESC:
+        g_out[j] = GAP8_ESC
+        ge_out[eg] = gap
+        eg += 1
+    else:
+        g_out[j] = gap
+    u = zigzag_diff(o, x, mask, w)
+    if u >= np.uint64(GAP8_ESC):
+        v_out[j] = GAP8_ESC
+        ve_out[ev] = u
+        ev += 1
+    else:
+        v_out[j] = np.uint8(u)
+    return eg, ev
+
+
 @nb.njit(**_jit)
 def encode_gap8(old, new, old64, new64, per, w, mask, g_out, v_out, ge_out, ve_out):
     """Gap bytes (gap = position - previous position, the first from -1; >= 255 escapes to
@@ -567,33 +587,37 @@ def encode_gap8(old, new, old64, new64, per, w, mask, g_out, v_out, ge_out, ve_o
     ev = 0
     cap = g_out.shape[0]
     nw = old64.shape[0]
-    for wi in range(nw + 1):
-        if wi < nw:
-            if old64[wi] == new64[wi]:
-                continue
-            lo, hi = wi * per, wi * per + per
-        else:
-            lo, hi = nw * per, old.shape[0]
-        for i in range(lo, hi):
-            if old[i] != new[i]:
-                if j >= cap:
-                    return -1, 0, 0
-                gap = i - prev
-                prev = i
-                if gap >= GAP8_ESC:
-                    g_out[j] = GAP8_ESC
-                    ge_out[eg] = gap
-                    eg += 1
-                else:
-                    g_out[j] = gap
-                u = zigzag_diff(np.uint64(old[i]), np.uint64(new[i]), mask, w)
-                if u >= np.uint64(GAP8_ESC):
-                    v_out[j] = GAP8_ESC
-                    ve_out[ev] = u
-                    ev += 1
-                else:
-                    v_out[j] = np.uint8(u)
-                j += 1
+    for wi in range(nw):
+        x = old64[wi] ^ new64[wi]
+        if x == 0:
+            continue
+        # Visit the changed lanes of the word from its lowest set bit, with no branch per
+        # element: at ~1 % changed a word rarely holds two changes, and a per-element test
+        # mispredicted on every changed word (2.4x slower at 1 %). Lane k is bits [k*w, k*w + w)
+        # of the word: the little-endian layout of every platform torch runs on.
+        while x != 0:
+            low = x & (~x + np.uint64(1))
+            if per == 4:  # 16-bit elements, the common case, unrolled
+                lane = (np.int64(low >= np.uint64(1 << 16)) + np.int64(low >= np.uint64(1 << 32))
+                        + np.int64(low >= np.uint64(1 << 48)))
+            else:
+                lane = 0
+                for k in range(1, per):
+                    lane += np.int64(low >= np.uint64(1) << np.uint64(w * k))
+            x &= ~(mask << np.uint64(w * lane))
+            if j >= cap:
+                return -1, 0, 0
+            i = wi * per + lane
+            eg, ev = _gap8_emit(i, prev, j, eg, ev, np.uint64(old[i]), np.uint64(new[i]), w, mask, g_out, v_out, ge_out, ve_out)
+            prev = i
+            j += 1
+    for i in range(nw * per, old.shape[0]):
+        if old[i] != new[i]:
+            if j >= cap:
+                return -1, 0, 0
+            eg, ev = _gap8_emit(i, prev, j, eg, ev, np.uint64(old[i]), np.uint64(new[i]), w, mask, g_out, v_out, ge_out, ve_out)
+            prev = i
+            j += 1
     return j, eg, ev
 
 

@@ -115,10 +115,17 @@ class PublishStats:
 class _Record:
     base_version: int | None
     target_version: int
-    parts: list[Part]
-    stats_refs: list
+    parts: list[Part]  # in round-robin order over the ranks (round_robin)
+    stats_refs: list  # ... as the parts
     plan: list[list[list[str]]]  # per rank: the keys of each of its parts
     payload_bytes: int | None = None  # resolved by finish()
+
+
+def round_robin(plan: list[list[list[str]]]) -> list[tuple[int, int, list[str]]]:
+    """(rank, part index, keys) of every part, part 0 of every rank first, then every part 1...:
+    the order in which the ranks, encoding in parallel, finish them, so a receiver working
+    through the parts in order never waits on one rank while another's parts are ready."""
+    return [(r, i, parts[i]) for i in range(max(map(len, plan), default=0)) for r, parts in enumerate(plan) if i < len(parts)]
 
 
 @dataclass
@@ -216,12 +223,12 @@ class ShardedPublisher:
                             "the next publish is a full one")
         version, base = staged[0].version, staged[0].base_version
         parts, stats_refs = [], []
-        for channel, s in zip(self.channels, staged):
-            for i, keys in enumerate(s.parts):
-                buckets_ref, stats_ref = channel.encode(i)
-                parts.append(Part(list(keys), buckets_ref))
-                stats_refs.append(stats_ref)
-        record = _Record(base, version, parts, stats_refs, [s.parts for s in staged])
+        plan = [s.parts for s in staged]
+        for r, i, keys in round_robin(plan):
+            buckets_ref, stats_ref = self.channels[r].encode(i)
+            parts.append(Part(list(keys), buckets_ref))
+            stats_refs.append(stats_ref)
+        record = _Record(base, version, parts, stats_refs, plan)
         self._history.append(record)
         self._snapshot = record if base is None else None
         self.version = version
@@ -258,10 +265,8 @@ class ShardedPublisher:
         if record.target_version == self.version:
             self._checksums = checksums
         per_rank: dict[int, float] = {}
-        at = 0
-        for r, s in enumerate(handle.staged):
-            per_rank[r] = sum(p.encode_s for p in stats[at:at + len(s.parts)])
-            at += len(s.parts)
+        for (r, _, _), s in zip(round_robin(record.plan), stats):
+            per_rank[r] = per_rank.get(r, 0.0) + s.encode_s
         nonzero = sum(s.nonzero for s in stats)
         numel = sum(s.numel for s in handle.staged)
         return PublishStats(
@@ -333,11 +338,10 @@ class ShardedPublisher:
             return self._snapshot
         plan = self._history[-1].plan
         parts, stats_refs = [], []
-        for channel, keys_per_part in zip(self.channels, plan):
-            for i, keys in enumerate(keys_per_part):
-                buckets_ref, stats_ref = channel.snapshot(i)
-                parts.append(Part(list(keys), buckets_ref))
-                stats_refs.append(stats_ref)
+        for r, i, keys in round_robin(plan):
+            buckets_ref, stats_ref = self.channels[r].snapshot(i)
+            parts.append(Part(list(keys), buckets_ref))
+            stats_refs.append(stats_ref)
         self._snapshot = _Record(None, self.version, parts, stats_refs, plan)
         return self._snapshot
 

@@ -35,7 +35,7 @@ DENSE_ZSTD_LEVEL = {"fast": 1, "best": 9}
 ENTRY_HEADER_BYTES = 256  # rough JSON cost of one entry, for bucket packing
 # Level fast: above this change fraction a chunk is coded as "mask" (a change bit per element)
 # rather than "gap8" (a gap byte per change): from here on the bitmap is the smaller of the two.
-# Both scan at ~1 ns per element and decode in tens of ns per change; the range-coded "gap"
+# Both scan at ~0.5-1 ns per element and decode in tens of ns per change; the range-coded "gap"
 # (~100 ns and more per change to decode) would make a receiver CPU-bound on fast links.
 MASK_MIN_FRAC = 0.125
 # ...except in chunks this small, where the range-coded "gap" is tried as well and the smaller

@@ -80,7 +80,8 @@ class RLPlan:
 
 
 def new_totals() -> dict[str, int]:
-    return {"payload": 0, "dense": 0, "snapshot_payload": 0, "mismatches": 0, "discarded": 0, "dropped_lost": 0}
+    return {"payload": 0, "dense": 0, "snapshot_payload": 0, "mismatches": 0, "discarded": 0, "dropped_lost": 0,
+            "verify_checks": 0, "verify_mismatches": 0}
 
 
 @dataclass
@@ -290,6 +291,8 @@ def rl_step(job: RLJob) -> None:
     count_mismatches(job, sync_stats)
     s.step = step
     metrics = step_metrics(rollout_metrics, train_metrics, pub, sync_stats, times, s.version, job.trainers.restarts)
+    if job.cfg.sync.verify_every and step % job.cfg.sync.verify_every == 0:
+        metrics["sync/verify_mismatches"] = verify_workers(job)[0]
     if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
         metrics.update(evaluate(job))
     record(job, metrics)
@@ -392,6 +395,21 @@ def evaluate(job: RLJob) -> dict[str, float]:
             "eval/reward_failures": sum(res.reward_failures for res in results)}
 
 
+def verify_workers(job: RLJob) -> tuple[int, list]:
+    """Every worker re-reads and digests the weights it handed its engine (not the digests cached
+    at commit) and the driver compares them with the publisher's checksum of that version: the
+    number that differ (counted in sync.verify_mismatches) and the workers' versions."""
+    bad, results = 0, job.rollouts.verify_all()
+    for version, checksum in results:
+        job.state.totals["verify_checks"] += 1
+        if checksum != job.checksums.get(version):
+            bad += 1
+            print(f"sync verify: a rollout worker's weights at version {version} do not match the published "
+                  f"checksum", flush=True)
+    job.state.totals["verify_mismatches"] += bad
+    return bad, [version for version, _ in results]
+
+
 def count_mismatches(job: RLJob, sync_stats: list[dict]) -> None:
     for st in sync_stats:
         if "checksum" in st and st["checksum"] != job.checksums.get(st["version"]):
@@ -461,6 +479,11 @@ def step_metrics(rollout: dict, train: dict, pub: dict, sync_stats: list[dict], 
         "sync/encode_s": pub.get("encode_s", 0.0), "density": pub["density"],
         **times, "version": version, "trainer/restarts": trainer_restarts,
     }
+    # Behavioural parity of the rollout engine: |engine logprob - trainer logprob| of the sampled
+    # tokens of the rows the trained weights produced (the trainer recomputes them for the loss).
+    if "logprob_mismatch" in train:
+        metrics["rollout/logprob_diff"] = train["logprob_mismatch"]
+        metrics["rollout/logprob_diff_max"] = train["logprob_mismatch_max"]
     pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]  # sync/transport.py's stats dicts
     if pauses:
         metrics["sync/pause_s"] = max(pauses)
@@ -514,14 +537,17 @@ def finish(job: RLJob, **times: float) -> dict:
     s, version = job.state, job.state.version
     job.rollouts.drain()
     count_mismatches(job, job.rollouts.apply_all())
-    final_versions, final_checksums = job.rollouts.final_state()
-    s.totals["mismatches"] += sum(c != job.checksums[version] for c in final_checksums)
+    _, final_versions = verify_workers(job)  # every worker at the final version, its weights re-read
     if job.cfg.rl.eval_every and (not s.history.get("eval/version") or s.history["eval/version"][-1] != version):
         job.logger.log(remember(s, evaluate(job)), s.step)  # every worker holds the final version now
     if job.cfg.rl.export:  # checks the sparsity pattern of what it writes
-        job.trainers.group.export(str(job.plan.run_dir))
+        dtype = job.cfg.sync.published_dtype if job.cfg.rl.export_dtype == "published" else job.cfg.rl.export_dtype
+        job.trainers.group.export(str(job.plan.run_dir), dtype)
+    if job.cfg.rollout.export_final:
+        job.rollouts.export_final(str(job.plan.run_dir))
     summary = make_summary(job.cfg, s.history, s.totals, version, final_versions, job.rollouts.restarts,
                            job.trainers.restarts, **times)
+    summary["rollout.engine_failures"] = job.rollouts.engine_failures
     summary["export"] = str(job.plan.run_dir / "model.safetensors") if job.cfg.rl.export else None
     job.logger.summary(summary)
     return summary
@@ -601,7 +627,9 @@ def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, fi
         "sync.ratio": totals["dense"] / max(1, totals["payload"]),
         "sync.ratio_mean": sum(ratios) / len(ratios) if ratios else None,
         "sync.snapshot_payload_bytes": totals["snapshot_payload"],
-        "sync.checksum_mismatches": totals["mismatches"],
+        "sync.checksum_mismatches": totals["mismatches"] + totals.get("verify_mismatches", 0),
+        "sync.verify_checks": totals.get("verify_checks", 0),
+        "sync.verify_mismatches": totals.get("verify_mismatches", 0),
         "sync.seconds_mean": mean("sync/seconds"), "sync.pause_s_mean": mean("sync/pause_s"),
         "sync.encode_s_mean": mean("sync/encode_s"),
         "trainer.final_version": version, "rollout.final_versions": list(final_versions),
@@ -609,6 +637,10 @@ def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, fi
         "trainer.restarts": trainer_restarts, "rollout.dropped_lost_versions": totals.get("dropped_lost", 0),
         "staleness.mean": mean("staleness/mean"), "step_s_mean": mean("step_s"),
         "train.logprob_mismatch_mean": mean("train/logprob_mismatch"),
+        "rollout.engine": cfg.rollout.engine,
+        "rollout.logprob_diff_mean": (window_mean(history["rollout/logprob_diff"], False)
+                                      if history.get("rollout/logprob_diff") else None),
+        "rollout.logprob_diff_max": max(history["rollout/logprob_diff_max"]) if history.get("rollout/logprob_diff_max") else None,
         "density_final": history["density"][-1] if history.get("density") else None,
         "rollout.tokens_per_s_mean": mean("rollout/tokens_per_s"),
         "reward.failures": int(sum(history.get("reward/failures", []))),

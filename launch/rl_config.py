@@ -34,6 +34,9 @@ class RLConfig:
     lr_warmup_steps: int = 20  # RL steps over which the lr ramps up to optimizer.lr
     log_every: int = 10
     export: bool = True  # write the final policy (model.safetensors + config.json) into the run dir
+    # dtype of that export: "published" (sync.published_dtype: exactly the weights the rollout
+    # workers generated with, bit for bit) or "float32" (the trainer's fp32 masters, masked)
+    export_dtype: str = "published"
     checkpoint_every: int = 100  # RL steps between trainer checkpoints in <run dir>/checkpoints (0: none)
     # null: start fresh (refused if the run dir holds checkpoints); auto: continue the latest
     # checkpoint of the run dir (fresh when none); a path: that checkpoint. A crashed job resumes so.
@@ -125,7 +128,16 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
         raise RLConfigError(f"rl.eval_every={rl.eval_every}: expected >= 0")
     if rl.eval_samples < 1:
         raise RLConfigError(f"rl.eval_samples={rl.eval_samples}: expected >= 1 (k of pass@k)")
+    if rl.export_dtype not in ("published", "float32"):
+        raise RLConfigError(f"rl.export_dtype={rl.export_dtype!r}: expected published or float32")
     validate_rollout_config(cfg.rollout)
+    if cfg.rollout.engine == "vllm" and cfg.model.kind != "hf":
+        raise RLConfigError(f"rollout.engine=vllm needs model=hf (vLLM loads Hugging Face checkpoints; "
+                            f"model.kind={cfg.model.kind!r} is the built-in GPT): use rollout.engine=torch, or "
+                            f"export the GPT as an HF GPT-2 (models/export.py export_gpt_as_hf_directory) and "
+                            f"load that with model=hf")
+    if cfg.sync.verify_every < 0:
+        raise RLConfigError(f"sync.verify_every={cfg.sync.verify_every}: expected >= 0 (0: only at the end)")
     build_objective(cfg.algo)
     if cfg.sync.published_dtype != cfg.rollout.dtype:
         raise RLConfigError(f"sync.published_dtype={cfg.sync.published_dtype!r} must equal "

@@ -1,9 +1,11 @@
 """The rollout actor group: K RolloutWorker actors, their weight versions, and their replacement.
 
 The driver sees coarse calls (`generate_all`, `apply_all`, `launch`/`collect`/`offer` for async
-mode). A worker that dies (any RayActorError) is replaced by a fresh actor with the same id,
-brought to the trainer's newest version by a full snapshot; `restarts` counts replacements and
-more than `rollout.max_restarts` of them stop the job with an error.
+mode). A worker that dies (any RayActorError), or whose engine failed to take an update
+(rollout/engine.py EngineUpdateError: it may hold a mix of two versions and refuses to
+generate), is replaced by a fresh actor with the same id, brought to the trainer's newest version
+by a full snapshot; `restarts` counts replacements (`engine_failures` the second kind) and more
+than `rollout.max_restarts` of them stop the job with an error.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 from launch.rl_config import rollout_bundle
 from models import ModelConfig
 from rollout.config import RolloutConfig
+from rollout.engine import EngineUpdateError
 from rollout.results import EvalResult, RolloutBatch
 from rollout.tasks import TaskConfig
 from rollout.worker import RolloutWorker
@@ -21,6 +24,26 @@ log = logging.getLogger(__name__)
 
 class RolloutWorkerLost(RuntimeError):
     """More rollout workers died than rollout.max_restarts allows."""
+
+
+class RolloutStartError(RuntimeError):
+    """A rollout worker could not start (its engine could not load the model, say)."""
+
+
+def _worker_lost_errors() -> tuple:
+    import ray
+
+    return (ray.exceptions.RayActorError, EngineUpdateError)
+
+
+def _creation_error(e: BaseException) -> str:
+    """The error an actor's constructor raised, from Ray's wrapped message (its last such line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if "Error: " in ln and "RayActorError" not in ln]
+    return lines[-1] if lines else str(e).splitlines()[0]
+
+
+def _reason(e: BaseException) -> str:
+    return "engine update failed" if isinstance(e, EngineUpdateError) else type(e).__name__
 
 
 class RolloutGroup:
@@ -38,14 +61,30 @@ class RolloutGroup:
             max_restarts=0,  # replacement is the driver's job: it must also resend the weights
         )
         self.restarts = 0
+        self.engine_failures = 0  # replacements because an engine failed to take an update
         self.incarnations = [0] * rollout_cfg.workers
         self.workers = [self._start(i) for i in range(rollout_cfg.workers)]
+        self._wait_started()
         self.versions: list[int | None] = [None] * rollout_cfg.workers
         self.pending: dict[int, object] = {}  # async: worker id -> ObjectRef of its running generate
         self._nodes: dict[int, tuple[int, str]] = {}  # worker id -> (incarnation, Ray node id)
 
     def _start(self, i: int):
         return self._remote.remote(i, self.model_cfg, self.cfg, self.task_cfg, self.incarnations[i])
+
+    def _wait_started(self) -> None:
+        """Every worker built (its engine loaded and warmed up), or a named error before training."""
+        import ray
+
+        refs = [w.version.remote() for w in self.workers]
+        try:
+            ray.get(refs, timeout=self.cfg.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RolloutStartError(f"rollout workers did not start within rollout.start_timeout_s="
+                                    f"{self.cfg.start_timeout_s} s (engine={self.cfg.engine})") from None
+        except ray.exceptions.RayActorError as e:
+            raise RolloutStartError(f"a rollout worker could not start (rollout.engine={self.cfg.engine}): "
+                                    f"{_creation_error(e)}") from None
 
     def update_for(self, version: int | None):
         """The trainer's WeightUpdate from `version` to its newest one."""
@@ -61,7 +100,8 @@ class RolloutGroup:
         if self.restarts > self.cfg.max_restarts:
             raise RolloutWorkerLost(f"rollout worker {i} died ({reason}); {self.restarts} replacements exceed "
                                     f"rollout.max_restarts={self.cfg.max_restarts}")
-        log.warning("rollout worker %d died (%s); replacing it (restart %d)", i, reason, self.restarts)
+        self.engine_failures += reason == "engine update failed"
+        log.warning("rollout worker %d lost (%s); replacing it (restart %d)", i, reason, self.restarts)
         try:
             ray.kill(self.workers[i])
         except Exception:  # already gone
@@ -87,10 +127,10 @@ class RolloutGroup:
         for attempt in range(2):
             try:
                 return ray.get(getattr(self.workers[i], method).remote(*args))
-            except ray.exceptions.RayActorError as e:
+            except _worker_lost_errors() as e:
                 if attempt:
                     raise
-                self.replace(i, type(e).__name__)
+                self.replace(i, _reason(e))
 
     # -- sync mode -------------------------------------------------------------------------------
 
@@ -119,6 +159,8 @@ class RolloutGroup:
         for i in range(len(self.workers)):
             try:
                 stats = ray.get(refs[i])
+            except EngineUpdateError:
+                stats = self.replace(i, "engine update failed")
             except ray.exceptions.RayActorError as e:
                 if e.actor_id not in (None, self.workers[i]._actor_id.hex()):
                     # the worker that staged for this one died, this one did not: fetch itself
@@ -156,8 +198,8 @@ class RolloutGroup:
         for i, ref in enumerate(refs):
             try:
                 out.append(ray.get(ref))
-            except ray.exceptions.RayActorError as e:
-                self.replace(i, type(e).__name__)
+            except _worker_lost_errors() as e:
+                self.replace(i, _reason(e))
                 out.append(self._call(i, "evaluate", shares[i], samples, pass_threshold))
         return out
 
@@ -176,8 +218,8 @@ class RolloutGroup:
         else:
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                self.replace(i, type(e).__name__)
+            except _worker_lost_errors() as e:
+                self.replace(i, _reason(e))
                 result = self._call(i, "generate", prompts, samples_per_prompt)
         self.versions[i] = result.version
         return result
@@ -188,8 +230,8 @@ class RolloutGroup:
 
         try:
             stats = ray.get(self.workers[i].apply_update.remote(self.update_for(self.versions[i])))
-        except ray.exceptions.RayActorError as e:
-            stats = self.replace(i, type(e).__name__)
+        except _worker_lost_errors() as e:
+            stats = self.replace(i, _reason(e))
         self.versions[i] = stats["version"]
         return stats
 
@@ -215,8 +257,8 @@ class RolloutGroup:
                 result = ray.get(self.pending.pop(i))
                 self.versions[i] = result.version
                 dropped += result.size
-            except ray.exceptions.RayActorError as e:
-                self.replace(i, type(e).__name__)
+            except _worker_lost_errors() as e:
+                self.replace(i, _reason(e))
             except ray.exceptions.RayTaskError as e:
                 if not trainer_lost:
                     raise
@@ -225,12 +267,27 @@ class RolloutGroup:
 
     # -- end ---------------------------------------------------------------------------------------
 
-    def final_state(self) -> tuple[list[int | None], list[str]]:
+    def verify_all(self) -> list[tuple[int | None, str]]:
+        """(version, checksum) of every worker's committed weights, re-read and digested now
+        (RolloutWorker.verify_weights), all in parallel."""
         import ray
 
-        versions = [self._call(i, "version") for i in range(len(self.workers))]
-        checksums = [ray.get(w.state_checksum.remote()) for w in self.workers]
-        return versions, checksums
+        refs = [w.verify_weights.remote() for w in self.workers]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except _worker_lost_errors() as e:
+                self.replace(i, _reason(e))
+                out.append(self._call(i, "verify_weights"))
+        return out
+
+    def export_final(self, run_dir: str) -> list[str]:
+        """Every worker writes the weights it handed its engine to <run_dir>/rollout_final/worker_<i>/."""
+        import ray
+
+        return ray.get([w.export_final.remote(f"{run_dir}/rollout_final/worker_{i}")
+                        for i, w in enumerate(self.workers)])
 
     def shutdown(self) -> None:
         import ray

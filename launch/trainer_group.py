@@ -85,8 +85,8 @@ class TrainerGroup:
     def published_state(self, dtype: str = "bfloat16") -> dict[str, Any]:
         return self.call("published_state", dtype)[0]
 
-    def export(self, path: str) -> str:
-        return self.call("export", str(path))[0]
+    def export(self, path: str, dtype: str = "float32") -> str:
+        return self.call("export", str(path), dtype)[0]
 
     def shutdown(self) -> None:
         import ray

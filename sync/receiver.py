@@ -29,7 +29,7 @@ import torch
 from sync.delta_kernels import scatter
 from sync.dtypes import info_for, tensor_from_bits
 from sync.errors import SyncError, TensorMismatchError, UpdateUnavailableError, VersionMismatchError
-from sync.slices import target_views
+from sync.slices import parse_key, target_views
 from sync.staging import Base, KeyChange, stage_payload
 from sync.transport import Part, WeightUpdate, checksum_entry, combine_checksums
 
@@ -54,6 +54,15 @@ class StagedUpdate:
     def staged_bytes(self) -> int:
         """Memory the staged changes hold (what fetch() adds until commit)."""
         return sum(c.nbytes() for c in self.changes.values())
+
+    def changed_tensors(self) -> list[str]:
+        """Names of the target tensors whose bits commit() changes (a key `name[start:stop]`
+        counts for `name`), in first-seen order: what an engine must be handed afterwards."""
+        names: dict[str, None] = {}
+        for key, ch in self.changes.items():
+            if ch.whole is not None or ch.changed:
+                names[parse_key(key)[0]] = None
+        return list(names)
 
 
 @dataclass
@@ -288,7 +297,16 @@ class WeightReceiver:
     def state_checksum(self) -> str:
         """Checksum of the committed state in the published dtype (cached digests; compare with
         the publisher's state_checksum())."""
-        base = Base(self._meta, self._read, self._digests)
+        return self._checksum(self._digests)
+
+    def reread_checksum(self) -> str:
+        """state_checksum() of the committed tensors' bits as they are now, every one read and
+        digested again (no digest cached at commit is used or changed): what a check that the
+        target really holds the published weights must compare."""
+        return self._checksum({})
+
+    def _checksum(self, digests: dict) -> str:
+        base = Base(self._meta, self._read, digests)
         return combine_checksums({key: checksum_entry(key, info.name, shape, base.digest(key))
                                   for key, (info, shape) in self._meta.items()})
 

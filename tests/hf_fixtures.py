@@ -123,7 +123,8 @@ def save_tiny_gpt2(
     return out_dir
 
 
-def save_tiny_qwen2(out_dir: str | Path, with_tokenizer: bool = True, seed: int = 0) -> Path:
+def save_tiny_qwen2(out_dir: str | Path, with_tokenizer: bool = True, seed: int = 0,
+                    num_attention_heads: int = 4, num_key_value_heads: int = 2) -> Path:
     """A Qwen2-style causal LM (GQA, tied embeddings, q/k/v biases), saved into `out_dir`.
     Its vocabulary is padded beyond the tokenizer (as Qwen's is): transformers' Qwen2Tokenizer
     adds one token of its own to the trained ones."""
@@ -132,8 +133,8 @@ def save_tiny_qwen2(out_dir: str | Path, with_tokenizer: bool = True, seed: int 
     out_dir = Path(out_dir)
     config = Qwen2Config(
         vocab_size=TINY_VOCAB + 16 if with_tokenizer else BYTE_VOCAB, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, bos_token_id=0 if with_tokenizer else 256,
+        num_hidden_layers=2, num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=0 if with_tokenizer else 256,
         eos_token_id=1 if with_tokenizer else 257, pad_token_id=2 if with_tokenizer else 258,
     )
     torch.manual_seed(seed)

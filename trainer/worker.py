@@ -215,14 +215,15 @@ class TrainerWorker:
                 out[key] = flat.reshape(shape) if key == name else flat
         return out
 
-    def export(self, path: str) -> str | None:
-        """Write the final weights (fp32 masters, masked) into `path` with models/export.py: the
-        built-in GPT as model.safetensors + config.json, an HF model as a save_pretrained
-        directory (tokenizer files copied); `sparsity.json` beside them when sparse. Collective;
+    def export(self, path: str, dtype: str = "float32") -> str | None:
+        """Write the final weights (the fp32 masters, masked, cast to `dtype`: "float32" keeps
+        them whole, the published dtype gives exactly what rollout workers ran) into `path` with
+        models/export.py: the built-in GPT as model.safetensors + config.json, an HF model as a
+        save_pretrained directory (tokenizer files copied); `sparsity.json` beside them when sparse. Collective;
         rank 0 writes and returns the directory."""
         from models.export import export_gpt_directory, export_hf_directory
 
-        state = self.published_state(dtype="float32")
+        state = self.published_state(dtype=dtype)
         if self.rank != 0:
             return None
         info = meta = None

@@ -33,7 +33,7 @@ def write_tiny_hf(out_dir: Path) -> None:
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                          bos_token_id=256, eos_token_id=257, pad_token_id=258, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(out_dir)
     save_byte_tokenizer_as_hf(out_dir)

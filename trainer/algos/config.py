@@ -18,6 +18,10 @@ class AlgoConfig:
     value_lr: float = 1.0e-3  # ppo: Adam learning rate of the value head
     value_clip: float = 0.2  # ppo: value updates clipped to +- this around the values before the step
     value_epochs: int = 4  # ppo: value-head updates per batch (the clip matters from the second on)
+    # >0: truncated importance sampling against the rollout engine / trainer mismatch (as veRL's
+    # TIS): rows of the current version take the ratio against the trainer's own logprobs and
+    # weight their loss by min(exp(trainer - engine logprob), tis_cap). null / 0: off.
+    tis_cap: float | None = None
     temperature: float = 1.0  # set by the driver to the rollout temperature (logprobs must agree)
 
 
@@ -33,6 +37,8 @@ def build_objective(cfg: AlgoConfig):
         raise AlgoConfigError(f"algo.clip_eps={cfg.clip_eps} must be in (0, 1)")
     if cfg.kl_coef < 0:
         raise AlgoConfigError(f"algo.kl_coef={cfg.kl_coef} must be >= 0")
+    if cfg.tis_cap is not None and cfg.tis_cap < 0:
+        raise AlgoConfigError(f"algo.tis_cap={cfg.tis_cap} must be null, 0 (off) or > 0 (the cap, e.g. 2)")
     if cfg.name == "grpo":
         return GRPO(cfg)
     if cfg.name == "ema_baseline":

@@ -9,6 +9,12 @@ For completion token t with advantage A_t (one per row, or one per token):
     loss  = mean over all completion tokens of the batch of (pg_t + beta * kl_t)
 
 (token-level mean as in DAPO, so long completions are not down-weighted).
+
+With algo.tis_cap = C > 0 (truncated importance sampling, as veRL's TIS), rows sampled by the
+weights being trained (`current_version`) separate the engine/trainer mismatch from the policy
+ratio: old_logp there is the trainer's own logprob (detached, the same weights), and the token's
+loss is weighted by w_t = min(exp(trainer_logp_t - engine_logp_t), C); older rows keep the rule
+above (w_t = 1).
 """
 from __future__ import annotations
 
@@ -32,10 +38,22 @@ def clipped_policy_loss(out: PolicyOutput, batch: dict[str, torch.Tensor], advan
     adv = advantages.float()
     if adv.dim() == 1:
         adv = adv[:, None]
-    ratio = torch.exp(logp - old)
-    pg = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-    loss_tokens = pg
     metrics: dict[str, float] = {}
+    behaviour, tis = old, None
+    if cfg.tis_cap:
+        current = batch.get("current_version")
+        current = torch.ones(logp.shape[0], dtype=torch.bool) if current is None else current.bool()
+        current = current.to(logp.device)[:, None]
+        trainer_logp = logp.detach()
+        behaviour = torch.where(current, trainer_logp, old)
+        tis = torch.where(current, torch.exp(trainer_logp - old).clamp(max=cfg.tis_cap), torch.ones_like(old))
+        metrics["tis_weight_mean"] = float(masked_mean(tis, mask))
+        metrics["tis_capped_frac"] = float(masked_mean((tis >= cfg.tis_cap).float(), mask))
+    ratio = torch.exp(logp - behaviour)
+    pg = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+    if tis is not None:
+        pg = pg * tis
+    loss_tokens = pg
     if cfg.kl_coef > 0:
         kl = k3_kl(logp, reference_logprobs(batch, reference, cfg.temperature))
         loss_tokens = pg + cfg.kl_coef * kl

@@ -244,3 +244,35 @@ def test_kl_needs_a_reference_and_bad_configs_are_named():
         build_objective(AlgoConfig(clip_eps=1.5))
     with pytest.raises(AlgoConfigError, match="algo.lam=1.5"):
         build_objective(AlgoConfig(name="ppo", lam=1.5))
+
+
+def test_truncated_importance_sampling_weights_current_rows_by_the_capped_engine_ratio():
+    """algo.tis_cap: a current-version row's token loss is -A * w * exp(logp - sg(logp)) with
+    w = min(exp(logp - engine_logp), cap) (value -A * w, gradient -A * w * dlogp); a stale row keeps
+    the clipped ratio against the engine's logprob."""
+    model, ids, mask, old = _setup(seed=3)
+    logp = _ref_logp(model.logits.detach(), ids)
+    old = logp + torch.tensor([[0.0, 0.1, -0.3, 0.9, -1.5]]).expand(4, 5)  # engine logprobs, some far off
+    adv = torch.tensor([1.0, -0.5, 2.0, 0.7])
+    current = torch.tensor([True, True, True, False])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask, "old_logprobs": old,
+             "advantages": adv, "current_version": current}
+    cap = 1.5
+    loss, metrics = GRPO(AlgoConfig(tis_cap=cap))(model, batch)
+    w = torch.exp(logp - old).clamp(max=cap)
+    stale_ratio = torch.exp(logp[3] - old[3])
+    stale_pg = -torch.min(stale_ratio * adv[3], stale_ratio.clamp(0.8, 1.2) * adv[3])
+    expected_tokens = torch.cat([(-adv[:3, None] * w[:3]), stale_pg[None]], 0)
+    n = mask.sum()
+    assert loss.item() == pytest.approx(float((expected_tokens * mask).sum() / n), rel=1e-5)
+    assert metrics["tis_weight_mean"] == pytest.approx(float((w * mask)[:3].sum() + mask[3].sum()) / float(n), rel=1e-5)
+    # the gradient of a current row's token is that of -A * w * logp (w held constant)
+    loss.backward()
+    ref = FixedLogits(model.logits.detach())
+    ref_logp = torch.log_softmax(ref.logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ref_logp = torch.cat([torch.zeros(4, 1), ref_logp], 1)
+    surrogate = (-(adv[:3, None] * w[:3]) * ref_logp[:3] * mask[:3]).sum() / n
+    surrogate.backward()
+    assert torch.allclose(model.logits.grad[:3], ref.logits.grad[:3], atol=1e-6)
+    with pytest.raises(AlgoConfigError, match="algo.tis_cap"):
+        build_objective(AlgoConfig(tis_cap=-1.0))

@@ -100,8 +100,12 @@ def test_rl_loss_is_policy_loss_plus_weight_times_the_distill_term(llama, algo_n
 
     objective = with_distillation(_algo(algo_name), cfg, model_cfg)
     loss, metrics = objective(student, batch)
-    assert loss.item() == pytest.approx(policy_loss.item() + weight * hand, rel=1e-5, abs=1e-6)
-    assert metrics[f"distill/{distill}"] == pytest.approx(hand, rel=1e-5)
+    assert loss.item() == pytest.approx(policy_loss.item() + weight * hand, rel=1e-4 if distill == "kl" else 1e-5,
+                                        abs=1e-6)
+    # float32 KL sums p * (log p - log q) over the vocabulary: terms of size ~ln V ~ 6 cancel
+    # down to a KL of ~0.03, so the float32 result carries ~1e-7 * 6 / 0.03 ~ 2e-5 relative error
+    # against the float64 hand value (squarehead has no such cancellation).
+    assert metrics[f"distill/{distill}"] == pytest.approx(hand, rel=1e-4 if distill == "kl" else 1e-5)
     assert metrics["loss"] == pytest.approx(policy_metrics["loss"], rel=1e-6)  # `loss` stays the policy loss
     assert metrics["distill/total_loss"] == pytest.approx(loss.item(), rel=1e-6)
 

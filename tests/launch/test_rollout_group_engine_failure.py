@@ -1,0 +1,58 @@
+"""A rollout worker whose engine fails to take an update is rebuilt from a snapshot and counted
+(launch/rl_rollouts.py), whatever the engine; here the torch engine of the built-in GPT with its
+load_weights broken inside the actor."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ray
+
+
+class _Publisher:
+    """The driver-side publisher the group asks for updates (a single in-process WeightPublisher)."""
+
+    def __init__(self, pub):
+        self.pub = pub
+
+    def update_for(self, version):
+        return self.pub.update_for(version)
+
+
+def test_a_worker_whose_engine_fails_an_update_is_rebuilt_from_a_snapshot(ray_cluster):
+    import ray
+
+    from launch.rl_rollouts import RolloutGroup
+    from models import ModelConfig, build_model
+    from rollout.config import RolloutConfig
+    from rollout.tasks import TaskConfig
+    from sync.config import SyncConfig
+    from sync.transport import WeightPublisher, state_checksum
+
+    def break_engine(worker) -> None:  # runs inside the actor (pickled by value: a local function)
+        def broken(names):
+            raise RuntimeError("injected engine reload failure")
+
+        worker.engine.load_weights = broken
+
+    mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
+    torch.manual_seed(0)
+    model, _ = build_model(mc)
+    state = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.named_parameters()}
+    pub = WeightPublisher(SyncConfig(mode="sparse"))
+    pub.publish(state, 1)
+    group = RolloutGroup(mc, RolloutConfig(workers=2, num_cpus=0.25, max_restarts=2), TaskConfig(name="reverse", length=3),
+                         _Publisher(pub))
+    try:
+        assert [s["version"] for s in group.apply_all()] == [1, 1]
+        ray.get(group.workers[1].__ray_call__.remote(break_engine))
+        state["wte.weight"][:4] += 1
+        pub.publish(state, 2)
+        stats = group.apply_all()
+        assert [s["version"] for s in stats] == [2, 2]
+        assert stats[1]["kind"] == "snapshot"  # the rebuilt worker caught up by a full snapshot
+        assert group.restarts == 1 and group.engine_failures == 1
+        assert [c for _, c in group.verify_all()] == [state_checksum(state)] * 2
+        assert group.generate_all([2, 2], 2)[1].version == 2
+    finally:
+        group.shutdown()

@@ -30,11 +30,11 @@ from rollout.generation import Generation, SamplingConfig, check_sampling
 
 # Set before vLLM is imported (it reads them at import or engine start): the engine runs in this
 # process (the worker holds it and feeds it weights), binds no threads (several workers share a
-# machine's cores), logs warnings only and never phones home.
+# machine's cores), logs errors only (its failures reach us as exceptions) and never phones home.
 VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_LOGGING_LEVEL": "WARNING",
+    "VLLM_LOGGING_LEVEL": "ERROR",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",

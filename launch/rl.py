@@ -79,7 +79,7 @@ class RLPlan:
         return self.run_dir / "checkpoints"
 
 
-def new_totals() -> dict[str, int]:
+def new_totals() -> dict[str, float]:
     return {"payload": 0, "dense": 0, "snapshot_payload": 0, "mismatches": 0, "discarded": 0, "dropped_lost": 0,
             "verify_checks": 0, "verify_mismatches": 0}
 
@@ -90,7 +90,7 @@ class DriverState:
     step: int = 0  # RL steps taken
     version: int = 0  # the trainer's newest published weight version
     history: dict[str, list[float]] = field(default_factory=dict)  # every logged metric, by step
-    totals: dict[str, int] = field(default_factory=new_totals)  # sync traffic and sample accounting
+    totals: dict[str, float] = field(default_factory=new_totals)  # sync traffic and sample accounting
     rng: random.Random = field(default_factory=random.Random)  # built-in tasks draw their prompts from it
     advantages: Any = None  # the driver-side advantage estimator (trainer/algos/advantages.py), or None
     task: Any = None  # the prompt source: a dataset's position is in its state_dict
@@ -397,17 +397,27 @@ def evaluate(job: RLJob) -> dict[str, float]:
 
 def verify_workers(job: RLJob) -> tuple[int, list]:
     """Every worker re-reads and digests the weights it handed its engine (not the digests cached
-    at commit) and the driver compares them with the publisher's checksum of that version: the
-    number that differ (counted in sync.verify_mismatches) and the workers' versions."""
-    bad, results = 0, job.rollouts.verify_all()
-    for version, checksum in results:
+    at commit) and checks what its engine computes against them (rollout/results.py
+    WeightCheck); the driver compares the digest with the publisher's checksum of that version
+    and the engine's logprob difference with rollout.vllm.verify_logprob_tol. Returns the number
+    of workers that failed (counted in sync.verify_mismatches) and the workers' versions."""
+    bad, checks = 0, job.rollouts.verify_all()
+    tol = job.cfg.rollout.vllm.verify_logprob_tol
+    for i, check in enumerate(checks):
         job.state.totals["verify_checks"] += 1
-        if checksum != job.checksums.get(version):
+        wrong_bits = check.checksum != job.checksums.get(check.version)
+        wrong_engine = check.engine_logprob_diff is not None and check.engine_logprob_diff > tol
+        if wrong_bits or wrong_engine:
             bad += 1
-            print(f"sync verify: a rollout worker's weights at version {version} do not match the published "
-                  f"checksum", flush=True)
+            print(f"sync verify: rollout worker {i} at version {check.version}: "
+                  + ("its committed weights differ from the published checksum" if wrong_bits else
+                     f"its engine's logprobs differ by {check.engine_logprob_diff:.3g} from its committed weights' "
+                     f"(rollout.vllm.verify_logprob_tol={tol})"), flush=True)
     job.state.totals["verify_mismatches"] += bad
-    return bad, [version for version, _ in results]
+    diffs = [c.engine_logprob_diff for c in checks if c.engine_logprob_diff is not None]
+    if diffs:
+        job.state.totals["engine_logprob_diff_max"] = max(job.state.totals.get("engine_logprob_diff_max", 0.0), *diffs)
+    return bad, [c.version for c in checks]
 
 
 def count_mismatches(job: RLJob, sync_stats: list[dict]) -> None:
@@ -630,6 +640,7 @@ def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, fi
         "sync.checksum_mismatches": totals["mismatches"] + totals.get("verify_mismatches", 0),
         "sync.verify_checks": totals.get("verify_checks", 0),
         "sync.verify_mismatches": totals.get("verify_mismatches", 0),
+        "sync.verify_engine_logprob_diff_max": totals.get("engine_logprob_diff_max"),
         "sync.seconds_mean": mean("sync/seconds"), "sync.pause_s_mean": mean("sync/pause_s"),
         "sync.encode_s_mean": mean("sync/encode_s"),
         "trainer.final_version": version, "rollout.final_versions": list(final_versions),

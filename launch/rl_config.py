@@ -198,6 +198,10 @@ def validate_task(cfg: RLJobConfig, model, tokenizer) -> None:
         if need > limit:
             raise RLConfigError(f"prompt {str(prompt)[:40]!r} + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
                                 f"need {need} positions; the model's context is {limit} (model.block_size)")
+        vllm_len = cfg.rollout.vllm.max_model_len if cfg.rollout.engine == "vllm" else None
+        if vllm_len is not None and need > vllm_len:
+            raise RLConfigError(f"prompt {str(prompt)[:40]!r} + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
+                                f"need {need} positions; rollout.vllm.max_model_len={vllm_len}")
     probe = train[:2]
     names = sorted({k for s in probe for k in s.columns})
     probe_reward_fns(fns, [s.prompt for s in probe], {k: [s.columns.get(k) for s in probe] for k in names},

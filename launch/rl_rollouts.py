@@ -15,7 +15,7 @@ from launch.rl_config import rollout_bundle
 from models import ModelConfig
 from rollout.config import RolloutConfig
 from rollout.engine import EngineUpdateError
-from rollout.results import EvalResult, RolloutBatch
+from rollout.results import EvalResult, RolloutBatch, WeightCheck
 from rollout.tasks import TaskConfig
 from rollout.worker import RolloutWorker
 
@@ -93,26 +93,37 @@ class RolloutGroup:
     # -- failure handling ----------------------------------------------------------------------
 
     def replace(self, i: int, reason: str) -> dict:
-        """Start a new worker `i` and give it the newest weights by a full snapshot."""
+        """Start a new worker `i` and give it the newest weights by a full snapshot; a replacement
+        that is lost too (it cannot start, its engine refuses the snapshot) is replaced in turn,
+        every attempt counted against rollout.max_restarts."""
         import ray
 
-        self.restarts += 1
-        if self.restarts > self.cfg.max_restarts:
-            raise RolloutWorkerLost(f"rollout worker {i} died ({reason}); {self.restarts} replacements exceed "
-                                    f"rollout.max_restarts={self.cfg.max_restarts}")
-        self.engine_failures += reason == "engine update failed"
-        log.warning("rollout worker %d lost (%s); replacing it (restart %d)", i, reason, self.restarts)
-        try:
-            ray.kill(self.workers[i])
-        except Exception:  # already gone
-            pass
-        self.pending.pop(i, None)
-        self.incarnations[i] += 1
-        self.workers[i] = self._start(i)
-        self.versions[i] = None
-        stats = ray.get(self.workers[i].apply_update.remote(self.update_for(None)))
-        self.versions[i] = stats["version"]
-        return stats
+        while True:
+            self.restarts += 1
+            if self.restarts > self.cfg.max_restarts:
+                raise RolloutWorkerLost(f"rollout worker {i} lost ({reason}); {self.restarts} replacements exceed "
+                                        f"rollout.max_restarts={self.cfg.max_restarts}")
+            self.engine_failures += reason == "engine update failed"
+            log.warning("rollout worker %d lost (%s); replacing it (restart %d)", i, reason, self.restarts)
+            try:
+                ray.kill(self.workers[i])
+            except Exception:  # already gone
+                pass
+            self.pending.pop(i, None)
+            self.incarnations[i] += 1
+            self.workers[i] = self._start(i)
+            self.versions[i] = None
+            try:
+                stats = ray.get(self.workers[i].apply_update.remote(self.update_for(None)),
+                                timeout=self.cfg.start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                reason = f"no snapshot applied within rollout.start_timeout_s={self.cfg.start_timeout_s} s"
+                continue
+            except _worker_lost_errors() as e:
+                reason = _reason(e)
+                continue
+            self.versions[i] = stats["version"]
+            return stats
 
     def generate_one(self, i: int, prompts, samples_per_prompt: int) -> RolloutBatch:
         """Blocking generate on worker i (replaced and retried once if it died)."""
@@ -267,9 +278,8 @@ class RolloutGroup:
 
     # -- end ---------------------------------------------------------------------------------------
 
-    def verify_all(self) -> list[tuple[int | None, str]]:
-        """(version, checksum) of every worker's committed weights, re-read and digested now
-        (RolloutWorker.verify_weights), all in parallel."""
+    def verify_all(self) -> list[WeightCheck]:
+        """Every worker's weights checked now (RolloutWorker.verify_weights), all in parallel."""
         import ray
 
         refs = [w.verify_weights.remote() for w in self.workers]

@@ -104,5 +104,10 @@ def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     out = {}
     for k in keys:
         values = [float(m[k]) for m in per_rank if k in m]
-        out[k] = sum(values) if k.startswith("sum/") else sum(values) / len(values)
+        if k.startswith("sum/"):
+            out[k] = sum(values)
+        elif k.endswith("_max"):
+            out[k] = max(values)
+        else:
+            out[k] = sum(values) / len(values)
     return out

@@ -13,6 +13,9 @@ class VLLMConfig:
     kv_cache_memory_bytes: int | None = None  # an explicit KV-cache size; wins over gpu_memory_utilization
     max_model_len: int | None = None  # longest prompt + completion (null: the model's context)
     enforce_eager: bool = True  # no CUDA graphs / compilation: starts in seconds; false for GPU speed
+    # a weight check (sync.verify_every) fails when the engine's logprobs on a fixed probe batch
+    # differ from those of the committed weights by more than this on average (bf16: ~1e-3)
+    verify_logprob_tol: float = 0.05
 
 
 @dataclass
@@ -70,6 +73,7 @@ def validate_rollout_config(cfg: RolloutConfig) -> None:
         (cfg.engine in ("torch", "vllm"), f"rollout.engine={cfg.engine!r}: expected torch or vllm"),
         (0 < v.gpu_memory_utilization <= 1,
          f"rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization}: expected in (0, 1]"),
+        (v.verify_logprob_tol > 0, f"rollout.vllm.verify_logprob_tol={v.verify_logprob_tol}: expected > 0"),
         (v.kv_cache_memory_bytes is None or v.kv_cache_memory_bytes > 0,
          f"rollout.vllm.kv_cache_memory_bytes={v.kv_cache_memory_bytes}: expected null or > 0"),
         (v.max_model_len is None or v.max_model_len > cfg.max_new_tokens,

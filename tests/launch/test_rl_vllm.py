@@ -70,6 +70,7 @@ def test_rl_on_vllm_receives_sparse_deltas_exactly_and_survives_a_killed_worker(
     assert 0 < summary["sync.payload_bytes"] < summary["sync.dense_bytes"]
     assert summary["sync.checksum_mismatches"] == 0 and summary["sync.verify_mismatches"] == 0
     assert summary["sync.verify_checks"] == 2 * 2 + 2  # steps 2 and 4, and the end
+    assert summary["sync.verify_engine_logprob_diff_max"] < 0.05  # each engine against its committed weights
     assert summary["rollout.logprob_diff_mean"] is not None and summary["rollout.logprob_diff_mean"] <= 0.05
     rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert all(r["rollout/logprob_diff"] <= 0.05 for r in rows)

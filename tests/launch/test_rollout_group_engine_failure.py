@@ -52,7 +52,7 @@ def test_a_worker_whose_engine_fails_an_update_is_rebuilt_from_a_snapshot(ray_cl
         assert [s["version"] for s in stats] == [2, 2]
         assert stats[1]["kind"] == "snapshot"  # the rebuilt worker caught up by a full snapshot
         assert group.restarts == 1 and group.engine_failures == 1
-        assert [c for _, c in group.verify_all()] == [state_checksum(state)] * 2
+        assert [c.checksum for c in group.verify_all()] == [state_checksum(state)] * 2
         assert group.generate_all([2, 2], 2)[1].version == 2
     finally:
         group.shutdown()

@@ -64,7 +64,8 @@ def _reference_logprob_diff(mc, published: dict[str, torch.Tensor], batch) -> fl
     from trainer.algos.logprobs import masked_mean, policy_forward
 
     model, tok = build_model(mc)
-    model.load_state_dict({k: v.float() for k, v in published.items()}, strict=False)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in published.items()}, strict=False)
+    assert not unexpected and all(model.get_parameter(k) is not None for k in published)
     with torch.no_grad():
         tb = train_batch(batch.prompt_ids, batch.tokens, batch.lengths, tok.pad_id)
         ref = policy_forward(model.eval(), tb["input_ids"], tb["attention_mask"]).logp
@@ -83,7 +84,9 @@ def test_vllm_worker_follows_snapshots_and_deltas_exactly(family, ray_cluster, t
     torch.manual_seed(0)
     trainer_model, _ = build_model(mc)
     pub = WeightPublisher(SyncConfig(mode="sparse"))
-    v1 = _published(trainer_model)
+    g = torch.Generator().manual_seed(1)
+    # every tensor redrawn: vLLM started from the checkpoint's own weights, the snapshot must replace them
+    v1 = {k: _redrawn(v, g) for k, v in _published(trainer_model).items()}
     pub.publish(v1, 1)
     worker = RolloutWorker(0, mc, rc, tc)
     closing(worker.engine)
@@ -101,13 +104,13 @@ def test_vllm_worker_follows_snapshots_and_deltas_exactly(family, ray_cluster, t
     moved += [n for n in names if "norm" in n or "ln_" in n][:1]
     assert len(moved) == 3, names
     v2 = {k: v.clone() for k, v in v1.items()}
-    g = torch.Generator().manual_seed(1)
     for n in moved:
         v2[n] = _redrawn(v2[n], g)
     pub.publish(v2, 2)
     stats = worker.apply_update(pub.update_for(1))
     assert stats["kind"] == "delta" and stats["version"] == 2 and stats["checksum"] == state_checksum(v2)
-    assert worker.verify_weights() == (2, state_checksum(v2))  # re-read, not cached
+    check = worker.verify_weights()  # re-read, not cached; and the engine's side against it
+    assert (check.version, check.checksum) == (2, state_checksum(v2)) and check.engine_logprob_diff < TOL
     batch = worker.generate(4, 4)
     assert batch.version == 2 and _reference_logprob_diff(mc, v2, batch) < TOL
 
@@ -118,9 +121,11 @@ def test_vllm_worker_follows_snapshots_and_deltas_exactly(family, ray_cluster, t
     pub.publish(v3, 3)
     worker.engine.load_weights = lambda names: None
     worker.apply_update(pub.update_for(2))
-    assert worker.verify_weights() == (3, state_checksum(v3))  # the receiver's copy is right...
+    check = worker.verify_weights()
+    assert (check.version, check.checksum) == (3, state_checksum(v3))  # the receiver's copy is right...
+    assert check.engine_logprob_diff > 0.05  # ...the engine is not: the weight check says so,
     batch = worker.generate(4, 4)
-    assert _reference_logprob_diff(mc, v3, batch) > 0.05  # ...the engine is not, and the check says so
+    assert _reference_logprob_diff(mc, v3, batch) > 0.05  # and so does the trainer-side parity
 
 
 def test_an_engine_that_fails_to_load_an_update_stops_the_worker(ray_cluster, tmp_path, closing):
@@ -150,6 +155,8 @@ def test_an_engine_that_fails_to_load_an_update_stops_the_worker(ray_cluster, tm
         worker.apply_update(pub.update_for(1))
     with pytest.raises(EngineUpdateError, match="rebuilt from a snapshot"):
         worker.generate(1, 1)
+    with pytest.raises(EngineUpdateError):  # nor does it pass a weight check
+        worker.verify_weights()
 
 
 def test_vllm_bad_input_gets_named_errors(tmp_path, monkeypatch):

@@ -204,14 +204,21 @@ class RolloutGroup:
 
         if self.pending:
             ray.wait(list(self.pending.values()), num_returns=len(self.pending))
-        refs = [w.evaluate.remote(shares[i], samples, pass_threshold) for i, w in enumerate(self.workers)]
+        return self._call_all("evaluate", [(shares[i], samples, pass_threshold) for i in range(len(self.workers))])
+
+    def _call_all(self, method: str, args: list[tuple]) -> list:
+        """`method(*args[i])` on every worker i in parallel; a worker that is lost is replaced and
+        its call made again."""
+        import ray
+
+        refs = [getattr(w, method).remote(*args[i]) for i, w in enumerate(self.workers)]
         out = []
         for i, ref in enumerate(refs):
             try:
                 out.append(ray.get(ref))
             except _worker_lost_errors() as e:
                 self.replace(i, _reason(e))
-                out.append(self._call(i, "evaluate", shares[i], samples, pass_threshold))
+                out.append(self._call(i, method, *args[i]))
         return out
 
     # -- async mode ------------------------------------------------------------------------------
@@ -280,24 +287,11 @@ class RolloutGroup:
 
     def verify_all(self) -> list[WeightCheck]:
         """Every worker's weights checked now (RolloutWorker.verify_weights), all in parallel."""
-        import ray
-
-        refs = [w.verify_weights.remote() for w in self.workers]
-        out = []
-        for i, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref))
-            except _worker_lost_errors() as e:
-                self.replace(i, _reason(e))
-                out.append(self._call(i, "verify_weights"))
-        return out
+        return self._call_all("verify_weights", [()] * len(self.workers))
 
     def export_final(self, run_dir: str) -> list[str]:
         """Every worker writes the weights it handed its engine to <run_dir>/rollout_final/worker_<i>/."""
-        import ray
-
-        return ray.get([w.export_final.remote(f"{run_dir}/rollout_final/worker_{i}")
-                        for i, w in enumerate(self.workers)])
+        return self._call_all("export_final", [(f"{run_dir}/rollout_final/worker_{i}",) for i in range(len(self.workers))])
 
     def shutdown(self) -> None:
         import ray

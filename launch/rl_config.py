@@ -136,6 +136,14 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
                             f"model.kind={cfg.model.kind!r} is the built-in GPT): use rollout.engine=torch, or "
                             f"export the GPT as an HF GPT-2 (models/export.py export_gpt_as_hf_directory) and "
                             f"load that with model=hf")
+    if cfg.rollout.engine == "vllm":
+        from rollout.engine import EngineStartError
+        from rollout.vllm_engine import check_architecture
+
+        try:
+            check_architecture(cfg.model.path)
+        except EngineStartError as e:
+            raise RLConfigError(str(e)) from None
     if cfg.sync.verify_every < 0:
         raise RLConfigError(f"sync.verify_every={cfg.sync.verify_every}: expected >= 0 (0: only at the end)")
     build_objective(cfg.algo)

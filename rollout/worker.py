@@ -43,12 +43,21 @@ from sync.receiver import StagedUpdate
 log = logging.getLogger(__name__)
 
 
+def _quiet_progress_bars() -> None:
+    """No transformers progress bars (loading, export) from each of K workers: the driver's
+    console shows one job, not K copies of the same bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class RolloutWorker:
     def __init__(self, worker_id: int, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, task_cfg: TaskConfig,
                  incarnation: int = 0, engine: RolloutEngine | None = None):
         from sync.receiver import WeightReceiver
 
         torch.set_num_threads(rollout_cfg.num_threads)
+        _quiet_progress_bars()
         if rollout_cfg.nice:
             os.nice(rollout_cfg.nice)
         self.worker_id = worker_id

@@ -101,6 +101,14 @@ def test_rl_engine_vllm_refuses_bad_input_before_ray_starts(tiny_llama, tmp_path
 
     with pytest.raises(RLConfigError, match="rollout.engine=vllm needs model=hf"):
         plan_run(compose_rl_config(["rollout.engine=vllm"]), tmp_path)
+    import shutil
+
+    mistral = tmp_path / "not-verified"
+    shutil.copytree(tiny_llama, mistral)
+    config = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(RLConfigError, match="MistralForCausalLM.*rollout.engine=torch"):
+        plan_run(vllm_config(mistral), tmp_path / "run")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(RolloutConfigError, match="vLLM is not installed.*scripts/setup.sh"):

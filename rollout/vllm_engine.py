@@ -120,6 +120,7 @@ class VLLMEngine:
         is how a verification sees a tensor the engine missed or loaded partly. bf16 on both
         sides: ~1e-3 when the engine holds the committed weights."""
         reference = self._reference()
+        length = min(length, self.llm.model_config.max_model_len - 1)
         vocab = min(reference.config.vocab_size, self.tokenizer.vocab_size)
         g = torch.Generator().manual_seed(1234)
         ids = torch.randint(0, vocab, (rows, length), generator=g)

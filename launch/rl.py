@@ -494,7 +494,7 @@ def step_metrics(rollout: dict, train: dict, pub: dict, sync_stats: list[dict], 
     if "logprob_mismatch" in train:
         metrics["rollout/logprob_diff"] = train["logprob_mismatch"]
         metrics["rollout/logprob_diff_max"] = train["logprob_mismatch_max"]
-    pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]  # sync/transport.py's stats dicts
+    pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]  # rollout/worker.py's swap stats
     if pauses:
         metrics["sync/pause_s"] = max(pauses)
     waits = [st["weights_wait_s"] for st in sync_stats if "weights_wait_s" in st]

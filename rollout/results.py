@@ -1,7 +1,8 @@
 """What a rollout worker hands back across the actor boundary (typed, so the driver reads fields,
 not dict keys).
 
-The weight-swap stats inside (`sync`) stay the plain dict that sync/transport.py produces.
+The weight-swap stats inside (`sync`) stay the plain dict that the worker builds from
+sync/receiver.py's commit stats (rollout/worker.py).
 """
 from __future__ import annotations
 

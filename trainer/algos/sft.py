@@ -1,7 +1,8 @@
 """Supervised warm-up: cross-entropy on the completion tokens (the task's correct answers).
 
-An RL demo on a tiny model learns only when it starts with some reward to find
-(MEASURED.md: "The warm start decides whether the demo shows learning").
+An RL demo on a tiny model learns only when it starts with some reward to find: measured on
+the demo's ~0.6M-parameter GPT, a too short warm-up leaves GRPO too few rewarded samples to
+learn from, a too long one leaves it nothing to improve.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Sparsity config: one flat dataclass (a Hydra structured config, group `sparsity/`).
 
 conf/sparsity/{dense,nm,rigl,set,static,magnitude}.yaml select `method` and its defaults.
-Fields a method does not use are ignored by it. Defaults come from the papers
-(/work/shared/design/ALGORITHMS.md), never from our benchmark.
+Fields a method does not use are ignored by it. Defaults come from the papers that introduced
+each method (SR-STE, RigL, SET, ...), never from our benchmark.
 """
 from __future__ import annotations
 

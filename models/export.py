@@ -162,6 +162,14 @@ def _canonical_state(model: nn.Module, state: dict[str, torch.Tensor] | None) ->
     return kept
 
 
+def _weights_readable_like_the_rest(out: Path) -> None:
+    """safetensors writes through a private temporary file (mode 0600): give the weight files the
+    mode the process's umask gives every other file here (config.json, written plainly)."""
+    mode = (out / "config.json").stat().st_mode & 0o777
+    for f in out.glob("*.safetensors"):
+        f.chmod(mode)
+
+
 def _floating_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
@@ -209,6 +217,7 @@ def export_hf_directory(
 
             save_byte_tokenizer_as_hf(out)
     _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
+    _weights_readable_like_the_rest(out)
     return out
 
 
@@ -230,6 +239,7 @@ def export_gpt_directory(
     config = {"model_type": GPT_MODEL_TYPE, "gpt_config": asdict(model.config)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
+    _weights_readable_like_the_rest(out)
     return out
 
 

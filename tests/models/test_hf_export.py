@@ -96,6 +96,7 @@ def test_bf16_export_records_its_dtype(llama_dir, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype="auto")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert not (out / "sparsity.json").exists()
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
 
 
 def test_export_refuses_false_or_inconsistent_input(gpt2_dir, tmp_path):
@@ -132,6 +133,7 @@ def test_builtin_gpt_export_round_trip(tmp_path):
     model.load_state_dict(state, strict=False)
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     assert set(json.loads((out / "sparsity.json").read_text())["tensors"]) == set(names)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
 
 
 def test_builtin_gpt_loader_refuses_mismatched_weights(tmp_path):

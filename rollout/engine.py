@@ -14,6 +14,10 @@ implementation, one file each:
     engine.load_weights(names)               after a commit: hand the engine the tensors `names`
                                              (only those that changed); a no-op when weights() are
                                              the engine's own tensors (torch)
+    engine.logprob_diff_vs_committed() -> float | None
+                                             what the engine computes against the committed
+                                             weights (weight checks); None when it computes with
+                                             them directly (torch)
     engine.generate(prompt_ids, sampling, generator) -> Generation
     engine.tokenizer                         encode/decode, bos/eos/pad ids
 """
@@ -47,6 +51,8 @@ class RolloutEngine(Protocol):
     def weights(self) -> dict[str, torch.Tensor]: ...
 
     def load_weights(self, names: list[str]) -> None: ...
+
+    def logprob_diff_vs_committed(self) -> float | None: ...
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
                  generator: torch.Generator | None = None) -> Generation: ...

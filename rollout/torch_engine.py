@@ -28,6 +28,10 @@ class TorchEngine:
     def load_weights(self, names: list[str]) -> None:
         """Nothing to do: the receiver wrote the model's own parameters."""
 
+    def logprob_diff_vs_committed(self) -> float | None:
+        """None: the model computes with the committed tensors themselves (their digest is the check)."""
+        return None
+
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
                  generator: torch.Generator | None = None) -> Generation:
         g = generate(self.model, prompt_ids, sampling, stop_ids=[self.tokenizer.eos_id],

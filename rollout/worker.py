@@ -105,21 +105,18 @@ class RolloutWorker:
         self._check_engine()
         with self._receiver_lock:
             version, checksum = self.receiver.version, self.receiver.reread_checksum()
-            parity = getattr(self.engine, "logprob_diff_vs_committed", None)
-            diff = parity() if parity is not None and version is not None else None
+            diff = self.engine.logprob_diff_vs_committed() if version is not None else None
         return WeightCheck(version, checksum, diff)
 
     def export_final(self, out_dir: str) -> str:
         """Write the committed weights (what the engine was handed), read back from the receiver's
         target, as the trainer's export lays them out (models/export.py)."""
-        import torch as _torch
-
         from models import build_model
         from models.export import export_gpt_directory, export_hf_directory
 
         with self._receiver_lock:
             state = {k: v.detach().cpu().clone() for k, v in self.engine.weights().items()}
-        with _torch.device("meta"):
+        with torch.device("meta"):
             skeleton, _ = build_model(self.model_cfg)
         if self.model_cfg.kind == "hf":
             return str(export_hf_directory(skeleton, self.model_cfg.path, out_dir, state))

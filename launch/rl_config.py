@@ -131,12 +131,12 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
     if rl.export_dtype not in ("published", "float32"):
         raise RLConfigError(f"rl.export_dtype={rl.export_dtype!r}: expected published or float32")
     validate_rollout_config(cfg.rollout)
-    if cfg.rollout.engine == "vllm" and cfg.model.kind != "hf":
-        raise RLConfigError(f"rollout.engine=vllm needs model=hf (vLLM loads Hugging Face checkpoints; "
-                            f"model.kind={cfg.model.kind!r} is the built-in GPT): use rollout.engine=torch, or "
-                            f"export the GPT as an HF GPT-2 (models/export.py export_gpt_as_hf_directory) and "
-                            f"load that with model=hf")
     if cfg.rollout.engine == "vllm":
+        if cfg.model.kind != "hf":
+            raise RLConfigError(f"rollout.engine=vllm needs model=hf (vLLM loads Hugging Face checkpoints; "
+                                f"model.kind={cfg.model.kind!r} is the built-in GPT): use rollout.engine=torch, or "
+                                f"export the GPT as an HF GPT-2 (models/export.py export_gpt_as_hf_directory) and "
+                                f"load that with model=hf")
         from rollout.engine import EngineStartError
         from rollout.vllm_engine import check_architecture
 

@@ -42,8 +42,11 @@ def _creation_error(e: BaseException) -> str:
     return lines[-1] if lines else str(e).splitlines()[0]
 
 
+ENGINE_FAILED = "engine update failed"  # the replace() reason that counts as an engine failure
+
+
 def _reason(e: BaseException) -> str:
-    return "engine update failed" if isinstance(e, EngineUpdateError) else type(e).__name__
+    return ENGINE_FAILED if isinstance(e, EngineUpdateError) else type(e).__name__
 
 
 class RolloutGroup:
@@ -79,12 +82,15 @@ class RolloutGroup:
         refs = [w.version.remote() for w in self.workers]
         try:
             ray.get(refs, timeout=self.cfg.start_timeout_s)
+            return
         except ray.exceptions.GetTimeoutError:
-            raise RolloutStartError(f"rollout workers did not start within rollout.start_timeout_s="
-                                    f"{self.cfg.start_timeout_s} s (engine={self.cfg.engine})") from None
+            error = RolloutStartError(f"rollout workers did not start within rollout.start_timeout_s="
+                                      f"{self.cfg.start_timeout_s} s (engine={self.cfg.engine})")
         except ray.exceptions.RayActorError as e:
-            raise RolloutStartError(f"a rollout worker could not start (rollout.engine={self.cfg.engine}): "
-                                    f"{_creation_error(e)}") from None
+            error = RolloutStartError(f"a rollout worker could not start (rollout.engine={self.cfg.engine}): "
+                                      f"{_creation_error(e)}")
+        self.shutdown()  # the group is never handed to the driver: its actors must not outlive this
+        raise error
 
     def update_for(self, version: int | None):
         """The trainer's WeightUpdate from `version` to its newest one."""
@@ -103,7 +109,7 @@ class RolloutGroup:
             if self.restarts > self.cfg.max_restarts:
                 raise RolloutWorkerLost(f"rollout worker {i} lost ({reason}); {self.restarts} replacements exceed "
                                         f"rollout.max_restarts={self.cfg.max_restarts}")
-            self.engine_failures += reason == "engine update failed"
+            self.engine_failures += reason == ENGINE_FAILED
             log.warning("rollout worker %d lost (%s); replacing it (restart %d)", i, reason, self.restarts)
             try:
                 ray.kill(self.workers[i])
@@ -171,7 +177,7 @@ class RolloutGroup:
             try:
                 stats = ray.get(refs[i])
             except EngineUpdateError:
-                stats = self.replace(i, "engine update failed")
+                stats = self.replace(i, ENGINE_FAILED)
             except ray.exceptions.RayActorError as e:
                 if e.actor_id not in (None, self.workers[i]._actor_id.hex()):
                     # the worker that staged for this one died, this one did not: fetch itself

@@ -5,8 +5,8 @@ implementation, one file each:
 
 - `torch`: rollout/torch_engine.py, our batched KV-cache loop (rollout/generation.py) over the
   model's own forward; the built-in GPT and any Hugging Face causal LM.
-- `vllm`: rollout/vllm_engine.py, vLLM in the worker's process (Hugging Face checkpoints of the
-  architectures vLLM supports: Llama, Qwen2, GPT-2, ...).
+- `vllm`: rollout/vllm_engine.py, vLLM in the worker's process (Hugging Face Llama, Qwen2 and
+  GPT-2 checkpoints: the architectures whose layer-by-layer weight hand-over is verified).
 
     engine.weights() -> dict[str, Tensor]   the committed weights in checkpoint coordinates, by the
                                              names the trainer publishes; a WeightReceiver writes
@@ -32,9 +32,6 @@ from rollout.generation import Generation, SamplingConfig
 if TYPE_CHECKING:
     from models import ModelConfig
     from rollout.config import RolloutConfig
-
-ENGINES = ("torch", "vllm")
-
 
 class EngineUpdateError(RuntimeError):
     """The engine failed to take committed weights: it may hold a mix of two versions, so the

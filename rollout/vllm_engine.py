@@ -28,9 +28,9 @@ from rollout.config import RolloutConfig
 from rollout.engine import EngineStartError
 from rollout.generation import Generation, SamplingConfig, check_sampling
 
-# Set before vLLM is imported (it reads them at import or engine start): the engine runs in this
-# process (the worker holds it and feeds it weights), binds no threads (several workers share a
-# machine's cores), logs errors only (its failures reach us as exceptions) and never phones home.
+# Defaults set before vLLM is imported (it reads them at import or engine start): the engine binds
+# no threads (several workers share a machine's cores), logs errors only (its failures reach us as
+# exceptions) and never phones home. VLLMEngine also forces it into this process.
 VLLM_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_LOGGING_LEVEL": "ERROR",

@@ -266,8 +266,6 @@ class RolloutWorker:
         with self._receiver_lock:
             try:
                 stats = self._commit(staged)
-            except EngineUpdateError:
-                raise
             except SyncError:  # superseded: a newer fetch already rolled this one back
                 return {}
             stats["pause_s"] = time.perf_counter() - started

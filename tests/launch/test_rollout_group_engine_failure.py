@@ -56,3 +56,20 @@ def test_a_worker_whose_engine_fails_an_update_is_rebuilt_from_a_snapshot(ray_cl
         assert group.generate_all([2, 2], 2)[1].version == 2
     finally:
         group.shutdown()
+
+
+def test_a_worker_whose_engine_cannot_start_is_a_named_error_before_training(ray_cluster, tmp_path):
+    """An engine that cannot start (a KV cache of 4 KiB) fails the group's construction with the
+    engine's own message, naming the key."""
+    pytest.importorskip("vllm")
+    from hf_fixtures import save_tiny_llama
+    from launch.rl_rollouts import RolloutGroup, RolloutStartError
+    from models import ModelConfig
+    from rollout.config import RolloutConfig, VLLMConfig
+    from rollout.tasks import TaskConfig
+
+    path = save_tiny_llama(tmp_path / "llama", with_tokenizer=False, num_attention_heads=2, num_key_value_heads=1)
+    cfg = RolloutConfig(engine="vllm", workers=1, prompts_per_step=1, num_cpus=0.25,
+                        vllm=VLLMConfig(kv_cache_memory_bytes=4096))
+    with pytest.raises(RolloutStartError, match="rollout.vllm.kv_cache_memory_bytes"):
+        RolloutGroup(ModelConfig(kind="hf", path=str(path)), cfg, TaskConfig(name="reverse", length=3), None)

@@ -54,3 +54,19 @@ def test_summary_takes_the_last_tenth_of_steps_and_counts_failed_weight_checks()
     assert s["sync.checksum_mismatches"] == 3 and s["sync.verify_checks"] == 6 and s["sync.verify_mismatches"] == 2
     assert s["sync.ratio"] == 20.0
     assert math.isclose(s["sync.ratio_mean"], 10.0)
+
+
+def test_verify_workers_counts_a_wrong_digest_and_an_engine_off_its_weights():
+    from types import SimpleNamespace
+
+    from launch.rl import new_totals, verify_workers
+    from rollout.results import WeightCheck
+
+    cfg = compose_rl_config(["rollout.engine=torch"])
+    checks = [WeightCheck(5, "good"), WeightCheck(5, "bad"), WeightCheck(5, "good", 0.2), WeightCheck(5, "good", 0.001)]
+    job = SimpleNamespace(cfg=cfg, checksums={5: "good"}, state=SimpleNamespace(totals=new_totals()),
+                          rollouts=SimpleNamespace(verify_all=lambda: checks))
+    bad, versions = verify_workers(job)
+    assert bad == 2 and versions == [5] * 4  # the wrong digest, and the engine 0.2 off (> 0.05)
+    assert job.state.totals["verify_checks"] == 4 and job.state.totals["verify_mismatches"] == 2
+    assert job.state.totals["engine_logprob_diff_max"] == 0.2

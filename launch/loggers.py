@@ -92,25 +92,37 @@ class WandbBackend:
 
 
 class ConsoleBackend:
-    """tqdm bar over optimizer steps, with the latest loss, lr and throughput as its postfix."""
+    """tqdm bar over the job's steps, with the latest loss, reward, lr and throughput as its postfix.
 
-    SHOWN = ("train/loss", "eval/loss", "lr", "tokens_per_s", "sparsity/density")
+    The bar starts when the steps it counts start (`start()`, or their first logged step), so the
+    time before them (Ray start, the RL warm-up) does not enter its rate and ETA."""
 
-    def __init__(self, total_steps: int, start_step: int):
-        from tqdm import tqdm
+    SHOWN = {"train/loss": "loss", "eval/loss": "eval", "reward/mean": "reward", "lr": "lr",
+             "tokens_per_s": "tokens_per_s", "sparsity/density": "density"}
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    def __init__(self, total_steps: int, start_step: int, desc: str = "train"):
+        self.total, self.desc = total_steps, desc
+        self.bar = None
         self.last_step = start_step
         self.shown: dict[str, str] = {}
 
+    def start(self) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.last_step, desc=self.desc, unit="step",
+                            dynamic_ncols=True)
+
     def log(self, metrics: dict, step: int) -> None:
-        for k in self.SHOWN:
+        for k, label in self.SHOWN.items():
             if k in metrics:
-                self.shown[k.split("/")[-1] if k != "eval/loss" else "eval"] = f"{metrics[k]:.4g}"
+                self.shown[label] = f"{metrics[k]:.4g}"
         if step > self.last_step:
+            self.start()
             self.bar.update(step - self.last_step)
             self.last_step = step
-        self.bar.set_postfix(self.shown, refresh=False)
+        if self.bar is not None:
+            self.bar.set_postfix(self.shown, refresh=False)
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         pass
@@ -119,12 +131,13 @@ class ConsoleBackend:
         pass
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class MetricsLogger:
     def __init__(self, cfg: LoggerConfig, run_dir: str | Path, config: dict | None = None,
-                 total_steps: int = 0, start_step: int = 0):
+                 total_steps: int = 0, start_step: int = 0, progress: str = "train"):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,8 +145,22 @@ class MetricsLogger:
         if cfg.wandb and cfg.mode != "disabled":
             self.backends.append(WandbBackend(cfg, self.run_dir, config or {}))
         if cfg.console:
-            self.backends.append(ConsoleBackend(total_steps, start_step))
+            self.backends.append(ConsoleBackend(total_steps, start_step, progress))
         self.history: dict[str, list[tuple[int, float]]] = {}  # what summary() may draw on
+
+    def start_progress(self, step: int | None = None) -> None:
+        """The counted steps begin now, at `step` (the progress bar's clock starts)."""
+        for b in self.backends:
+            if isinstance(b, ConsoleBackend):
+                if step is not None and b.bar is None:
+                    b.last_step = step
+                b.start()
+
+    def plot(self, panels) -> Path | None:
+        """run_dir/curves.png from everything logged (launch/curves.py)."""
+        from launch.curves import plot_curves
+
+        return plot_curves(self.history, panels, self.run_dir / "curves.png")
 
     def log(self, metrics: dict, step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}

@@ -110,6 +110,7 @@ def train(group, plan: RunPlan, state: dict, logger) -> None:
     tc, world = plan.cfg.trainer, plan.cfg.cluster.trainers
     if state["first_eval_loss"] is None:
         state["first_eval_loss"] = evaluate(group, plan, state, logger)
+    logger.start_progress(state["step"])
     while state["step"] < tc.max_steps:
         batch = plan.sampler.next_batch(tc.micro_batch_size * tc.grad_accum * world)
         metrics = group.train_step([{"tokens": shard} for shard in np.split(batch, world)])
@@ -154,6 +155,9 @@ def finish(group, plan: RunPlan, state: dict, logger, wall_s: float) -> dict:
         "wall_s": wall_s, "data": plan.data_description, **state["sparsity"],
     }
     logger.summary(summary)
+    from launch.curves import PRETRAIN_PANELS
+
+    logger.plot(PRETRAIN_PANELS)
     return summary
 
 
@@ -182,12 +186,22 @@ def save_checkpoint(group, plan: RunPlan, state: dict) -> Path:
 register_configs()
 
 
+def _job_spec():
+    from launch.cli import JobSpec
+    from launch.console import pretrain_summary
+
+    return JobSpec("pretrain", PretrainConfig, register_configs,
+                   lambda cfg, run_dir: run_pretrain(to_pretrain_config(cfg), run_dir), "resume", pretrain_summary)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
 def main(cfg: DictConfig) -> dict:
-    from hydra.core.hydra_config import HydraConfig
+    from launch.cli import run_job
 
-    return run_pretrain(to_pretrain_config(cfg), HydraConfig.get().runtime.output_dir)
+    return run_job(_job_spec(), cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from launch.cli import main as cli_main
+
+    cli_main(_job_spec(), main)

@@ -169,7 +169,7 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step: Callable | None = Non
     plan = plan_run(cfg, Path(run_dir).resolve())
     cfg = plan.cfg
     logger = MetricsLogger(replace(cfg.logger, name=cfg.logger.name or f"rl-{cfg.task.name}-{cfg.algo.name}-{cfg.rl.mode}"),
-                           plan.run_dir, config=asdict(cfg), total_steps=cfg.rl.steps)
+                           plan.run_dir, config=asdict(cfg), total_steps=cfg.rl.steps, progress="rl")
     state = DriverState(rng=random.Random(plan.trainer_cfg.seed), advantages=build_advantage_estimator(plan.algo_cfg),
                         task=plan.task)
     try:
@@ -259,6 +259,7 @@ def train(job: RLJob, on_step: Callable | None) -> float:
     from sync.errors import UpdateUnavailableError
 
     started = time.time()
+    job.logger.start_progress(job.state.step)
     if job.async_mode:
         launch_all(job)
     while job.state.step < job.cfg.rl.steps:
@@ -560,6 +561,9 @@ def finish(job: RLJob, **times: float) -> dict:
     summary["rollout.engine_failures"] = job.rollouts.engine_failures
     summary["export"] = str(job.plan.run_dir / "model.safetensors") if job.cfg.rl.export else None
     job.logger.summary(summary)
+    from launch.curves import RL_PANELS
+
+    job.logger.plot(RL_PANELS)
     return summary
 
 
@@ -664,18 +668,35 @@ def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, fi
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="rl")
-def main(cfg: DictConfig) -> dict:
+def run_from_hydra(cfg: DictConfig, run_dir: Path) -> dict:
+    """The job as `python -m launch.rl` runs it: the run named after its overrides."""
     from hydra.core.hydra_config import HydraConfig
 
     from launch.loggers import run_name
 
-    hydra_cfg = HydraConfig.get()
     job_cfg = to_rl_config(cfg)
     if job_cfg.logger.name is None:
-        job_cfg = replace(job_cfg, logger=replace(job_cfg.logger, name=run_name("rl", list(hydra_cfg.overrides.task))))
-    return run_rl(job_cfg, hydra_cfg.runtime.output_dir)
+        job_cfg = replace(job_cfg, logger=replace(job_cfg.logger,
+                                                  name=run_name("rl", list(HydraConfig.get().overrides.task))))
+    return run_rl(job_cfg, run_dir)
+
+
+def _job_spec():
+    from launch.cli import JobSpec
+    from launch.console import rl_summary
+    from launch.rl_config import RLJobConfig
+
+    return JobSpec("rl", RLJobConfig, register_configs, run_from_hydra, "rl.resume", rl_summary)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="rl")
+def main(cfg: DictConfig) -> dict:
+    from launch.cli import run_job
+
+    return run_job(_job_spec(), cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from launch.cli import main as cli_main
+
+    cli_main(_job_spec(), main)

@@ -1,0 +1,275 @@
+"""What a user sees around a job (`python -m launch.rl`, `python -m launch.pretrain`): the command
+line checked before anything exists, clean errors, Ctrl-C, and no empty run directories.
+
+- Before Hydra creates the run directory, every override's key is checked against the job's typed
+  config (the dataclasses are the schema): a key it lacks is refused with or without Hydra's `+`,
+  naming the nearest valid key ("did you mean rl.steps?"). Then the whole config is composed and
+  converted once, so a wrong type or an unknown group option also fails before any output exists.
+- An error the user caused (config, data, paths, checkpoints, reward files, cluster too small) ends
+  as one line on stderr, `error: <Type>: <what to change>`, exit code 2; a run directory that holds
+  nothing saved yet is removed again, with the parents this job created. `HYDRA_FULL_ERROR=1` shows
+  the traceback. Anything else is a bug and keeps its traceback (exit 1).
+- Ctrl-C (SIGINT) stops the job with one line naming the checkpoint to resume from, exit 130.
+- The job's console output (minus progress-bar frames) is kept in `<run dir>/<job>.log`; the run
+  directory is printed first and a summary last (launch/console.py).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+import sys
+import typing
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from launch.config import CONF_DIR
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UnknownConfigKeyError(ValueError):
+    """A command-line key the job's typed config does not have."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job's entry point: its config (conf/<name>.yaml over `schema`) and how to run it."""
+    name: str  # the config name, the log file's stem, `python -m launch.<name>`
+    schema: type
+    register: Callable[[], None]  # stores the schema in Hydra's ConfigStore
+    run: Callable[[Any, Path], dict]  # (typed config, run dir) -> summary
+    resume_key: str  # the override that continues a run: "rl.resume" / "resume"
+    summary: Callable[[dict, Path], list[str]]  # the lines printed at the end (launch/console.py)
+
+
+# -- the command line, before Hydra ---------------------------------------------------------------
+
+def schema_keys(schema: type, prefix: str = "") -> dict[str, bool]:
+    """Every dotted key of a config dataclass -> whether any sub-key is allowed under it (a plain
+    dict or untyped field); nested dataclasses are walked."""
+    keys: dict[str, bool] = {}
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        name = f"{prefix}{f.name}"
+        hint = _unwrap_optional(hints.get(f.name, Any))
+        if is_dataclass(hint):
+            keys[name] = False
+            keys.update(schema_keys(hint, name + "."))
+        else:
+            keys[name] = hint is Any or typing.get_origin(hint) is dict or hint is dict
+    return keys
+
+
+def _unwrap_optional(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return args[0]
+    return hint
+
+
+def config_groups() -> set[str]:
+    return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+
+
+def check_override_keys(overrides: list[str], schema: type) -> None:
+    """Refuse an override whose key the schema does not have (`x.y=1`, `+x.y=1`, `++x.y=1`,
+    `~x.y`), naming the nearest valid key. Group selections (`model=hf`) and hydra.* are Hydra's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    known = schema_keys(schema)
+    groups = config_groups()
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key.startswith("hydra") or (key in groups and override.package is None):
+            continue
+        if key in known or any(key.startswith(k + ".") for k, open_ in known.items() if open_):
+            continue
+        candidates = list(known) + sorted(groups)
+        near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise UnknownConfigKeyError(f"{override.input_line!r}: the config has no key {key!r}{hint}")
+
+
+@dataclass
+class Preflight:
+    run_dir: Path  # where Hydra will put this run (its clock may differ by a second)
+    anchor: Path  # the deepest ancestor of run_dir that exists now: cleanup never goes above it
+
+
+_preflight: Preflight | None = None
+
+
+def preflight(spec: JobSpec, argv: list[str]) -> Preflight | None:
+    """Check the command line the way Hydra will read it, before anything is created. Returns
+    None for what Hydra handles itself (--help, --cfg, -m sweeps, another config)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    args = get_args_parser().parse_args(argv)
+    handled_by_hydra = ("help", "hydra_help", "cfg", "info", "shell_completion", "multirun", "config_name",
+                        "config_path", "config_dir", "experimental_rerun")
+    if any(getattr(args, flag, None) for flag in handled_by_hydra):
+        return None
+    check_override_keys(args.overrides, spec.schema)
+    spec.register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=spec.name):
+        cfg = compose(config_name=spec.name, overrides=list(args.overrides), return_hydra_config=True)
+        run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).expanduser().absolute()
+        with_hydra = OmegaConf.to_container(cfg, resolve=False)
+        with_hydra.pop("hydra", None)
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.schema), with_hydra))
+    anchor = run_dir
+    while not anchor.exists():
+        anchor = anchor.parent
+    return Preflight(run_dir, anchor)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors a user causes and fixes by changing the command, the data or the files it names."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from data.corpus import DataError
+    from data.prompts import PromptDataError
+    from launch.cluster import ClusterResourceError
+    from launch.loggers import LoggerConfigError
+    from launch.rl_config import RLConfigError
+    from launch.rl_rollouts import RolloutStartError
+    from models.build import ModelConfigError
+    from rollout.batch import ChatTemplateError
+    from rollout.config import RolloutConfigError
+    from rollout.generation import SamplingConfigError
+    from rollout.rewards import RewardFunctionError
+    from rollout.tasks import TaskConfigError
+    from trainer.algos.config import AlgoConfigError
+    from trainer.checkpoint import ResumeError
+    from trainer.config import TrainerConfigError
+    from trainer.distill import DistillConfigError
+    from trainer.sparsity.errors import SparsityConfigError
+    from trainer.state_file import StateFileError
+
+    return (UnknownConfigKeyError, HydraException, OmegaConfBaseException, DataError, PromptDataError,
+            ClusterResourceError, LoggerConfigError, RLConfigError, RolloutStartError, ModelConfigError,
+            ChatTemplateError, RolloutConfigError, SamplingConfigError, RewardFunctionError, TaskConfigError,
+            AlgoConfigError, ResumeError, TrainerConfigError, DistillConfigError, SparsityConfigError,
+            StateFileError, FileNotFoundError, NotADirectoryError)
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user's error behind `exc` (an error raised inside a Ray actor arrives wrapped), or None
+    when it is a bug."""
+    cause = getattr(exc, "cause", None)
+    for e in (exc, cause):
+        if e is not None and isinstance(e, user_error_types()):
+            return cause if cause is not None and isinstance(cause, user_error_types()) else e
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """`error: <Type>: <message>` on one line; Hydra's composition errors keep their cause's
+    first line (it says what was wrong with the value), not their search-path listing."""
+    text = str(exc).split("Config search path")[0]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip() and str(cause).splitlines()[0] not in text:
+        text = f"{text}: {str(cause).splitlines()[0]}"
+    return f"error: {type(exc).__name__}: {' '.join(text.split())}"
+
+
+def show_traceback() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+# -- the run directory -----------------------------------------------------------------------------
+
+SAVED = ("checkpoints", "steps.jsonl", "summary.json", "model.safetensors", "samples.jsonl")
+
+
+def holds_saved_work(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() and not _empty_dir(run_dir / name) for name in SAVED)
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def remove_unsaved_run_dir(run_dir: Path, anchor: Path | None) -> bool:
+    """Remove a run directory that holds nothing saved, and the empty parents this job created
+    (never `anchor` or above it: they existed before the job). Returns whether it was removed."""
+    run_dir = run_dir.absolute()
+    if anchor is None or run_dir == anchor or anchor not in run_dir.parents or holds_saved_work(run_dir):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    while parent != anchor and anchor in parent.parents and _empty_dir(parent):
+        parent.rmdir()
+        parent = parent.parent
+    return True
+
+
+def resume_command(spec: JobSpec, run_dir: Path, overrides: list[str]) -> str:
+    keep = [o for o in overrides if not o.startswith(("hydra.run.dir=", f"{spec.resume_key}="))]
+    return " ".join(["python", "-m", f"launch.{spec.name}", *keep, f"{spec.resume_key}=auto",
+                     f"hydra.run.dir={run_dir}"])
+
+
+def interrupted_line(spec: JobSpec, run_dir: Path, overrides: list[str]) -> str:
+    from trainer import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    if latest is None:
+        return f"interrupted: no checkpoint was saved yet in {run_dir}; nothing to resume"
+    return f"interrupted: saved {latest}; resume with: {resume_command(spec, run_dir, overrides)}"
+
+
+# -- the two halves of an entry point ----------------------------------------------------------------
+
+def main(spec: JobSpec, hydra_main: Callable[[], Any]) -> None:
+    """`python -m launch.<job>`: check the command line, then let Hydra run `run_job`."""
+    global _preflight
+    try:
+        _preflight = preflight(spec, sys.argv[1:])
+    except Exception as e:  # noqa: BLE001  (classified right below)
+        if user_error(e) is None or show_traceback():
+            raise
+        print(one_line(user_error(e)), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    hydra_main()
+
+
+def run_job(spec: JobSpec, cfg) -> dict:
+    """The body of the Hydra task: the typed config, the console and log file, the job, and what
+    a user error or Ctrl-C turns into."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from launch.console import RunConsole
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).absolute()
+    overrides = list(hydra_cfg.overrides.task)
+    anchor = _preflight.anchor if _preflight is not None else None
+    console = RunConsole(run_dir, f"{spec.name}.log")
+    try:
+        with console:
+            try:
+                summary = spec.run(cfg, run_dir)
+            except KeyboardInterrupt:
+                console.final(interrupted_line(spec, run_dir, overrides), error=True)
+                raise SystemExit(EXIT_INTERRUPTED) from None
+            except Exception as e:  # noqa: BLE001  (classified right below)
+                err = user_error(e)
+                if err is None or show_traceback():
+                    raise
+                console.final(one_line(err), error=True)
+            else:
+                console.final("\n".join(spec.summary(summary, run_dir)))
+                return summary
+    finally:
+        console.close()
+    remove_unsaved_run_dir(run_dir, anchor)  # a user error: nothing saved, no run dir left behind
+    sys.exit(EXIT_USER_ERROR)

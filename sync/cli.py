@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader stopped early (`... --json | head`): not the input's fault, nothing to report.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except SyncError as e:
         return _fail(type(e).__name__, e)
     except MemoryError:

@@ -69,6 +69,20 @@ def test_encode_apply_round_trip_is_byte_identical(checkpoints, fast):
     assert delta.stat().st_size < new.stat().st_size / 2
 
 
+def test_a_reader_that_stops_early_gets_no_error_blaming_the_input(checkpoints, capsys):
+    d, base, new = checkpoints
+    delta = d / "pipe.spdl"
+    assert _main(capsys, "encode", base, new, "-o", delta)[0] == 0
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| head` that has already exited: every write to stdout fails with EPIPE
+    proc = subprocess.run([sys.executable, "-m", "sync", "inspect", str(delta), "--json"], cwd=ROOT,
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert "error" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
 def test_inspect_reports_versions_tensors_and_ratio(checkpoints, capsys):
     import json
 

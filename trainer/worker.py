@@ -65,6 +65,10 @@ class TrainerWorker:
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo")
         # Same seed on every rank: identical initial weights (DeepSpeed also broadcasts rank 0's).
         _seed_everything(self.cfg.seed)
+        if self.rank != 0:  # one "Loading weights" bar per job (rank 0's), not one per rank
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         model, self.tokenizer = build_model(self.model_cfg)
         if self.sparsity_cfg is not None:  # dense too: its sparsifier reports density 1
             from trainer.sparsity import build_sparsifier

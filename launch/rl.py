@@ -40,10 +40,8 @@ config.json, + sparsity.json when sparse).
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +53,9 @@ set_runtime_defaults()
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from sync.transport import PublishStats  # noqa: E402
+
+from launch.rl_metrics import make_summary, new_totals, remember, step_metrics, stopwatch  # noqa: E402
 from launch.rl_config import (  # noqa: E402
     RLConfigError, RLJobConfig, check_resources, derived_trainer_config, register_configs, rows_per_step,
     to_rl_config, validate_rl_config,
@@ -77,11 +78,6 @@ class RLPlan:
     @property
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
-
-
-def new_totals() -> dict[str, float]:
-    return {"payload": 0, "dense": 0, "snapshot_payload": 0, "mismatches": 0, "discarded": 0, "dropped_lost": 0,
-            "verify_checks": 0, "verify_mismatches": 0}
 
 
 @dataclass
@@ -246,7 +242,7 @@ def warm_up(job: RLJob) -> float:
     sft_s = time.time() - started
     start_rl(job, version_floor)
     if rl.eval_every and job.state.step == 0:  # where RL starts from
-        job.logger.log(remember(job.state, evaluate(job)), 0)
+        job.logger.log(remember(job.state.history, evaluate(job)), 0)
     if rl.checkpoint_every and plan.resume_from is None:  # a trainer restart needs one from step 0 on
         checkpoint(job)
     return sft_s
@@ -346,17 +342,17 @@ def begin_publish(job: RLJob):
     return publishing
 
 
-def finish_publish(job: RLJob, publishing, sync_s: float | None) -> dict:
-    """The publish's stats (PublishStats as a dict); `sync_s` (begin to every worker committed,
-    sync mode) feeds the sparse/dense choice of later publishes."""
+def finish_publish(job: RLJob, publishing, sync_s: float | None) -> PublishStats:
+    """The publish's stats; `sync_s` (begin to every worker committed, sync mode) feeds the
+    sparse/dense choice of later publishes."""
     pub = job.trainers.finish_publish(publishing, sync_s)
-    job.checksums[pub["version"]] = pub["checksum"]
-    job.state.totals["payload"] += pub["payload_bytes"]
-    job.state.totals["dense"] += pub["dense_bytes"]
+    job.checksums[pub.version] = pub.checksum
+    job.state.totals["payload"] += pub.payload_bytes
+    job.state.totals["dense"] += pub.dense_bytes
     return pub
 
 
-def start_rl(job: RLJob, version_floor: int) -> dict:
+def start_rl(job: RLJob, version_floor: int) -> PublishStats:
     """RL objective on every rank, publish under a version >= version_floor, and bring every
     rollout worker to it (full snapshots); the publish stats."""
     job.trainers.group.call("begin_rl", job.state.step)
@@ -366,10 +362,10 @@ def start_rl(job: RLJob, version_floor: int) -> dict:
     job.state.version = job.rl_start_version = publishing.version
     applied = job.rollouts.apply_all()
     pub = job.trainers.finish_publish(publishing, time.perf_counter() - started)
-    job.checksums[pub["version"]] = pub["checksum"]
+    job.checksums[pub.version] = pub.checksum
     for stats in applied:
         job.state.totals["snapshot_payload"] += stats["payload_bytes"]
-        job.state.totals["mismatches"] += stats["checksum"] != pub["checksum"]
+        job.state.totals["mismatches"] += stats["checksum"] != pub.checksum
     return pub
 
 
@@ -470,51 +466,10 @@ def checkpoint(job: RLJob) -> Path:
 
 # -- metrics ---------------------------------------------------------------------------------------
 
-@contextmanager
-def stopwatch(times: dict[str, float], key: str):
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        times[key] = time.perf_counter() - started
-
-
-def step_metrics(rollout: dict, train: dict, pub: dict, sync_stats: list[dict], times: dict, version: int,
-                 trainer_restarts: int) -> dict[str, float]:
-    """Every metric of one RL step, by its logged name (steps.jsonl, wandb): the trainer's under
-    train/, except distill/* (the distillation term), named as in pretraining."""
-    metrics = {
-        **rollout, **{k if k.startswith("distill/") else f"train/{k}": v for k, v in train.items() if k != "step"},
-        "sync/payload_bytes": pub["payload_bytes"], "sync/dense_bytes": pub["dense_bytes"],
-        "sync/ratio": pub["dense_bytes"] / max(1, pub["payload_bytes"]),
-        "sync/encode_s": pub.get("encode_s", 0.0), "density": pub["density"],
-        **times, "version": version, "trainer/restarts": trainer_restarts,
-    }
-    # Behavioural parity of the rollout engine: |engine logprob - trainer logprob| of the sampled
-    # tokens of the rows the trained weights produced (the trainer recomputes them for the loss).
-    if "logprob_mismatch" in train:
-        metrics["rollout/logprob_diff"] = train["logprob_mismatch"]
-        metrics["rollout/logprob_diff_max"] = train["logprob_mismatch_max"]
-    pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]  # rollout/worker.py's swap stats
-    if pauses:
-        metrics["sync/pause_s"] = max(pauses)
-    waits = [st["weights_wait_s"] for st in sync_stats if "weights_wait_s" in st]
-    if waits:
-        metrics["sync/weights_wait_s"] = max(waits)
-    return metrics
-
-
-def remember(state: DriverState, metrics: dict[str, float]) -> dict[str, float]:
-    """Append to the history (what summary.json is made of); returns `metrics`."""
-    for k, v in metrics.items():
-        state.history.setdefault(k, []).append(float(v))
-    return metrics
-
-
 def record(job: RLJob, metrics: dict[str, float]) -> None:
     """Into the history, the loggers and steps.jsonl; a console line every rl.log_every steps."""
     s, rl = job.state, job.cfg.rl
-    job.logger.log(remember(s, metrics), s.step)
+    job.logger.log(remember(s.history, metrics), s.step)
     with open(job.plan.run_dir / "steps.jsonl", "a") as f:
         f.write(json.dumps({"step": s.step, **metrics}) + "\n")
     if s.step % rl.log_every == 0 or s.step == rl.steps:
@@ -550,7 +505,7 @@ def finish(job: RLJob, **times: float) -> dict:
     count_mismatches(job, job.rollouts.apply_all())
     _, final_versions = verify_workers(job)  # every worker at the final version, its weights re-read
     if job.cfg.rl.eval_every and (not s.history.get("eval/version") or s.history["eval/version"][-1] != version):
-        job.logger.log(remember(s, evaluate(job)), s.step)  # every worker holds the final version now
+        job.logger.log(remember(s.history, evaluate(job)), s.step)  # every worker holds the final version now
     if job.cfg.rl.export:  # checks the sparsity pattern of what it writes
         dtype = job.cfg.sync.published_dtype if job.cfg.rl.export_dtype == "published" else job.cfg.rl.export_dtype
         job.trainers.group.export(str(job.plan.run_dir), dtype)
@@ -618,51 +573,6 @@ def assemble(shares: list, trainer_version: int, estimator, group_size: int, pad
         "staleness/max": float(staleness.max()),
     }
     return batch, metrics
-
-
-def window_mean(values: list[float], first: bool) -> float:
-    k = max(1, math.ceil(len(values) / 10))
-    part = values[:k] if first else values[-k:]
-    return sum(part) / len(part)
-
-
-def make_summary(cfg: RLJobConfig, history: dict, totals: dict, version: int, final_versions: list,
-                 restarts: int, trainer_restarts: int = 0, **times) -> dict:
-    rewards = history.get("reward/mean", [])
-    ratios = history.get("sync/ratio", [])
-    mean = lambda k: (sum(history[k]) / len(history[k])) if history.get(k) else None  # noqa: E731
-    return {
-        "mode": cfg.rl.mode, "algo": cfg.algo.name, "task": cfg.task.name, "sparsity_method": cfg.sparsity.method,
-        "distill": cfg.distill.name,
-        "rl_steps": len(rewards),
-        "reward.first_10pct": window_mean(rewards, True) if rewards else None,
-        "reward.last_10pct": window_mean(rewards, False) if rewards else None,
-        "sync.payload_bytes": totals["payload"], "sync.dense_bytes": totals["dense"],
-        "sync.ratio": totals["dense"] / max(1, totals["payload"]),
-        "sync.ratio_mean": sum(ratios) / len(ratios) if ratios else None,
-        "sync.snapshot_payload_bytes": totals["snapshot_payload"],
-        "sync.checksum_mismatches": totals["mismatches"] + totals.get("verify_mismatches", 0),
-        "sync.verify_checks": totals.get("verify_checks", 0),
-        "sync.verify_mismatches": totals.get("verify_mismatches", 0),
-        "sync.verify_engine_logprob_diff_max": totals.get("engine_logprob_diff_max"),
-        "sync.seconds_mean": mean("sync/seconds"), "sync.pause_s_mean": mean("sync/pause_s"),
-        "sync.encode_s_mean": mean("sync/encode_s"),
-        "trainer.final_version": version, "rollout.final_versions": list(final_versions),
-        "rollout.worker_restarts": restarts, "rollout.discarded_stale": totals["discarded"],
-        "trainer.restarts": trainer_restarts, "rollout.dropped_lost_versions": totals.get("dropped_lost", 0),
-        "staleness.mean": mean("staleness/mean"), "step_s_mean": mean("step_s"),
-        "train.logprob_mismatch_mean": mean("train/logprob_mismatch"),
-        "rollout.engine": cfg.rollout.engine,
-        "rollout.logprob_diff_mean": (window_mean(history["rollout/logprob_diff"], False)
-                                      if history.get("rollout/logprob_diff") else None),
-        "rollout.logprob_diff_max": max(history["rollout/logprob_diff_max"]) if history.get("rollout/logprob_diff_max") else None,
-        "density_final": history["density"][-1] if history.get("density") else None,
-        "rollout.tokens_per_s_mean": mean("rollout/tokens_per_s"),
-        "reward.failures": int(sum(history.get("reward/failures", []))),
-        **{k: v[-1] for k, v in history.items() if k.startswith("eval/")},
-        **{f"{k}_first": v[0] for k, v in history.items() if k in ("eval/reward_mean",) or k.startswith("eval/pass@")},
-        **{k: round(v, 2) for k, v in times.items()},
-    }
 
 
 register_configs()

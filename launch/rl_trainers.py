@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from launch.trainer_group import TrainerGroup
+from sync.transport import PublishStats
 from trainer.algos.rl_worker import RLTrainerWorker
 
 log = logging.getLogger(__name__)
@@ -91,20 +92,20 @@ class RLTrainers:
         """One RL optimizer step, `batch` split over the ranks; merged metrics."""
         return self.group.train_step(shard(batch, self.group.world_size))
 
-    def publish(self) -> dict:
-        """Publish the current weights: every rank encodes its own slice; the stats (PublishStats
-        as a dict). Receivers fetch with `publisher.update_for(version)`."""
-        return self.publisher.publish().as_dict()
+    def publish(self) -> PublishStats:
+        """Publish the current weights: every rank encodes its own slice; its stats. Receivers
+        fetch with `publisher.update_for(version)`."""
+        return self.publisher.publish()
 
     def begin_publish(self):
         """Stage a publish on every rank and return at once, parts still encoding: receivers
         brought up to date now overlap their fetch and decode with the encode."""
         return self.publisher.begin()
 
-    def finish_publish(self, handle, sync_s: float | None = None) -> dict:
+    def finish_publish(self, handle, sync_s: float | None = None) -> PublishStats:
         """Wait for `handle`'s encode to end; its stats. `sync_s` (begin to the last receiver's
         commit) feeds the sparse/dense choice of later publishes."""
-        stats = self.publisher.finish(handle).as_dict()
+        stats = self.publisher.finish(handle)
         if sync_s is not None:
             self.publisher.observe(handle, sync_s)
         return stats

@@ -1,14 +1,15 @@
 """The driver's pure metric functions against values computed here: per-rank merging, per-micro-
-batch sums, one step's metrics and the summary (launch/rl.py, launch/trainer_group.py)."""
+batch sums, one step's metrics and the summary (launch/rl_metrics.py, launch/trainer_group.py)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from launch.rl import make_summary, step_metrics
+from launch.rl_metrics import make_summary, step_metrics
 from launch.rl_config import compose_rl_config
 from launch.trainer_group import merge_metrics
+from sync.transport import PublishStats
 from trainer.worker import _MetricSums
 
 
@@ -29,7 +30,8 @@ def test_micro_batch_sums_average_each_key_over_the_micro_batches_that_report_it
 
 
 def test_step_metrics_name_the_engine_parity_and_the_sync_ratio():
-    pub = {"payload_bytes": 100, "dense_bytes": 2500, "density": 1.0, "encode_s": 0.01}
+    pub = PublishStats(version=7, kind="delta", dense=False, payload_bytes=100, dense_bytes=2500, ratio=25.0,
+                       changed=10, encode_s=0.01, parts=1, checksum="c", density=1.0)
     sync_stats = [{"pause_s": 0.2, "weights_wait_s": 0.1}, {"pause_s": 0.5}, {}]
     metrics = step_metrics({"reward/mean": 0.5}, {"loss": 1.0, "logprob_mismatch": 0.003, "logprob_mismatch_max": 0.04,
                                                   "distill/kl": 0.2},
@@ -59,7 +61,8 @@ def test_summary_takes_the_last_tenth_of_steps_and_counts_failed_weight_checks()
 def test_verify_workers_counts_a_wrong_digest_and_an_engine_off_its_weights():
     from types import SimpleNamespace
 
-    from launch.rl import new_totals, verify_workers
+    from launch.rl import verify_workers
+    from launch.rl_metrics import new_totals
     from rollout.results import WeightCheck
 
     cfg = compose_rl_config(["rollout.engine=torch"])

@@ -6,9 +6,12 @@ For completion token t with advantage A_t (one per row, or one per token):
     rho_t = exp(logp_t - old_logp_t)      old = the rollout's logprob (behaviour policy)
     pg_t  = -min(rho_t * A_t, clip(rho_t, 1 - eps, 1 + eps) * A_t)
     kl_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (k3 estimator, >= 0)
-    loss  = mean over all completion tokens of the batch of (pg_t + beta * kl_t)
+    loss  = mean over the completion tokens of the micro-batch of (pg_t + beta * kl_t)
 
-(token-level mean as in DAPO, so long completions are not down-weighted).
+(a token-level mean as in DAPO, so long completions are not down-weighted). The mean is taken per
+micro-batch; the step's gradient is the average of the micro-batches' (over trainer.grad_accum
+and the data-parallel ranks), which equals DAPO's mean over all tokens of the batch only when
+every micro-batch holds the same number of completion tokens.
 
 With algo.tis_cap = C > 0 (truncated importance sampling, as veRL's TIS), rows sampled by the
 weights being trained (`current_version`) separate the engine/trainer mismatch from the policy

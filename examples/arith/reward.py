@@ -1,5 +1,7 @@
 """Reward for examples/arith: exact answers score 1; on hard prompts (difficulty >= 2) a wrong
-answer still earns partial credit for each trailing digit it gets right.
+answer with as many digits as the right one still earns partial credit for each trailing digit
+it gets right. (Without the length condition a policy learns to answer only the last digit: an
+easy 0.25 on every hard prompt, which RL found and took instead of learning to add.)
 
 Called once per batch by the RL job (rollout/rewards.py), with the dataset's other columns by
 name: `answer` and `difficulty` are lists aligned with `completions`.
@@ -15,7 +17,7 @@ def score(prompts, completions, answer, difficulty, **_):
         got = completion.strip()
         if got == want:
             rewards.append(1.0)
-        elif level >= 2 and got.isdigit():
+        elif level >= 2 and got.isdigit() and len(got) == len(want):
             right = 0
             for a, b in zip(reversed(got), reversed(want)):
                 if a != b:

@@ -60,7 +60,11 @@ def load_rows(path: str | Path, what: str = "task.path") -> list[dict]:
 
 def _load_jsonl(p: Path, what: str) -> list[dict]:
     rows = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptDataError(f"{what}={str(p)!r}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 import shutil
+import signal
 import sys
+import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -65,7 +68,7 @@ def schema_keys(schema: type, prefix: str = "") -> dict[str, bool]:
 
 def _unwrap_optional(hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
     return hint
 
@@ -83,7 +86,7 @@ def check_override_keys(overrides: list[str], schema: type) -> None:
     groups = config_groups()
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
-        if key.startswith("hydra") or (key in groups and override.package is None):
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or (key in groups and override.package is None):
             continue
         if key in known or any(key.startswith(k + ".") for k, open_ in known.items() if open_):
             continue
@@ -95,46 +98,51 @@ def check_override_keys(overrides: list[str], schema: type) -> None:
 
 @dataclass
 class Preflight:
-    run_dir: Path  # where Hydra will put this run (its clock may differ by a second)
-    anchor: Path  # the deepest ancestor of run_dir that exists now: cleanup never goes above it
+    run_dir: Path  # the run directory, absolute and normalised as Hydra makes it; Hydra is pinned to it
+    existed: bool  # it existed before the job (a resume): a failure never removes it
+    anchor: Path  # its deepest ancestor that exists now: cleanup never goes above it
 
 
-_preflight: Preflight | None = None
+class RunDirError(ValueError):
+    """hydra.run.dir cannot be created."""
 
 
 def preflight(spec: JobSpec, argv: list[str]) -> Preflight | None:
-    """Check the command line the way Hydra will read it, before anything is created. Returns
-    None for what Hydra handles itself (--help, --cfg, -m sweeps, another config)."""
+    """Check the command line the way Hydra will read it, before anything is created. Every
+    override's key is checked in every mode; the whole config is composed and the run dir settled
+    for a single run, and None returned for what Hydra handles itself (--help, --cfg, -m sweeps,
+    another config)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from omegaconf import OmegaConf
 
     args = get_args_parser().parse_args(argv)
+    check_override_keys(args.overrides, spec.schema)
     handled_by_hydra = ("help", "hydra_help", "cfg", "info", "shell_completion", "multirun", "config_name",
                         "config_path", "config_dir", "experimental_rerun")
     if any(getattr(args, flag, None) for flag in handled_by_hydra):
         return None
-    check_override_keys(args.overrides, spec.schema)
     spec.register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=spec.name):
         cfg = compose(config_name=spec.name, overrides=list(args.overrides), return_hydra_config=True)
-        run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).expanduser().absolute()
+        # os.path.abspath, as Hydra: `a/../b` is b, `~` is not expanded
+        run_dir = Path(os.path.abspath(str(OmegaConf.select(cfg, "hydra.run.dir"))))
         with_hydra = OmegaConf.to_container(cfg, resolve=False)
         with_hydra.pop("hydra", None)
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.schema), with_hydra))
     anchor = run_dir
     while not anchor.exists():
         anchor = anchor.parent
-    return Preflight(run_dir, anchor)
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        raise RunDirError(f"hydra.run.dir={run_dir}: cannot be created ({anchor} is not a writable directory)")
+    return Preflight(run_dir, run_dir.exists(), anchor)
 
 
 # -- errors ----------------------------------------------------------------------------------------
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors a user causes and fixes by changing the command, the data or the files it names."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
+def job_error_types() -> tuple[type[BaseException], ...]:
+    """Errors a user causes and fixes by changing the command, the data or the files it names:
+    the project's typed errors, raised where the bad input is read."""
     from data.corpus import DataError
     from data.prompts import PromptDataError
     from launch.cluster import ClusterResourceError
@@ -154,20 +162,26 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from trainer.sparsity.errors import SparsityConfigError
     from trainer.state_file import StateFileError
 
-    return (UnknownConfigKeyError, HydraException, OmegaConfBaseException, DataError, PromptDataError,
-            ClusterResourceError, LoggerConfigError, RLConfigError, RolloutStartError, ModelConfigError,
-            ChatTemplateError, RolloutConfigError, SamplingConfigError, RewardFunctionError, TaskConfigError,
-            AlgoConfigError, ResumeError, TrainerConfigError, DistillConfigError, SparsityConfigError,
-            StateFileError, FileNotFoundError, NotADirectoryError)
+    return (DataError, PromptDataError, ClusterResourceError, LoggerConfigError, RLConfigError, RolloutStartError,
+            ModelConfigError, ChatTemplateError, RolloutConfigError, SamplingConfigError, RewardFunctionError,
+            TaskConfigError, AlgoConfigError, ResumeError, TrainerConfigError, DistillConfigError, SparsityConfigError,
+            StateFileError)
 
 
-def user_error(exc: BaseException) -> BaseException | None:
-    """The user's error behind `exc` (an error raised inside a Ray actor arrives wrapped), or None
-    when it is a bug."""
-    cause = getattr(exc, "cause", None)
-    for e in (exc, cause):
-        if e is not None and isinstance(e, user_error_types()):
-            return cause if cause is not None and isinstance(cause, user_error_types()) else e
+def command_line_error_types() -> tuple[type[BaseException], ...]:
+    """What the command line itself can be wrong about (checked before the job: preflight)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (UnknownConfigKeyError, RunDirError, HydraException, OmegaConfBaseException)
+
+
+def user_error(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The user's error behind `exc` (one raised inside a Ray actor arrives wrapped, its cause
+    inside), or None when it is a bug."""
+    for candidate in (getattr(exc, "cause", None), exc):
+        if candidate is not None and isinstance(candidate, kinds):
+            return candidate
     return None
 
 
@@ -185,37 +199,41 @@ def show_traceback() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
+
 # -- the run directory -----------------------------------------------------------------------------
 
-SAVED = ("checkpoints", "steps.jsonl", "summary.json", "model.safetensors", "samples.jsonl")
+JOB_FILES = (".hydra", "wandb", "wandb_run_id")  # with <job>.log: what a job writes before it saves anything
 
 
-def holds_saved_work(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() and not _empty_dir(run_dir / name) for name in SAVED)
-
-
-def _empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
-
-
-def remove_unsaved_run_dir(run_dir: Path, anchor: Path | None) -> bool:
-    """Remove a run directory that holds nothing saved, and the empty parents this job created
-    (never `anchor` or above it: they existed before the job). Returns whether it was removed."""
-    run_dir = run_dir.absolute()
-    if anchor is None or run_dir == anchor or anchor not in run_dir.parents or holds_saved_work(run_dir):
+def remove_unsaved_run_dir(run_dir: Path, pre: Preflight | None, log_name: str) -> bool:
+    """After a user error: remove the run directory this job created if it holds only what the
+    job writes before saving anything (its log, Hydra's and wandb's files), then the empty parents
+    the job created (never `pre.anchor` or above). A directory that existed before the job, or
+    holds anything else, stays. Returns whether it was removed."""
+    if pre is None or pre.existed or run_dir != pre.run_dir or not run_dir.is_dir():
         return False
-    shutil.rmtree(run_dir, ignore_errors=True)
+    entries = {p.name for p in run_dir.iterdir()}
+    if not entries <= {*JOB_FILES, log_name}:
+        return False
+    for name in entries:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    run_dir.rmdir()
     parent = run_dir.parent
-    while parent != anchor and anchor in parent.parents and _empty_dir(parent):
+    while parent != pre.anchor and pre.anchor in parent.parents and not any(parent.iterdir()):
         parent.rmdir()
         parent = parent.parent
     return True
 
 
 def resume_command(spec: JobSpec, run_dir: Path, overrides: list[str]) -> str:
+    """The shell command that continues the run (quoted: overrides may hold spaces and brackets)."""
     keep = [o for o in overrides if not o.startswith(("hydra.run.dir=", f"{spec.resume_key}="))]
-    return " ".join(["python", "-m", f"launch.{spec.name}", *keep, f"{spec.resume_key}=auto",
-                     f"hydra.run.dir={run_dir}"])
+    return shlex.join(["python", "-m", f"launch.{spec.name}", *keep, f"{spec.resume_key}=auto",
+                       f"hydra.run.dir={run_dir}"])
 
 
 def interrupted_line(spec: JobSpec, run_dir: Path, overrides: list[str]) -> str:
@@ -229,30 +247,56 @@ def interrupted_line(spec: JobSpec, run_dir: Path, overrides: list[str]) -> str:
 
 # -- the two halves of an entry point ----------------------------------------------------------------
 
+@dataclass
+class _Session:
+    """What `main` settled for `run_job` (Hydra calls the task with the config only)."""
+    preflight: Preflight | None = None
+    failed: bool = False  # a sweep point failed with a user error (the sweep goes on)
+
+
+_session = _Session()
+
+
 def main(spec: JobSpec, hydra_main: Callable[[], Any]) -> None:
-    """`python -m launch.<job>`: check the command line, then let Hydra run `run_job`."""
-    global _preflight
+    """`python -m launch.<job>`: check the command line, pin Hydra to the run directory it
+    settled on, then let Hydra run `run_job`."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        _preflight = preflight(spec, sys.argv[1:])
+        _session.preflight = preflight(spec, sys.argv[1:])
+    except KeyboardInterrupt:
+        print("interrupted before the job started; nothing was saved", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # noqa: BLE001  (classified right below)
-        if user_error(e) is None or show_traceback():
+        err = user_error(e, command_line_error_types() + job_error_types())
+        if err is None or show_traceback():
             raise
-        print(one_line(user_error(e)), file=sys.stderr, flush=True)
+        print(one_line(err), file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
-    hydra_main()
+    if _session.preflight is not None and "'" not in str(_session.preflight.run_dir):
+        # One clock: the run dir the preflight resolved (its ${now:...}) is the one Hydra uses.
+        sys.argv.append(f"hydra.run.dir='{_session.preflight.run_dir}'")
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # before the job began (Hydra's own start-up)
+        print("interrupted before the job started; nothing was saved", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if _session.failed:
+        sys.exit(EXIT_USER_ERROR)
 
 
-def run_job(spec: JobSpec, cfg) -> dict:
+def run_job(spec: JobSpec, cfg) -> dict | None:
     """The body of the Hydra task: the typed config, the console and log file, the job, and what
-    a user error or Ctrl-C turns into."""
+    a user error or Ctrl-C turns into. In a `-m` sweep a point that fails with a user error is
+    reported and the sweep goes on (the command exits 2 at the end)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from launch.console import RunConsole
 
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir).absolute()
+    run_dir = Path(os.path.abspath(hydra_cfg.runtime.output_dir))
     overrides = list(hydra_cfg.overrides.task)
-    anchor = _preflight.anchor if _preflight is not None else None
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
     console = RunConsole(run_dir, f"{spec.name}.log")
     try:
         with console:
@@ -262,7 +306,7 @@ def run_job(spec: JobSpec, cfg) -> dict:
                 console.final(interrupted_line(spec, run_dir, overrides), error=True)
                 raise SystemExit(EXIT_INTERRUPTED) from None
             except Exception as e:  # noqa: BLE001  (classified right below)
-                err = user_error(e)
+                err = user_error(e, job_error_types())
                 if err is None or show_traceback():
                     raise
                 console.final(one_line(err), error=True)
@@ -271,5 +315,8 @@ def run_job(spec: JobSpec, cfg) -> dict:
                 return summary
     finally:
         console.close()
-    remove_unsaved_run_dir(run_dir, anchor)  # a user error: nothing saved, no run dir left behind
+    remove_unsaved_run_dir(run_dir, _session.preflight, f"{spec.name}.log")
+    if sweep:
+        _session.failed = True
+        return None
     sys.exit(EXIT_USER_ERROR)

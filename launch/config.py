@@ -71,6 +71,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
     import torch
 
     from models import build_model
+    from trainer.checkpoint import ResumeError
     from trainer.sparsity import check_sparsity_for_job, module_shapes, validate_sparsity_config
 
     validate_trainer_config(cfg.trainer, cfg.optimizer)
@@ -92,5 +93,5 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
 
     validate_distill_config(cfg.distill, cfg.model, model)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
-        raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint directory (use null, auto or a step_XXXXXXXX path)")
+        raise ResumeError(f"resume={cfg.resume!r}: no such checkpoint directory (use null, auto or a step_XXXXXXXX path)")
     return {name: list(p.shape) for name, p in model.named_parameters()}

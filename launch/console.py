@@ -27,7 +27,9 @@ class _Tee(io.TextIOBase):
         if text:
             self.before_first()
         self.stream.write(text)
-        if "\r" not in text and not self.log.closed:
+        # a progress-bar frame starts with (or is made of) carriage returns; a CRLF line is kept
+        frame = text.startswith("\r") or ("\r" in text and "\n" not in text)
+        if not frame and not self.log.closed:
             self.log.write(ANSI.sub("", text))
         return len(text)
 

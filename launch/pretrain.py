@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from launch.env import set_runtime_defaults
+if __name__ == "__main__":  # Ctrl-C during the imports below (torch, Ray: seconds) exits quietly
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+from launch.env import set_runtime_defaults  # noqa: E402
 
 set_runtime_defaults()
 

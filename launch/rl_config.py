@@ -150,11 +150,13 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
     if cfg.sync.published_dtype != cfg.rollout.dtype:
         raise RLConfigError(f"sync.published_dtype={cfg.sync.published_dtype!r} must equal "
                             f"rollout.dtype={cfg.rollout.dtype!r}: workers receive weights in place")
+    validate_cluster_config(cfg.cluster)  # cluster.trainers >= 1 before it divides anything
+    if cfg.trainer.grad_accum < 1:
+        raise RLConfigError(f"trainer.grad_accum={cfg.trainer.grad_accum}: expected >= 1")
     rows, world = rows_per_step(cfg), cfg.cluster.trainers
     if rows % (world * cfg.trainer.grad_accum):
         raise RLConfigError(f"rollout.prompts_per_step x rollout.samples_per_prompt = {rows} rows do not split "
                             f"over cluster.trainers={world} x trainer.grad_accum={cfg.trainer.grad_accum}")
-    validate_cluster_config(cfg.cluster)
     validate_logger_config(cfg.logger)
     trainer_cfg = derived_trainer_config(cfg)
     validate_trainer_config(trainer_cfg, cfg.optimizer)

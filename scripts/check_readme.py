@@ -26,6 +26,7 @@ command fails.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -92,7 +93,9 @@ def _split_and(tokens: list[str]) -> list[list[str]]:
 
 def classify(line: int, argv: list[str]) -> Command:
     text = shlex.join(argv)
-    python = argv[0] in ("python", ".venv/bin/python")
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):  # `VAR=value python ...`
+        argv = argv[1:]
+    python = argv[0] in ("python", "python3", ".venv/bin/python")
     if python and len(argv) > 2 and argv[1] == "-m" and argv[2] in JOBS:
         return Command(line, text, argv, "job", JOBS[argv[2]], argv[3:])
     if argv[:3] == ["ray", "job", "submit"] and "--" in argv:
@@ -145,11 +148,16 @@ def lowered(job: str, overrides: list[str]) -> list[str]:
     extra = list(RL_LOWER if job == "rl" else PRETRAIN_LOWER)
     if job == "rl" and given.get("rl.eval_every", "0") != "0":
         extra.append("rl.eval_every=2")
-    if int(given.get("rollout.max_new_tokens", "0")) > 8:
+    if _largest(given.get("rollout.max_new_tokens")) > 8:
         extra.append("rollout.max_new_tokens=8")
-    if int(given.get("trainer.seq_len", "0")) > 32:
+    if _largest(given.get("trainer.seq_len")) > 32:
         extra.append("trainer.seq_len=32")
     return extra
+
+
+def _largest(value: str | None) -> int:
+    """The largest integer in an override's value (`128`, a sweep's `64,128`); 0 when none."""
+    return max((int(v) for v in re.findall(r"\d+", value or "")), default=0)
 
 
 def job_argv(cmd: Command, s: Standins) -> tuple[list[str], Path | None]:
@@ -157,7 +165,7 @@ def job_argv(cmd: Command, s: Standins) -> tuple[list[str], Path | None]:
     overrides = substitute(cmd.overrides, s)
     if cmd.kind == "cluster":
         overrides = [("cluster.trainers=2" if o == "cluster.trainers=8" else o) for o in overrides]
-    sweep = "-m" in overrides
+    sweep = bool({"-m", "--multirun"} & set(overrides))
     run_dir = None
     if sweep:
         overrides.append(f"hydra.sweep.dir={s.next_run_dir()}")
@@ -208,15 +216,16 @@ def compose_all(commands: list[Command]) -> list[tuple[Command, str | None]]:
 def sweep_points(args: list[str]) -> list[list[str]]:
     """A `-m` sweep's command line as one command line per swept value (`k=a,b` -> `k=a`, `k=b`);
     a plain command line as itself."""
-    if "-m" not in args:
+    if not {"-m", "--multirun"} & set(args):
         return [args]
-    args = [a for a in args if a != "-m"]
-    points = []
-    for i, a in enumerate(args):
+    choices = []
+    for a in args:
+        if a in ("-m", "--multirun"):
+            continue
         key, _, value = a.partition("=")
-        if "," in value and not value.startswith(("[", "{", "'", '"')):
-            points += [[*args[:i], f"{key}={v}", *args[i + 1:]] for v in value.split(",")]
-    return points or [args]
+        swept = "," in value and not value.startswith(("[", "{", "'", '"'))
+        choices.append([f"{key}={v}" for v in value.split(",")] if swept else [a])
+    return [list(point) for point in itertools.product(*choices)]
 
 
 def run_all(commands: list[Command], work: Path, cluster: bool, timeout_s: float) -> list[dict]:
@@ -241,7 +250,11 @@ def run_all(commands: list[Command], work: Path, cluster: bool, timeout_s: float
             if cmd.kind == "cluster":
                 argv = ["ray", "job", "submit", "--working-dir", ".", "--", "python", *argv[1:], "cluster.address=auto"]
         started = time.time()
-        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        try:
+            proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            proc = subprocess.CompletedProcess(argv, 124, out, f"timed out after {timeout_s:.0f} s")
         if cmd.job == "rl" and s.first_rl_run is None and run_dir is not None:
             s.first_rl_run = run_dir
         results.append({"line": cmd.line, "command": cmd.text, "ran": shlex.join(argv), "rc": proc.returncode,

@@ -27,6 +27,8 @@ def test_lowering_only_shortens_and_a_sweep_is_checked_point_by_point():
     assert lowered("rl", ["rl.eval_every=50", "rollout.max_new_tokens=128"]) == [
         "rl.steps=3", "rl.sft_warmup_steps=2", "rl.eval_every=2", "rollout.max_new_tokens=8"]
     assert sweep_points(["-m", "sparsity=dense,nm", "x=1"]) == [["sparsity=dense", "x=1"], ["sparsity=nm", "x=1"]]
+    assert sweep_points(["--multirun", "a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
+    assert lowered("rl", ["rollout.max_new_tokens=8,16"])[-1] == "rollout.max_new_tokens=8"
 
 
 def test_every_job_command_in_the_readme_composes():

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from launch.cli import (
-    UnknownConfigKeyError, check_override_keys, one_line, remove_unsaved_run_dir, schema_keys, user_error,
+    Preflight, UnknownConfigKeyError, check_override_keys, job_error_types, one_line, remove_unsaved_run_dir, schema_keys,
+    user_error,
 )
 from launch.config import PretrainConfig
 from launch.rl_config import RLJobConfig
@@ -26,7 +27,7 @@ TINY_RL = ["model=gpt_tiny", "model.block_size=32", "rollout.prompts_per_step=4"
            "rollout.workers=1", "sync.verify_every=0"]
 
 
-def run_cli(job: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(job: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"launch.{job}", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
@@ -35,6 +36,11 @@ def run_cli(job: str, *args: str, timeout: float = 300) -> subprocess.CompletedP
 def test_a_misspelled_key_is_refused_with_or_without_plus_naming_the_real_one(override):
     with pytest.raises(UnknownConfigKeyError, match=r"rl\.step\b.*did you mean rl\.steps\?"):
         check_override_keys([override], RLJobConfig)
+
+
+def test_a_key_that_only_starts_like_hydra_is_not_hydra_s():
+    with pytest.raises(UnknownConfigKeyError):
+        check_override_keys(["hydrax.foo=1"], RLJobConfig)
 
 
 @pytest.mark.parametrize("override", ["rl.steps=3", "model=hf", "sparsity=nm", "hydra.run.dir=/x", "+rl.resume=auto",
@@ -67,28 +73,50 @@ def test_one_line_flattens_the_message_and_keeps_a_composition_error_s_cause():
 
 
 def test_an_error_raised_in_an_actor_is_classified_by_its_cause_and_a_bug_is_not_a_user_error():
+    from omegaconf.errors import ConfigAttributeError
     from ray.exceptions import RayTaskError
 
     from rollout.rewards import RewardFunctionError
 
     wrapped = RayTaskError("score", "remote traceback...", RewardFunctionError("reward fn 'score' returned 3 values for 4 rows"))
-    assert isinstance(user_error(wrapped), RewardFunctionError)
-    assert user_error(KeyError("bug")) is None and user_error(ZeroDivisionError()) is None
+    assert isinstance(user_error(wrapped, job_error_types()), RewardFunctionError)
+    for bug in (KeyError("bug"), ZeroDivisionError(), FileNotFoundError("/internal"), ConfigAttributeError("x")):
+        assert user_error(bug, job_error_types()) is None, bug  # inside the job these are bugs: traceback
 
 
-def test_an_unsaved_run_dir_goes_with_the_parents_the_job_created_and_a_saved_one_stays(tmp_path):
+def test_an_unsaved_run_dir_goes_with_the_parents_the_job_created_and_nothing_else(tmp_path):
     anchor = tmp_path / "runs"
     anchor.mkdir()
     fresh = anchor / "2026-12-03" / "15-00-00"
-    (fresh / "wandb").mkdir(parents=True)
+    pre = Preflight(fresh, existed=False, anchor=anchor)
+    (fresh / "wandb" / "offline-run-x").mkdir(parents=True)
+    (fresh / ".hydra").mkdir()
     (fresh / "rl.log").write_text("run dir: ...\n")
-    assert remove_unsaved_run_dir(fresh, anchor)
+    assert remove_unsaved_run_dir(fresh, pre, "rl.log")
     assert anchor.exists() and not (anchor / "2026-12-03").exists()
 
     saved = anchor / "kept"
     (saved / "checkpoints" / "step_00000003").mkdir(parents=True)
-    assert not remove_unsaved_run_dir(saved, anchor) and saved.exists()
-    assert not remove_unsaved_run_dir(anchor, anchor) and anchor.exists()  # never the directory that existed
+    assert not remove_unsaved_run_dir(saved, Preflight(saved, False, anchor), "rl.log") and saved.exists()
+    existing = anchor / "resumed"
+    existing.mkdir()
+    (existing / "rl.log").write_text("")
+    assert not remove_unsaved_run_dir(existing, Preflight(existing, True, anchor), "rl.log") and existing.exists()
+    other = anchor / "other"  # a directory Hydra used that is not the one the preflight settled on
+    other.mkdir()
+    assert not remove_unsaved_run_dir(other, Preflight(anchor / "elsewhere", False, anchor), "rl.log")
+    assert other.exists()
+
+
+def test_cli_a_refused_job_never_removes_a_directory_that_existed(tmp_path):
+    """`nonexist/..` resolves to an existing directory: it must survive the job's refusal."""
+    important = tmp_path / "important"
+    important.mkdir()
+    (important / "keep.txt").write_text("precious")
+    out = run_cli("rl", "task=dataset", "task.path=missing.parquet",
+                  f"hydra.run.dir={tmp_path}/nonexist/../important", timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (important / "keep.txt").read_text() == "precious"
 
 
 @pytest.mark.parametrize("override", ["+rl.step=10", "rl.step=10"])

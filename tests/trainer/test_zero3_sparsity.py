@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from near_ties import assert_same_nm_masks_up_to_near_ties
 from zero3_ranks import reference_run, run_two_ranks
 
 from trainer.distributed import free_port
@@ -59,10 +60,22 @@ def check_pattern(case: dict, ranks: list[dict]) -> None:
 
 def check_matches_one_rank(case: dict, ranks: list[dict]) -> None:
     reference = reference_run(case, free_port())
+    agree = {}
     for name, layer in ranks[0]["sparsity"]["layers"].items():
-        assert torch.equal(layer["mask"], reference["sparsity"]["layers"][name]["mask"]), f"{name}: mask differs from one rank's"
+        ref_mask, master = reference["sparsity"]["layers"][name]["mask"], ranks[0]["masters"][name]
+        if case["sparsity"]["method"] == "nm":
+            # The ranks sum their gradients in another order than one rank does, so the masters differ by
+            # some d (within the tolerance): the last masks, chosen from them, may swap two weights within 2d.
+            torch.testing.assert_close(master, reference["masters"][name], atol=1e-5, rtol=1e-4)
+            d = float((master - reference["masters"][name]).abs().max())
+            n, m = layer["extra"]["current"]
+            assert_same_nm_masks_up_to_near_ties(layer["mask"], ref_mask, master, n, m, 1, tie=2 * d)
+        else:  # (RigL grows by |gradient|, which the ranks do not record: no near-tie to check a flip against)
+            assert torch.equal(layer["mask"], ref_mask), f"{name}: mask differs from one rank's"
+        agree[name] = layer["mask"] == ref_mask
     for name, value in reference["published"].items():
-        torch.testing.assert_close(ranks[0]["published"][name], value, atol=1e-5, rtol=1e-4)
+        where = agree.get(name, torch.ones_like(value, dtype=torch.bool))  # a flipped weight is 0 in one of them
+        torch.testing.assert_close(ranks[0]["published"][name][where], value[where], atol=1e-5, rtol=1e-4)
     losses = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     assert losses == pytest.approx(reference["losses"], rel=1e-5)
 

@@ -175,5 +175,6 @@ def reference_run(case: dict, port: int) -> dict:
     calling process."""
     worker = make_worker(case, 0, 1, 1, port, micro=2 * MICRO, cls=TrainerWorker)
     losses = [worker.train_step(global_batch(step))["loss"] for step in range(case["steps"])]
-    return {"losses": losses, "sparsity": worker.sparsifier.state_dict(),
+    masters = {n: worker.param_access.get(n).detach().float().clone() for n in worker.sparsifier.layers}
+    return {"losses": losses, "sparsity": worker.sparsifier.state_dict(), "masters": masters,
             "published": worker.published_state("float32")}

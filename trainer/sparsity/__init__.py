@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from trainer.sparsity.base import ParamAccess, Sparsifier, TorchParamAccess
 from trainer.sparsity.config import (
-    DISTRIBUTIONS, DROP_SCHEDULES, ESTIMATORS, GRADIENT_FLOWS, INIT_SCALES, INITS, METHODS, SDGF_SCHEDULES,
+    BACKWARD_MODES, DISTRIBUTIONS, DROP_SCHEDULES, ESTIMATORS, GRADIENT_FLOWS, INIT_SCALES, INITS, METHODS, SDGF_SCHEDULES,
     SR_STE_FORMS, SparsityConfig, effective_distribution, effective_estimator, effective_init, sr_ste_decay,
 )
 from trainer.sparsity.dense import DenseSparsifier
@@ -84,14 +84,29 @@ def validate_sparsity_config(
     _choice(cfg.sr_ste_form, SR_STE_FORMS, "sr_ste_form")
     _choice(cfg.drop_schedule, DROP_SCHEDULES, "drop_schedule")
     _choice(cfg.init_scale, INIT_SCALES, "init_scale")
+    _choice(cfg.backward, BACKWARD_MODES, "backward")
+    if cfg.backward != "exact" and cfg.method != "nm":
+        raise SparsityConfigError(
+            f"sparsity.backward={cfg.backward!r} applies to method=nm only (this run: method={cfg.method!r}); "
+            f"leave it at 'exact'"
+        )
     if cfg.method == "dense":
         return
-    for key in ("mask_interval", "update_interval", "prune_interval"):
+    for key in ("mask_interval", "update_interval", "prune_interval", "backward_permutation_interval"):
         if int(getattr(cfg, key)) < 1:
             raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected an integer >= 1")
     for key in ("sr_ste_lambda", "decay_coef", "erk_power_scale"):
         if getattr(cfg, key) < 0:
             raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected a value >= 0")
+    if int(cfg.backward_permutations) < 0:
+        raise SparsityConfigError(
+            f"sparsity.backward_permutations={cfg.backward_permutations!r}; expected an integer >= 0"
+        )
+    if cfg.backward != "exact" and cfg.gradient_flow != "none":
+        raise SparsityConfigError(
+            f"sparsity.backward={cfg.backward!r} with gradient_flow={cfg.gradient_flow!r}: the backward-pass "
+            f"N:M methods are defined for plain N:M (STE/SR-STE); use gradient_flow=none or backward=exact"
+        )
     if cfg.sr_ste_lambda >= 1:
         raise SparsityConfigError(f"sparsity.sr_ste_lambda={cfg.sr_ste_lambda!r}; expected a value in [0, 1) "
                                   f"(the paper's is 2e-4)")
@@ -132,6 +147,14 @@ def validate_sparsity_config(
             n, m = override.get("n", cfg.n), override.get("m", cfg.m)
             where = f"layer {name}" + (" (sparsity.overrides)" if override else "")
             _check_nm(n, m, where, in_features)
+            out_features = shapes[name][0]
+            if cfg.backward != "exact" and out_features % m:
+                what = ("M x M blocks (N per row and column)" if cfg.backward == "transposable"
+                        else "groups of M along the output dimension")
+                raise SparsityConfigError(
+                    f"{where}: sparsity.backward={cfg.backward} needs {what}, but M={m} does not divide "
+                    f"the layer's output dimension {out_features} (weight {out_features}x{in_features})"
+                )
             if cfg.gradient_flow == "sdgf":
                 stages = sdgf_stages(n, m, cfg.sdgf_schedule, cfg.sdgf_stages)
                 if not stages:

@@ -16,6 +16,7 @@ DROP_SCHEDULES = ("cosine", "constant")
 INIT_SCALES = ("none", "fan_in")
 GRADIENT_FLOWS = ("none", "mdgf_linear", "mdgf_exp", "sdgf")
 SDGF_SCHEDULES = ("sparsify", "densify", "fine", "custom")
+BACKWARD_MODES = ("exact", "bidirectional", "transposable")
 DISTRIBUTIONS = ("auto", "erk", "uniform")
 INITS = ("auto", "random", "magnitude")
 STATIC_INITS = INITS  # the name older code imports
@@ -60,6 +61,12 @@ class SparsityConfig:
     sr_ste_decay: float | None = SR_STE_DECAY
     sr_ste_lambda: float = 2e-4  # the paper's lambda_W (coupled form)
     mask_interval: int = 1  # recompute the N:M mask from the dense weights every this many steps
+    # N:M in the backward pass (trainer/sparsity/nm_backward.py): exact (autograd through the
+    # forward-masked weight) | bidirectional (Bi-Mask: the input gradient through a second N:M
+    # mask along the output dim) | transposable (Hubara et al.: one mask N:M along both dims)
+    backward: str = "exact"
+    backward_permutations: int = 10  # bidirectional: random output-dim permutations tried (Bi-Mask greedy_num)
+    backward_permutation_interval: int = 100  # bidirectional: steps between permutation searches (Bi-Mask iter)
 
     # --- progressive gradient flow (Bambhaniya et al. 2024), N:M only ---
     gradient_flow: str = "none"  # none | mdgf_linear | mdgf_exp | sdgf

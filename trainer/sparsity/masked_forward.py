@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from trainer.sparsity.layers import ModuleKind
 
@@ -32,6 +33,9 @@ class SparseLayer:
     sr_ste_lambda: float = 0.0  # SR-STE: adds lambda * (1 - mask) * W to the gradient
     capture_dense_grad: bool = False  # RigL update step: keep dL/d(W_eff) of the whole matrix
     dense_grad: torch.Tensor | None = None
+    # bool, shape as stored: N:M in backward (bidirectional) runs the input gradient through
+    # W * backward_mask instead of W * mask; None: plain autograd (exact, transposable)
+    backward_mask: torch.Tensor | None = None
     # mask history, for SAD and the ever-flipped fraction
     initial_mask: torch.Tensor | None = None
     ever_flipped: torch.Tensor | None = None
@@ -96,6 +100,37 @@ class MaskedWeight(torch.autograd.Function):
         return grad, None, None, None
 
 
+class InputGradMasked(torch.autograd.Function):
+    """y = x W_f^T + b (Linear, input_dim 1) or x W_f + b (Conv1D, input_dim 0), where W_f is the
+    forward-masked weight (from MaskedWeight, whose backward applies STE/SR-STE to dL/dW_f).
+    Backward: dL/dx through `backward_weight` (W . M_b), dL/dW_f = g^T x dense, dL/db = sum g."""
+
+    @staticmethod
+    def forward(ctx, x, forward_weight, bias, backward_weight, input_dim: int):
+        ctx.input_dim = input_dim
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, backward_weight)
+        if input_dim == 1:
+            return F.linear(x, forward_weight, bias)
+        out = x @ forward_weight
+        return out if bias is None else out + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, backward_weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w = backward_weight if ctx.input_dim == 1 else backward_weight.t()  # [out, in]
+            grad_x = (g2 @ w.to(g2.dtype)).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = g2.t() @ x2 if ctx.input_dim == 1 else x2.t() @ g2
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(dim=0)
+        return grad_x, grad_w, grad_b, None, None
+
+
 def _masked_module_forward(module: nn.Module, layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     if layer.mask is not None:
@@ -103,6 +138,10 @@ def _masked_module_forward(module: nn.Module, layer: SparseLayer, x: torch.Tenso
             layer.mask = layer.mask.to(weight.device)
         beta = layer.beta if module.training else 0.0  # eval sees the hard mask, as published
         weight = MaskedWeight.apply(weight, layer.mask, layer, beta)
+        if layer.backward_mask is not None and torch.is_grad_enabled():
+            # bidirectional N:M: the input gradient runs through W . M_b, not through W . M_f
+            backward_weight = module.weight.detach() * layer.backward_mask.to(weight.device)
+            return InputGradMasked.apply(x, weight, module.bias, backward_weight, layer.input_dim)
     return layer.kind.forward(module, x, weight)
 
 

@@ -33,6 +33,8 @@ class SparseLayer:
     sr_ste_lambda: float = 0.0  # SR-STE: adds lambda * (1 - mask) * W to the gradient
     capture_dense_grad: bool = False  # RigL update step: keep dL/d(W_eff) of the whole matrix
     dense_grad: torch.Tensor | None = None
+    capture_mask_grad: bool = False  # SCL: keep dL/dM = dL/d(W_eff) * W, summed over micro-batches
+    mask_grad: torch.Tensor | None = None
     # bool, shape as stored: N:M in backward (bidirectional) runs the input gradient through
     # W * backward_mask instead of W * mask; None: plain autograd (exact, transposable)
     backward_mask: torch.Tensor | None = None
@@ -72,6 +74,10 @@ class SparseLayer:
         g = grad.detach().float()
         self.dense_grad = g.clone() if self.dense_grad is None else self.dense_grad.add_(g)
 
+    def add_mask_grad(self, grad: torch.Tensor, weight: torch.Tensor) -> None:
+        g = grad.detach().float() * weight.detach().float()
+        self.mask_grad = g if self.mask_grad is None else self.mask_grad.add_(g)
+
 
 class MaskedWeight(torch.autograd.Function):
     """forward: W * mask, or W * (mask + (1 - mask) * beta); backward: see SparseLayer flags."""
@@ -81,7 +87,8 @@ class MaskedWeight(torch.autograd.Function):
         ctx.layer = layer
         ctx.mask_gradient = layer.mask_gradient
         ctx.sr_ste_lambda = layer.sr_ste_lambda
-        ctx.save_for_backward(weight if layer.sr_ste_lambda else None, mask)
+        ctx.capture_mask_grad = layer.capture_mask_grad
+        ctx.save_for_backward(weight if layer.sr_ste_lambda or layer.capture_mask_grad else None, mask)
         if beta:
             return torch.where(mask, weight, weight * beta)
         return weight * mask
@@ -92,6 +99,8 @@ class MaskedWeight(torch.autograd.Function):
         layer: SparseLayer = ctx.layer
         if layer.capture_dense_grad:
             layer.add_dense_grad(grad)
+        if ctx.capture_mask_grad:  # W_eff = W * M, so dL/dM = dL/dW_eff * W (before any masking)
+            layer.add_mask_grad(grad, weight)
         if ctx.mask_gradient:
             grad = grad * mask
         # STE: the gradient of the sparse weights goes straight to all of W (no multiply by mask).

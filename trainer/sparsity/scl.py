@@ -27,8 +27,8 @@ Forward uses W_eff. Backward, with g = dL/dW_eff:
 - Update (choice: plain SGD on the mask variables, their own lr, outside the model's optimizer,
   so DeepSpeed, checkpoints of the weights and exports see the same parameters as without SCL):
       m <- m - sparsity.scl_mask_lr * (ghat + lambda_t)
-  with dL/dm averaged over micro-batches and data-parallel ranks (an all-reduce), so every rank
-  holds the same m and the same masks.
+  with dL/dm summed over micro-batches and averaged over data-parallel ranks (an all-reduce), so
+  every rank holds the same m and the same masks.
 - Start (choice; the paper does not say): m_0 = +sparsity.scl_mask_init everywhere (dense), so
   which connections go is decided by the mask gradients alone, not by a magnitude prior. From
   pretrained weights (model=hf, resume) a weight that is exactly 0 starts pruned
@@ -155,7 +155,9 @@ class SCLSparsifier(Sparsifier):
                     f"before the forward/backward of every step"
                 )
             score = self.scores[layer.name]
-            grad = _all_reduce_mean(layer.mask_grad.to(score.device)) / max(1, self.micro_batches)
+            # summed over micro-batches, averaged over ranks; its scale does not matter: the
+            # per-feature normalisation divides it out
+            grad = _all_reduce_mean(layer.mask_grad.to(score.device))
             score.sub_(lr * (normalise_per_feature(grad, layer.input_dim) + self.coefficient))
             layer.mask_grad = None
             layer.record_mask((score > 0).to(layer.module.weight.device))

@@ -5,7 +5,7 @@ against the model (built on the meta device: no memory, no weights), all before 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -15,6 +15,9 @@ from data.config import DataConfig
 from launch.cluster import ClusterConfig, validate_cluster_config
 from launch.loggers import LoggerConfig, validate_logger_config
 from models import ModelConfig
+from models.sparse_ift import (
+    SPARSE_IFT_METHODS, SparseIFTConfig, SparseIFTConfigError, sparse_module_patterns, validate_sparse_ift,
+)
 from trainer.config import OptimizerConfig, TrainerConfig, TrainerConfigError, validate_trainer_config
 from trainer.distill import DistillConfig
 from trainer.sparsity.config import SparsityConfig
@@ -26,6 +29,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    # Sparse Iso-FLOP transformation of the model (models/sparse_ift.py): `sparse_ift=wide
+    # sparse_ift.sparsity=0.75`; its sparse parts are trained by sparsity=rigl|static
+    sparse_ift: SparseIFTConfig = field(default_factory=SparseIFTConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)  # sparse fine-tuning from the dense model
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -57,12 +63,48 @@ def compose_job_config(config_name: str, overrides: list[str] | None = None):
 
 
 def to_pretrain_config(cfg: DictConfig | PretrainConfig) -> PretrainConfig:
-    return to_typed_config(cfg, PretrainConfig)
+    return resolve_sparse_ift(to_typed_config(cfg, PretrainConfig))
 
 
 def compose_pretrain_config(overrides: list[str] | None = None) -> PretrainConfig:
     register_configs()
-    return compose_job_config("pretrain", overrides)
+    return resolve_sparse_ift(compose_job_config("pretrain", overrides))
+
+
+def resolve_sparse_ift(cfg: PretrainConfig) -> PretrainConfig:
+    """The job with its `sparse_ift` group applied: the model is built transformed
+    (model.sparse_ift*), and the sparsity method trains exactly its sparse parts at density
+    1 - sparse_ift.sparsity, uniform across them (sparsity.density, distribution and include are
+    set here, as the reference trains them). Refuses what cannot work: an unknown kind, s outside
+    (0, 1), a method other than rigl/static, model=hf, sparsity.overrides/exclude (the
+    transformation decides which layers are sparse). Idempotent."""
+    ift = cfg.sparse_ift
+    validate_sparse_ift(ift)
+    if ift.kind == "none":
+        if cfg.model.sparse_ift != "none":
+            raise SparseIFTConfigError(
+                f"model.sparse_ift={cfg.model.sparse_ift!r} is set from the top-level group; use sparse_ift=<kind>"
+            )
+        return cfg
+    if cfg.model.kind != "gpt":
+        raise SparseIFTConfigError(
+            f"sparse_ift={ift.kind} is built for the built-in GPT (model.kind=gpt) only in this build; "
+            f"this job has model.kind={cfg.model.kind!r}"
+        )
+    if cfg.sparsity.method not in SPARSE_IFT_METHODS:
+        raise SparseIFTConfigError(
+            f"sparse_ift={ift.kind} trains its sparse parts with sparsity=rigl or sparsity=static (as the "
+            f"reference); this job has sparsity.method={cfg.sparsity.method!r}"
+        )
+    if cfg.sparsity.overrides or cfg.sparsity.exclude:
+        raise SparseIFTConfigError(
+            f"sparse_ift={ift.kind} decides which layers are sparse (uniformly at 1 - sparse_ift.sparsity); "
+            f"remove sparsity.overrides / sparsity.exclude"
+        )
+    model = replace(cfg.model, sparse_ift=ift.kind, sparse_ift_sparsity=float(ift.sparsity))
+    sparsity = replace(cfg.sparsity, density=1.0 - float(ift.sparsity), distribution="uniform",
+                       include=sparse_module_patterns(ift.kind))
+    return replace(cfg, model=model, sparsity=sparsity)
 
 
 def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:

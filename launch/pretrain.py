@@ -94,6 +94,8 @@ def plan_run(cfg: PretrainConfig, run_dir: Path) -> RunPlan:
     fingerprint = {"world_size": world, "zero_stage": tc.zero_stage, "precision": tc.precision,
                    "sparsity_method": cfg.sparsity.method, "param_shapes": param_shapes,
                    "seq_len": tc.seq_len, "max_steps": tc.max_steps}
+    if cfg.sparse_ift.kind != "none":  # a different transformation is refused (shapes alone may agree)
+        fingerprint["sparse_ift"] = {"kind": cfg.sparse_ift.kind, "sparsity": float(cfg.sparse_ift.sparsity)}
     resume_from = ckpt.find_resume_checkpoint(cfg.resume, run_dir / "checkpoints")
     start_step = 0 if resume_from is None else ckpt.validate_checkpoint(resume_from, fingerprint)["step"]
     return RunPlan(cfg, run_dir, sampler, [[{"tokens": b} for b in eval_sets[r::world]] for r in range(world)],
@@ -125,6 +127,7 @@ def train(group, plan: RunPlan, state: dict, logger) -> None:
         if "tokens_per_s" in metrics:  # objectives without a token count (RL) have none
             state["tokens_per_s"].append(metrics["tokens_per_s"])
         state["sparsity"] = {k: v for k, v in metrics.items() if k.startswith("sparsity/") and k.count("/") == 1}
+        state["layer_densities"] = {k[len(LAYER_DENSITY):]: v for k, v in metrics.items() if k.startswith(LAYER_DENSITY)}
         last = step == tc.max_steps
         if step % tc.log_every == 0 or last:
             logger.log(train_log(metrics), step)
@@ -159,12 +162,31 @@ def finish(group, plan: RunPlan, state: dict, logger, wall_s: float) -> dict:
         "checkpoint": str(ckpt.latest_checkpoint(plan.checkpoint_root)),
         "export": str(plan.run_dir / "model.safetensors") if plan.cfg.export else None,
         "wall_s": wall_s, "data": plan.data_description, **state["sparsity"],
+        **model_cost(plan.cfg, state.get("layer_densities") or {}),
     }
     logger.summary(summary)
     from launch.curves import PRETRAIN_PANELS
 
     logger.plot(PRETRAIN_PANELS)
     return summary
+
+
+LAYER_DENSITY = "sparsity/density/"  # per-layer metric prefix: sparsity/density/<parameter name>
+
+
+def model_cost(cfg: PretrainConfig, layer_densities: dict[str, float]) -> dict:
+    """model.flops_per_token (every matmul a token costs, block linears at their final nonzero
+    fraction; models/flops.py) and model.params_total, from the model built on the meta device."""
+    import torch
+
+    from models import build_model
+    from models.flops import flops_per_token, params_total
+
+    with torch.device("meta"):
+        model, _ = build_model(cfg.model)
+    return {"model.flops_per_token": flops_per_token(model, cfg.trainer.seq_len, layer_densities),
+            "model.params_total": params_total(model), "sparse_ift": cfg.sparse_ift.kind,
+            "sparse_ift.sparsity": cfg.sparse_ift.sparsity if cfg.sparse_ift.kind != "none" else None}
 
 
 def train_log(metrics: dict) -> dict:

@@ -130,6 +130,9 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
         raise RLConfigError(f"rl.eval_samples={rl.eval_samples}: expected >= 1 (k of pass@k)")
     if rl.export_dtype not in ("published", "float32"):
         raise RLConfigError(f"rl.export_dtype={rl.export_dtype!r}: expected published or float32")
+    if cfg.model.sparse_ift != "none":
+        raise RLConfigError(f"model.sparse_ift={cfg.model.sparse_ift!r}: Sparse-IFT transforms a model for pretraining "
+                            f"(launch.pretrain sparse_ift=...); RL fine-tunes the model as it is")
     validate_rollout_config(cfg.rollout)
     if cfg.rollout.engine == "vllm":
         if cfg.model.kind != "hf":

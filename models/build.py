@@ -22,10 +22,15 @@ def build_model(cfg: ModelConfig):
         gpt_cfg = GPTConfig(
             vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-            tie_embeddings=cfg.tie_embeddings,
+            tie_embeddings=cfg.tie_embeddings, sparse_ift=cfg.sparse_ift, sparse_ift_sparsity=cfg.sparse_ift_sparsity,
         )
         return GPT(gpt_cfg), tok
     if cfg.kind == "hf":
+        if cfg.sparse_ift != "none":
+            raise ModelConfigError(
+                f"sparse_ift={cfg.sparse_ift!r} is built for model.kind=gpt only in this build; "
+                f"model=hf (Llama from scratch) is not transformed yet"
+            )
         try:
             from models.hf import load_hf_model
         except ImportError as e:  # pragma: no cover - until models/hf.py lands

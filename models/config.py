@@ -17,6 +17,10 @@ class ModelConfig:
     dropout: float = 0.0  # kind=hf too: sets every *dropout/*pdrop of its config.json
     bias: bool = True
     tie_embeddings: bool = True
+    # Sparse-IFT (models/sparse_ift.py): filled from the job's top-level `sparse_ift` group by
+    # launch/config.py (resolve_sparse_ift); set that group, not these
+    sparse_ift: str = "none"
+    sparse_ift_sparsity: float = 0.0
     # Hugging Face
     path: str | None = None
     dtype: str = "float32"  # dtype the trainer's master weights start in

@@ -20,6 +20,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.sparse_ift import FactorizedLinear, block_linear, wide_mlp_hidden
+
+
+def _feeds_residual(name: str) -> bool:
+    """A weight whose output is added to the residual stream: c_proj's, or under Sparse-IFT the
+    c_proj parts that produce its output (each parallel branch, factorized v, doped sparse and
+    lowrank_v)."""
+    if not name.endswith(".weight") or ".c_proj" not in name:
+        return False
+    part = name[name.index(".c_proj") + len(".c_proj"):-len(".weight")]
+    return part == "" or part.startswith(".branches.") or part in (".v", ".sparse", ".lowrank_v")
+
 
 @dataclass
 class GPTConfig:
@@ -31,6 +43,21 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_embeddings: bool = True
+    # Sparse Iso-FLOP transformation of the block linears (models/sparse_ift.py)
+    sparse_ift: str = "none"  # none | wide | parallel | factorized | doped
+    sparse_ift_sparsity: float = 0.0
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's inner width: 4 n_embd, widened k-fold under sparse_ift=wide."""
+        if self.sparse_ift == "wide":
+            return wide_mlp_hidden(self.n_embd, self.sparse_ift_sparsity)
+        return 4 * self.n_embd
+
+    def linear(self, d_in: int, d_out: int, mlp: bool) -> nn.Module:
+        """A block linear; `wide` transforms only the MLP's (see models/sparse_ift.py)."""
+        transformed = mlp or self.sparse_ift != "wide"
+        return block_linear(self.sparse_ift, self.sparse_ift_sparsity, d_in, d_out, self.bias, transformed)
 
 
 @dataclass
@@ -45,8 +72,8 @@ class CausalSelfAttention(nn.Module):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
         self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = cfg.linear(cfg.n_embd, 3 * cfg.n_embd, mlp=False)
+        self.c_proj = cfg.linear(cfg.n_embd, cfg.n_embd, mlp=False)
         self.dropout = cfg.dropout
 
     def forward(self, x, attn_bias, past_kv):
@@ -66,8 +93,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = cfg.linear(cfg.n_embd, cfg.mlp_hidden, mlp=True)
+        self.c_proj = cfg.linear(cfg.mlp_hidden, cfg.n_embd, mlp=True)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -102,8 +129,18 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
+        for module in self.modules():  # Sparse-IFT factorized: V U starts with the dense init's scale
+            if isinstance(module, FactorizedLinear):
+                std = math.sqrt(0.02 / math.sqrt(module.u.out_features))
+                nn.init.normal_(module.u.weight, mean=0.0, std=std)
+                nn.init.normal_(module.v.weight, mean=0.0, std=std)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
-            if name.endswith("c_proj.weight"):
+            if not _feeds_residual(name):
+                continue
+            if name.endswith(".c_proj.v.weight"):  # factorized: scale V, so V U scales like c_proj
+                with torch.no_grad():
+                    p.mul_(1.0 / math.sqrt(2 * cfg.n_layer))
+            else:
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod

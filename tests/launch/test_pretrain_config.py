@@ -47,6 +47,8 @@ def test_unknown_keys_options_and_types_are_rejected_at_load(overrides, error, m
     (["trainer.precision=fp16"], TrainerConfigError, "trainer.precision='fp16'"),
     (["trainer.seq_len=512"], TrainerConfigError, "exceeds the model's context of 256"),
     (["sparsity=nm", "sparsity.m=3"], SparsityConfigError, "M=3"),
+    (["sparsity=rigl", "sparsity.backward=transposable"], SparsityConfigError, "sparsity.backward='transposable' applies to method=nm only"),
+    (["sparsity=scl", "sparsity.end_fraction=0.95"], SparsityConfigError, "SCL density target cannot be reached"),
     (["cluster.trainers=0"], ClusterResourceError, "cluster.trainers=0"),
     (["model.kind=llama"], ModelConfigError, "model.kind='llama'"),
     (["trainer.device=cuda"], TrainerConfigError, "cluster.gpus_per_trainer=1"),

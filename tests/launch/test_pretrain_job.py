@@ -50,6 +50,11 @@ def test_cli_end_to_end_sparse_two_ranks(tmp_path):
     assert summary["steps"] == 8 and summary["world_size"] == 2 and summary["sparsity_method"] == "nm"
     assert summary["eval/loss_final"] < summary["eval/loss_first"] - 0.5
     assert summary["sparsity/density"] == pytest.approx(0.5)
+    # gpt_tiny (d 64, 2 layers, vocab 259), window 32: block linears 12 d^2 at 2:4, attention scores
+    # 2 d (32 + 1) / 2 per layer, head d * vocab; 2 FLOPs per multiply-add
+    d = 64
+    assert summary["model.flops_per_token"] == 2 * (2 * (12 * d * d * 0.5 + 2 * d * 33 / 2) + d * 259)
+    assert summary["model.params_total"] == sum(v.numel() for v in load_file(str(tmp_path / "model.safetensors")).values())
     state = load_file(str(tmp_path / "model.safetensors"))
     linears = [n for n in state if n.startswith("h.") and state[n].dim() == 2]
     assert len(linears) == 8

@@ -41,6 +41,7 @@ def test_default_demo_config_composes_and_validates():
     (["algo.name=a2c"], Exception, "algo.name='a2c'"),
     (["rollout.max_new_tokens=40"], RLConfigError, "model.block_size"),
     (["task=sort", "task.length=30"], RLConfigError, "model.block_size"),
+    (["model.sparse_ift=wide", "model.sparse_ift_sparsity=0.75"], RLConfigError, "model.sparse_ift='wide'"),
 ])
 def test_bad_input_is_named(overrides, error, needle):
     with pytest.raises(error) as e:

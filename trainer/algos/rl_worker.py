@@ -63,6 +63,8 @@ class RLTrainerWorker(TrainerWorker):
         reference of a resumed run is the resumed policy.)"""
         self.objective, self.opt_cfg = self.algo, self.rl_opt
         self.rl_start_step = self.step - rl_steps_done
+        if self.sparsifier is not None:
+            self.sparsifier.on_rl_start()
         if self.algo_cfg.kl_coef > 0:
             self.algo.set_reference(self.frozen_policy())
         if self.reset_optimizer and rl_steps_done == 0:

@@ -12,8 +12,9 @@
         sparsifier.after_optimizer_step(step, params)      # params: a ParamAccess over the masters
     sparsifier.metrics(); sparsifier.state_dict(); sparsifier.masked_state_dict(model.state_dict())
 
-One file per family: nm.py (N:M, STE/SR-STE, progressive gradient flow), dynamic.py (SET, RigL,
-static, ERK), magnitude.py (gradual magnitude pruning), dense.py. masked_forward.py holds the
+One file per family: nm.py (N:M, STE/SR-STE, progressive gradient flow) with nm_backward.py (N:M
+in the backward pass), dynamic.py (SET, RigL, static, ERK), magnitude.py (gradual magnitude
+pruning), scl.py (learned masks), dense.py. masked_forward.py holds the
 autograd Function, layers.py which modules can be sparsified and how patterns select them.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn as nn
 
 from trainer.sparsity.base import ParamAccess, Sparsifier, TorchParamAccess
 from trainer.sparsity.config import (
-    DISTRIBUTIONS, DROP_SCHEDULES, ESTIMATORS, GRADIENT_FLOWS, INIT_SCALES, INITS, METHODS, SDGF_SCHEDULES,
+    BACKWARD_MODES, DISTRIBUTIONS, DROP_SCHEDULES, ESTIMATORS, GRADIENT_FLOWS, INIT_SCALES, INITS, METHODS, SDGF_SCHEDULES,
     SR_STE_FORMS, SparsityConfig, effective_distribution, effective_estimator, effective_init, sr_ste_decay,
 )
 from trainer.sparsity.dense import DenseSparsifier
@@ -34,6 +35,7 @@ from trainer.sparsity.layers import layer_override, module_kind, module_shapes, 
 from trainer.sparsity.magnitude import MagnitudeSparsifier
 from trainer.sparsity.masked_forward import SparseLayer
 from trainer.sparsity.nm import NMSparsifier, sdgf_stages
+from trainer.sparsity.scl import SCLSparsifier
 
 __all__ = [
     "SparsityConfig", "SparsityConfigError", "SparsityPatternError", "SparsityStateError",
@@ -84,14 +86,29 @@ def validate_sparsity_config(
     _choice(cfg.sr_ste_form, SR_STE_FORMS, "sr_ste_form")
     _choice(cfg.drop_schedule, DROP_SCHEDULES, "drop_schedule")
     _choice(cfg.init_scale, INIT_SCALES, "init_scale")
+    _choice(cfg.backward, BACKWARD_MODES, "backward")
+    if cfg.backward != "exact" and cfg.method != "nm":
+        raise SparsityConfigError(
+            f"sparsity.backward={cfg.backward!r} applies to method=nm only (this run: method={cfg.method!r}); "
+            f"leave it at 'exact'"
+        )
     if cfg.method == "dense":
         return
-    for key in ("mask_interval", "update_interval", "prune_interval"):
+    for key in ("mask_interval", "update_interval", "prune_interval", "backward_permutation_interval"):
         if int(getattr(cfg, key)) < 1:
             raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected an integer >= 1")
     for key in ("sr_ste_lambda", "decay_coef", "erk_power_scale"):
         if getattr(cfg, key) < 0:
             raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected a value >= 0")
+    if int(cfg.backward_permutations) < 0:
+        raise SparsityConfigError(
+            f"sparsity.backward_permutations={cfg.backward_permutations!r}; expected an integer >= 0"
+        )
+    if cfg.backward != "exact" and cfg.gradient_flow != "none":
+        raise SparsityConfigError(
+            f"sparsity.backward={cfg.backward!r} with gradient_flow={cfg.gradient_flow!r}: the backward-pass "
+            f"N:M methods are defined for plain N:M (STE/SR-STE); use gradient_flow=none or backward=exact"
+        )
     if cfg.sr_ste_lambda >= 1:
         raise SparsityConfigError(f"sparsity.sr_ste_lambda={cfg.sr_ste_lambda!r}; expected a value in [0, 1) "
                                   f"(the paper's is 2e-4)")
@@ -104,6 +121,8 @@ def validate_sparsity_config(
                 "prune_start_fraction", "prune_end_fraction", "initial_sparsity"):
         _fraction(getattr(cfg, key), key)
     _fraction(cfg.density, "density", low_open=True)
+    if cfg.method == "scl":
+        _check_scl(cfg)
     if cfg.dense_fraction + cfg.fine_tune_fraction >= 1.0:
         raise SparsityConfigError(
             f"sparsity.dense_fraction + fine_tune_fraction = {cfg.dense_fraction + cfg.fine_tune_fraction}; "
@@ -132,6 +151,14 @@ def validate_sparsity_config(
             n, m = override.get("n", cfg.n), override.get("m", cfg.m)
             where = f"layer {name}" + (" (sparsity.overrides)" if override else "")
             _check_nm(n, m, where, in_features)
+            out_features = shapes[name][0]
+            if cfg.backward != "exact" and out_features % m:
+                what = ("M x M blocks (N per row and column)" if cfg.backward == "transposable"
+                        else "groups of M along the output dimension")
+                raise SparsityConfigError(
+                    f"{where}: sparsity.backward={cfg.backward} needs {what}, but M={m} does not divide "
+                    f"the layer's output dimension {out_features} (weight {out_features}x{in_features})"
+                )
             if cfg.gradient_flow == "sdgf":
                 stages = sdgf_stages(n, m, cfg.sdgf_schedule, cfg.sdgf_stages)
                 if not stages:
@@ -144,7 +171,29 @@ def validate_sparsity_config(
                 for sn, sm in stages:
                     _check_nm(sn, sm, f"layer {name}, SDGF stage {sn}:{sm} (sdgf_schedule={cfg.sdgf_schedule})", in_features)
         elif "density" in override:
+            if cfg.method == "scl":
+                raise SparsityConfigError(
+                    f"sparsity.overrides density for layer {name}: method=scl learns each layer's density "
+                    f"(only the overall sparsity.density is steered); remove the override"
+                )
             _fraction(override["density"], f"overrides[{name}].density", low_open=True)
+
+
+def _check_scl(cfg: SparsityConfig) -> None:
+    """SCL's own keys, and that its density target can be reached before the masks freeze."""
+    if cfg.density >= 1.0:
+        raise SparsityConfigError(f"sparsity.density={cfg.density!r}; method=scl needs a target below 1")
+    for key in ("scl_controller_gain", "scl_mask_lr", "scl_mask_init"):
+        if not getattr(cfg, key) > 0:
+            raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected a value > 0")
+    if cfg.scl_lambda is not None and cfg.scl_lambda < 0:
+        raise SparsityConfigError(f"sparsity.scl_lambda={cfg.scl_lambda!r}; expected null (controller) or >= 0")
+    if cfg.end_fraction <= 0 or cfg.end_fraction > 1.0 - cfg.fine_tune_fraction:
+        raise SparsityConfigError(
+            f"sparsity.end_fraction={cfg.end_fraction} with fine_tune_fraction={cfg.fine_tune_fraction}: the SCL "
+            f"density target cannot be reached: the schedule reaches sparsity.density at end_fraction, which must "
+            f"be in (0, 1 - fine_tune_fraction] (the masks freeze at 1 - fine_tune_fraction)"
+        )
 
 
 def layer_densities(cfg: SparsityConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
@@ -207,6 +256,13 @@ def build_sparsifier(model: nn.Module, cfg: SparsityConfig, total_steps: int,
         layers.append(layer)
     if cfg.method == "nm":
         return NMSparsifier(model, cfg, total_steps, layers)
+    if cfg.method == "scl":
+        if int(cfg.end_fraction * total_steps) < 1:
+            raise SparsityConfigError(
+                f"sparsity.end_fraction={cfg.end_fraction} of {total_steps} steps leaves no step to reach the SCL "
+                f"density target"
+            )
+        return SCLSparsifier(model, cfg, total_steps, layers, pretrained=pretrained)
     # overrides match module names; the methods key densities by parameter name
     module_densities = layer_densities(cfg, {layer.module_name: layer.shape for layer in layers})
     densities = {layer.name: module_densities[layer.module_name] for layer in layers}

@@ -114,6 +114,10 @@ class Sparsifier:
     def after_optimizer_step(self, step: int, params: ParamAccess) -> None:
         pass
 
+    def on_rl_start(self) -> None:
+        """The RL phase of launch.rl begins (after any SFT warm-up); methods with learned masks
+        may freeze them here (SCL: sparsity.scl_freeze_in_rl)."""
+
     @property
     def sparsified(self) -> dict[str, dict[str, Any]]:
         """Parameter name -> its pattern, e.g. {"kind": "nm", "n": 2, "m": 4, "input_dim": 1}

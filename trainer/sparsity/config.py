@@ -1,6 +1,6 @@
 """Sparsity config: one flat dataclass (a Hydra structured config, group `sparsity/`).
 
-conf/sparsity/{dense,nm,rigl,set,static,magnitude}.yaml select `method` and its defaults.
+conf/sparsity/{dense,nm,rigl,set,static,magnitude,scl}.yaml select `method` and its defaults.
 Fields a method does not use are ignored by it. Defaults come from the papers that introduced
 each method (SR-STE, RigL, SET, ...), never from our benchmark.
 """
@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("dense", "nm", "rigl", "set", "static", "magnitude")
+METHODS = ("dense", "nm", "rigl", "set", "static", "magnitude", "scl")
 ESTIMATORS = ("auto", "sr_ste", "ste")
 SR_STE_FORMS = ("decoupled", "coupled")
 DROP_SCHEDULES = ("cosine", "constant")
 INIT_SCALES = ("none", "fan_in")
 GRADIENT_FLOWS = ("none", "mdgf_linear", "mdgf_exp", "sdgf")
 SDGF_SCHEDULES = ("sparsify", "densify", "fine", "custom")
+BACKWARD_MODES = ("exact", "bidirectional", "transposable")
 DISTRIBUTIONS = ("auto", "erk", "uniform")
 INITS = ("auto", "random", "magnitude")
 STATIC_INITS = INITS  # the name older code imports
@@ -42,7 +43,7 @@ DEFAULT_INCLUDE = ["*.[0-9]*"]
 
 @dataclass
 class SparsityConfig:
-    method: str = "dense"  # dense | nm | rigl | set | static | magnitude
+    method: str = "dense"  # dense | nm | rigl | set | static | magnitude | scl
 
     # --- N:M fine-grained structured sparsity (Zhou et al. 2021) ---
     n: int = 2
@@ -60,6 +61,12 @@ class SparsityConfig:
     sr_ste_decay: float | None = SR_STE_DECAY
     sr_ste_lambda: float = 2e-4  # the paper's lambda_W (coupled form)
     mask_interval: int = 1  # recompute the N:M mask from the dense weights every this many steps
+    # N:M in the backward pass (trainer/sparsity/nm_backward.py): exact (autograd through the
+    # forward-masked weight) | bidirectional (Bi-Mask: the input gradient through a second N:M
+    # mask along the output dim) | transposable (Hubara et al.: one mask N:M along both dims)
+    backward: str = "exact"
+    backward_permutations: int = 10  # bidirectional: random output-dim permutations tried (Bi-Mask greedy_num)
+    backward_permutation_interval: int = 100  # bidirectional: steps between permutation searches (Bi-Mask iter)
 
     # --- progressive gradient flow (Bambhaniya et al. 2024), N:M only ---
     gradient_flow: str = "none"  # none | mdgf_linear | mdgf_exp | sdgf
@@ -88,6 +95,15 @@ class SparsityConfig:
     prune_end_fraction: float = 0.75  # magnitude: t0 + n*dt as a fraction of training
     prune_interval: int = 100  # magnitude: dt
     initial_sparsity: float = 0.0  # magnitude: s_i
+
+    # --- SCL, learned masks (Tang et al. 2022; trainer/sparsity/scl.py) ---
+    # uses density (overall target), end_fraction (the target schedule reaches it there) and
+    # fine_tune_fraction (masks frozen for that last fraction of training)
+    scl_lambda: float | None = None  # the regulariser's coefficient; null: a controller reaches `density`
+    scl_controller_gain: float = 10.0  # k: lambda_t = k (density_t - target_{t+1}) while the controller runs
+    scl_mask_lr: float = 0.05  # SGD step of the mask variables on the normalised mask gradient
+    scl_mask_init: float = 1.0  # starting mask variable (> 0: connected)
+    scl_freeze_in_rl: bool = True  # RL (launch.rl): masks frozen from the RL phase on; false: they keep learning
     seed: int = 0  # random masks (SET regrowth, static/RigL init): identical on every rank
 
     # --- which weights ---

@@ -16,6 +16,7 @@ from trainer.sparsity.base import Sparsifier, pruned_to_kept_norm
 from trainer.sparsity.config import SparsityConfig, effective_estimator, sr_ste_decay
 from trainer.sparsity.errors import SparsityConfigError, SparsityPatternError
 from trainer.sparsity.masked_forward import SparseLayer
+from trainer.sparsity.nm_backward import best_permutation, bidirectional_mask, transposable_mask
 from trainer.sparsity.partitioned import full_weight
 
 
@@ -97,6 +98,10 @@ class NMSparsifier(Sparsifier):
     Masks come from the fp32 masters: after each optimizer step the next step's mask is computed
     from the updated masters (through ParamAccess); only the very first step of a fresh run takes
     it from the module's weights (equal to the masters then).
+
+    `sparsity.backward` (nm_backward.py): transposable replaces the forward mask by one that is N:M
+    along both dims; bidirectional adds a backward mask (SparseLayer.backward_mask), recomputed
+    with the forward mask, for the input-gradient GEMM.
     """
 
     method = "nm"
@@ -158,9 +163,35 @@ class NMSparsifier(Sparsifier):
             for layer in self.layers.values():
                 if layer.mask is None:
                     n, m = self.stage(layer, 0)
-                    layer.mask = nm_mask(full_weight(layer), n, m, layer.input_dim)
+                    weight = full_weight(layer)
+                    layer.mask = self._forward_mask(layer, weight, n, m)
+                    layer.backward_mask = self._backward_mask(layer, weight, layer.mask, n, m, 0)
                     layer.extra["current"] = [n, m]
         super().attach()
+
+    def _forward_mask(self, layer: SparseLayer, weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+        """The forward mask: N:M along the input dim, or transposable N:M (sparsity.backward)."""
+        if self.cfg.backward == "transposable":
+            return transposable_mask(weight, n, m)
+        return nm_mask(weight, n, m, layer.input_dim)
+
+    def _backward_mask(self, layer: SparseLayer, weight: torch.Tensor, forward_mask: torch.Tensor,
+                       n: int, m: int, step: int) -> torch.Tensor | None:
+        """bidirectional: Bi-Mask's M_b for `forward_mask` (output-dim permutation searched again
+        every backward_permutation_interval steps); other modes: None (plain autograd)."""
+        if self.cfg.backward != "bidirectional":
+            return None
+        output_dim = 1 - layer.input_dim
+        last = layer.extra.get("backward_perm_step")
+        if last is None or step - last >= self.cfg.backward_permutation_interval:
+            index = list(self.layers).index(layer.name)
+            # the same seed on every rank: the same permutation from the same masters
+            generator = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + step * 1_009 + index)
+            perm = best_permutation(weight, forward_mask, n, m, output_dim, self.cfg.backward_permutations, generator)
+            layer.extra["backward_perm"] = perm.tolist()
+            layer.extra["backward_perm_step"] = step
+        perm = torch.tensor(layer.extra["backward_perm"], dtype=torch.long)
+        return bidirectional_mask(weight, forward_mask, n, m, output_dim, perm)
 
     def _prepare_masks(self, step: int, weight_of) -> None:
         """Masks and MDGF beta for `step` (into self.next_beta); `weight_of(layer)` gives the
@@ -169,6 +200,7 @@ class NMSparsifier(Sparsifier):
         if phase == "dense":
             for layer in self.layers.values():
                 layer.mask = None
+                layer.backward_mask = None
             self.next_beta = 0.0
             return
         flow = self.cfg.gradient_flow
@@ -182,7 +214,11 @@ class NMSparsifier(Sparsifier):
             n, m = self.stage(layer, step)
             if due or layer.mask is None or [n, m] != layer.extra.get("current"):
                 weight = weight_of(layer)
-                layer.record_mask(nm_mask(weight, n, m, layer.input_dim).to(layer.module.weight.device))
+                forward_mask = self._forward_mask(layer, weight, n, m)
+                backward_mask = self._backward_mask(layer, weight, forward_mask, n, m, step)
+                device = layer.module.weight.device
+                layer.record_mask(forward_mask.to(device))
+                layer.backward_mask = None if backward_mask is None else backward_mask.to(device)
                 layer.extra["current"] = [n, m]
                 recomputed = True
         if recomputed:
@@ -239,6 +275,9 @@ class NMSparsifier(Sparsifier):
         """The N:M in force (the SDGF stage; the target once training reached it), plus the target."""
         n, m = layer.extra.get("current") or (layer.extra["target_n"], layer.extra["target_m"])
         out = {"kind": "nm", "n": int(n), "m": int(m), "input_dim": layer.input_dim}
+        if self.cfg.backward == "transposable":  # N:M along the output dim as well
+            out["transposable"] = True
+            out["output_dim"] = 1 - layer.input_dim
         if (n, m) != (layer.extra["target_n"], layer.extra["target_m"]):
             out["target"] = f"{layer.extra['target_n']}:{layer.extra['target_m']}"
         return out
@@ -246,7 +285,11 @@ class NMSparsifier(Sparsifier):
     def describe(self) -> dict[str, Any]:
         """What sparsity.json records beside the patterns: estimator, SR-STE form and strength,
         gradient flow and the stage in force."""
-        out: dict[str, Any] = {"estimator": self.estimator, "gradient_flow": self.cfg.gradient_flow}
+        out: dict[str, Any] = {"estimator": self.estimator, "gradient_flow": self.cfg.gradient_flow,
+                               "backward": self.cfg.backward}
+        if self.cfg.backward == "bidirectional":
+            out["backward_permutations"] = int(self.cfg.backward_permutations)
+            out["backward_permutation_interval"] = int(self.cfg.backward_permutation_interval)
         if self.estimator == "sr_ste":
             out["sr_ste_form"] = self.cfg.sr_ste_form
             if self.cfg.sr_ste_form == "decoupled":
@@ -262,14 +305,18 @@ class NMSparsifier(Sparsifier):
 
     def _check_layer(self, layer: SparseLayer, value: torch.Tensor) -> None:
         n, m = layer.extra.get("current") or (layer.extra["target_n"], layer.extra["target_m"])
-        groups = value.detach().movedim(layer.input_dim, -1).reshape(-1, m)
-        counts = (groups != 0).sum(dim=1)
-        bad = int((counts > n).sum())
-        if bad:
-            raise SparsityPatternError(
-                f"{layer.name}: {bad} of {groups.shape[0]} groups of {m} along the input dim hold "
-                f"more than {n} nonzeros (max {int(counts.max())})"
-            )
+        dims = [("input", layer.input_dim)]
+        if self.cfg.backward == "transposable":
+            dims.append(("output", 1 - layer.input_dim))
+        for label, dim in dims:
+            groups = value.detach().movedim(dim, -1).reshape(-1, m)
+            counts = (groups != 0).sum(dim=1)
+            bad = int((counts > n).sum())
+            if bad:
+                raise SparsityPatternError(
+                    f"{layer.name}: {bad} of {groups.shape[0]} groups of {m} along the {label} dim hold "
+                    f"more than {n} nonzeros (max {int(counts.max())})"
+                )
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
@@ -279,6 +326,7 @@ class NMSparsifier(Sparsifier):
             out["sparsity/sr_ste_decay"] = float(self.decay_lambda())
         if self.pruned_to_kept is not None:
             out["sparsity/pruned_to_kept_norm"] = float(self.pruned_to_kept)
+        out["sparsity/backward_density"] = self.backward_density()
         if self.layers:
             first = next(iter(self.layers.values()))
             current = first.extra.get("current")
@@ -295,9 +343,21 @@ class NMSparsifier(Sparsifier):
                 out["sparsity/effective_density"] = out["sparsity/density"]
         return out
 
+    def backward_density(self) -> float:
+        """Non-zeros of the weights the input-gradient GEMM uses, over the sparsified layers' size:
+        W . M_b (bidirectional), else the forward's W . M_f (1.0 while dense)."""
+        total = active = 0
+        for layer in self.layers.values():
+            total += layer.numel
+            used = layer.backward_mask if layer.backward_mask is not None else layer.mask
+            active += layer.numel if used is None else int(used.sum())
+        return active / total if total else 1.0
+
     def _family_state(self) -> dict:
         return {"last_recompute": self.last_recompute, "beta": self.beta, "prepared": self.prepared,
-                "next_beta": self.next_beta, "pruned_to_kept": self.pruned_to_kept}
+                "next_beta": self.next_beta, "pruned_to_kept": self.pruned_to_kept,
+                "backward_masks": {name: None if layer.backward_mask is None else layer.backward_mask.detach().cpu().clone()
+                                   for name, layer in self.layers.items()}}
 
     def _load_family_state(self, state: dict) -> None:
         self.last_recompute = state["last_recompute"]
@@ -305,6 +365,10 @@ class NMSparsifier(Sparsifier):
         self.prepared = state.get("prepared")
         self.next_beta = state.get("next_beta", self.beta)
         self.pruned_to_kept = state.get("pruned_to_kept")
+        backward_masks = state.get("backward_masks", {})
+        for name, layer in self.layers.items():
+            saved = backward_masks.get(name)
+            layer.backward_mask = None if saved is None else saved.to(layer.module.weight.device)
         for layer in self.layers.values():
             layer.beta = self.beta
             layer.sr_ste_lambda = self.coupled_lambda

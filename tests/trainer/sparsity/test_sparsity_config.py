@@ -69,7 +69,7 @@ def test_build_validates_too():
 def test_hydra_group_files_load_into_the_structured_config(shapes):
     files = sorted(glob.glob("conf/sparsity/*.yaml"))
     names = {f.rsplit("/", 1)[1][:-5] for f in files}
-    assert names == {"dense", "nm", "rigl", "set", "static", "magnitude"}
+    assert names == {"dense", "nm", "rigl", "set", "static", "magnitude", "scl"}
     for f in files:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SparsityConfig), OmegaConf.load(f)))
         assert cfg.method == f.rsplit("/", 1)[1][:-5]

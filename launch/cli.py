@@ -149,6 +149,7 @@ def job_error_types() -> tuple[type[BaseException], ...]:
     from launch.loggers import LoggerConfigError
     from launch.rl_config import RLConfigError
     from launch.rl_rollouts import RolloutStartError
+    from launch.trainer_group import TrainerSetupTimeout
     from models.build import ModelConfigError
     from rollout.batch import ChatTemplateError
     from rollout.config import RolloutConfigError
@@ -165,7 +166,7 @@ def job_error_types() -> tuple[type[BaseException], ...]:
     return (DataError, PromptDataError, ClusterResourceError, LoggerConfigError, RLConfigError, RolloutStartError,
             ModelConfigError, ChatTemplateError, RolloutConfigError, SamplingConfigError, RewardFunctionError,
             TaskConfigError, AlgoConfigError, ResumeError, TrainerConfigError, DistillConfigError, SparsityConfigError,
-            StateFileError)
+            StateFileError, TrainerSetupTimeout)
 
 
 def command_line_error_types() -> tuple[type[BaseException], ...]:

@@ -16,6 +16,10 @@ from trainer.objectives import Objective
 from trainer.worker import TrainerWorker
 
 
+
+class TrainerSetupTimeout(RuntimeError):
+    """The trainer ranks did not finish their setup in time."""
+
 class TrainerGroup:
     def __init__(self, cluster_cfg: ClusterConfig, model_cfg: ModelConfig, trainer_cfg: TrainerConfig,
                  optimizer_cfg: OptimizerConfig, sparsity_cfg=None, objective: Objective | None = None,
@@ -42,8 +46,15 @@ class TrainerGroup:
         try:
             master_addr, master_port = ray.get(self.workers[0].rendezvous_address.remote())
             self.master = (master_addr, master_port)
-            self.info = ray.get([w.setup.remote(master_addr, master_port) for w in self.workers],
-                                timeout=cluster_cfg.setup_timeout_s)
+            try:
+                self.info = ray.get([w.setup.remote(master_addr, master_port) for w in self.workers],
+                                    timeout=cluster_cfg.setup_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise TrainerSetupTimeout(
+                    f"the {self.world_size} trainer ranks did not finish setting up (process group, model, DeepSpeed) "
+                    f"within cluster.setup_timeout_s={cluster_cfg.setup_timeout_s:g}; a machine this loaded needs more, "
+                    f"or a stale DeepSpeed build lock (.torch_extensions/*/lock, left by a killed build) blocks them"
+                ) from None
         except BaseException:
             self.shutdown()  # do not leave actors or the reservation behind
             raise

@@ -14,8 +14,10 @@ times publishes from "optimizer step done" to "every receiver committed" (median
 - sparse: the fast-level delta of every rank's slice, pipelined (sync/transport.py);
 - full: the full bf16 weights, raw, over the same path (what a full broadcast ships);
 - auto: what `sync.mode=auto` does once it has measured both (sync/policy.py);
-and reads the bytes on the wire from the interfaces' counters. Every publish ends with every
-receiver's checksum equal to the trainer's (bit-identical), or the benchmark fails.
+and reads the bytes on the wire from the interfaces' counters. After every publish, outside the
+timed window, every receiver's weights are read again and digested (not the digests cached at
+commit) and compared with the trainer's checksum: `links[].verified` is true only when every
+receiver matched after every publish of that link, and the benchmark exits 1 when one did not.
 
 Output: JSON (default bench/results/sync_cluster.json) and a PNG beside it (sync seconds vs link
 rate). Without root (or without `ip`/`tc`) it says so and exits 0 without measuring.
@@ -141,8 +143,24 @@ class BenchReceiver:
         stats["extra_rss"] = rss.stop()
         return stats
 
-    def checksum(self) -> str:
-        return self.receiver.state_checksum()
+    def reread_checksum(self) -> str:
+        """The committed weights' checksum from their bits as they are now (not from digests
+        cached at commit): what `verified` compares with the trainer's."""
+        return self.receiver.reread_checksum()
+
+    def alter(self, key: str, index: int) -> None:
+        """Flip one bit of a committed element behind the receiver's back (tests of the check)."""
+        import torch
+
+        with torch.no_grad():
+            self.receiver.target[key].data.view(-1).view(torch.int16)[index] ^= 1
+
+
+def reread_verified(receivers: list, checksum: str, timeout_s: float = 600.0) -> list[bool]:
+    """Per receiver actor: whether its re-read weights have the trainer's `checksum`."""
+    import ray
+
+    return [c == checksum for c in ray.get([r.reread_checksum.remote() for r in receivers], timeout=timeout_s)]
 
 
 # ---------------------------------------------------------------- the driver (inside namespace a)
@@ -214,10 +232,13 @@ def drive(args) -> dict:
         tx1 = lab.tx_bytes()
         for i, a in enumerate(applied):
             versions[i] = a["version"]
-        checksums = ray.get([r.checksum.remote() for r in receivers])
-        if any(c != stats.checksum for c in checksums):
-            raise SystemExit(f"receivers are not bit-identical to the trainer after version {handle.version}")
+        # outside the timed window: every receiver's weights read again and digested
+        ok = reread_verified(receivers, stats.checksum)
+        if not all(ok):
+            print(f"receivers {[i for i, good in enumerate(ok) if not good]} are not bit-identical to the trainer "
+                  f"after version {handle.version} (re-read weights)", flush=True)
         return {"mode": mode, "dense": handle.dense, "seconds": seconds, "payload_bytes": stats.payload_bytes,
+                "verified": all(ok),
                 "dense_bytes": stats.dense_bytes, "changed": stats.changed, "encode_s": stats.encode_s,
                 "wire_bytes": tx1["a"] - tx0["a"], "wire_bytes_back": tx1["b"] - tx0["b"],
                 "rank_extra_rss": rank_rss, "receiver_extra_rss": max(a["extra_rss"] for a in applied),
@@ -231,9 +252,10 @@ def drive(args) -> dict:
     # A fresh optimizer's first steps move every weight by about lr and change several times
     # more bf16 elements than a run publishing every step sees later (Adam's moments settle in
     # ~30 steps): those publishes are made, and checked, but not measured.
+    warm = []
     for _ in range(args.warmup_steps):
         train_step()
-        sync("sparse")
+        warm.append(sync("sparse")["verified"])
     rows, all_sparse = [], []
     for rate in args.links:
         lab.limit(rate)
@@ -257,6 +279,7 @@ def drive(args) -> dict:
             "sparse_receiver_decode_s": med(runs["sparse"], "receiver_decode_s"),
             "sparse_receiver_wait_s": med(runs["sparse"], "receiver_wait_s"),
             "sparse_begin_s": med(runs["sparse"], "begin_s"),
+            "verified": all(r["verified"] for rs in runs.values() for r in rs),
         }
         row["speedup"] = row["full_s"] / row["sparse_s"]
         row["auto_vs_full"] = row["auto_s"] / row["full_s"]
@@ -272,6 +295,8 @@ def drive(args) -> dict:
         "receiver_extra_rss_bytes": max(r["receiver_extra_rss"] for r in all_sparse),
         "receiver_staged_bytes": max(r["receiver_staged_bytes"] for r in all_sparse),
         "links": rows,
+        # the first full send and the warm-up publishes are checked too, outside links[]
+        "verified": first["verified"] and all(warm) and all(r["verified"] for r in rows),
         "setup": {"updates": args.updates, "zero_stage": args.zero_stage, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
                   "level": "fast", "part_bytes": args.part_mb << 20, "publishes_per_mode": args.publishes,
                   "full_publishes": args.full_publishes, "layers": args.layers, "embd": args.embd,
@@ -447,12 +472,14 @@ def main(argv: list[str] | None = None) -> int:
     png = out.with_suffix(".png")
     plot(result, png)
     print(f"wrote {out} and {png}")
+    if not result.get("verified"):
+        print("bench.sync_cluster: a receiver's re-read weights differed from the trainer's (see `verified`)")
     for r in result["links"]:
         rate = f"{r['rate_mbit']} Mbit/s" if r["rate_mbit"] else "unlimited"
         print(f"{rate:>14}: sparse {r['sparse_s']:.2f} s, full {r['full_s']:.2f} s ({r['speedup']:.1f}x), "
               f"auto {r['auto_s']:.2f} s ({r['auto_choice']}), wire {r['sparse_wire_bytes'] / 1e6:.1f} MB "
               f"for a {r['sparse_payload_bytes'] / 1e6:.1f} MB payload x {result['receivers']} receivers")
-    return 0
+    return 0 if result.get("verified") else 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from rollout.engine import EngineUpdateError
 from rollout.results import EvalResult, RolloutBatch, WeightCheck
 from rollout.tasks import TaskConfig
 from rollout.worker import RolloutWorker
+from sync.errors import CorruptTargetError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class RolloutGroup:
         )
         self.restarts = 0
         self.engine_failures = 0  # replacements because an engine failed to take an update
+        self.corrupt_resyncs = 0  # workers resynced by snapshot because their weights were found altered
         self.incarnations = [0] * rollout_cfg.workers
         self.workers = [self._start(i) for i in range(rollout_cfg.workers)]
         self._wait_started()
@@ -178,6 +180,8 @@ class RolloutGroup:
                 stats = ray.get(refs[i])
             except EngineUpdateError:
                 stats = self.replace(i, ENGINE_FAILED)
+            except CorruptTargetError as e:
+                stats = self._after_corrupt_target(i, e)
             except ray.exceptions.RayActorError as e:
                 if e.actor_id not in (None, self.workers[i]._actor_id.hex()):
                     # the worker that staged for this one died, this one did not: fetch itself
@@ -187,6 +191,27 @@ class RolloutGroup:
             self.versions[i] = stats["version"]
             out.append(stats)
         return out
+
+    def _after_corrupt_target(self, i: int, e: CorruptTargetError) -> dict:
+        """Worker i's update failed on committed weights found altered, its own (it dropped its
+        version: a snapshot restores it) or the worker's that staged it for the node (this one
+        is intact: it fetches the update itself)."""
+        import ray
+
+        version = ray.get(self.workers[i].version.remote(), timeout=self.cfg.start_timeout_s)
+        if version is None:
+            return self.resync_snapshot(i, str(e).splitlines()[0])
+        return self._call(i, "apply_update", self.update_for(version))
+
+    def resync_snapshot(self, i: int, reason: str) -> dict:
+        """Worker i's committed weights were found altered (a failed verification): it is brought
+        back by a full snapshot, and the event is counted (`corrupt_resyncs`) and logged."""
+        self.corrupt_resyncs += 1
+        log.warning("rollout worker %d: committed weights found altered (%s); resyncing it by snapshot (%d so far)",
+                    i, reason, self.corrupt_resyncs)
+        stats = self._call(i, "apply_update", self.update_for(None))
+        self.versions[i] = stats["version"]
+        return stats
 
     def _node_of(self, i: int) -> str:
         import ray

@@ -18,6 +18,7 @@ Keys follow the publish (sync/slices.py): whole tensors from a single trainer ra
 """
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -28,11 +29,14 @@ import torch
 
 from sync.delta_kernels import scatter
 from sync.dtypes import info_for, tensor_from_bits
-from sync.errors import SyncError, TensorMismatchError, UpdateUnavailableError, VersionMismatchError
+from sync.errors import (CorruptBucketError, CorruptTargetError, SyncError, TensorMismatchError,
+                         UpdateUnavailableError, VersionMismatchError)
 from sync.slices import parse_key, target_views
-from sync.staging import Base, KeyChange, stage_payload
+from sync.staging import Base, KeyChange, patched_digest, stage_payload
+from sync.workspace import workers
 from sync.transport import Part, WeightUpdate, checksum_entry, combine_checksums
 
+log = logging.getLogger(__name__)
 _INT_NUMPY = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}
 
 
@@ -104,6 +108,7 @@ class WeightReceiver:
             self._views = dict(target)
         self._digests: dict[str, str] = {}
         self._pending: StagedUpdate | None = None
+        self.corrupt_events = 0  # times its committed weights were found altered (_corrupt)
         # An update cannot create more tensor bytes than the target holds: a payload declaring
         # more is refused before anything is allocated (sync/decoder.py's max_bytes).
         self._max_bytes = None if target is None else max(4096, sum(t.numel() * t.element_size() for t in target.values()))
@@ -150,7 +155,17 @@ class WeightReceiver:
         fetched = _prefetch(parts, get)
         try:
             for step in steps:
-                version, meta, changes = self._stage_step(staged, step, version, meta, changes, fetched)
+                try:
+                    version, meta, changes = self._stage_step(staged, step, version, meta, changes, fetched)
+                except CorruptBucketError as e:
+                    # A delta's result is checked range by range against the sender's checksums,
+                    # built on this receiver's committed bits: when those bits are not the ones
+                    # committed, an intact payload fails that check. Which of the two it is, only
+                    # a re-read of the committed bits tells.
+                    if self.version is not None and self._meta and not self.rehash():
+                        raise self._corrupt(f"its committed weights of version {self.version} changed since "
+                                            "they were committed (an update built on them failed its checksum)") from e
+                    raise
             if self.target is not None and changes:
                 staged.views = self._views_for_target(meta)
             for key, ch in changes.items():  # commit's scatter trusts the (sorted) positions
@@ -242,6 +257,7 @@ class WeightReceiver:
             base = Base(self._meta, self._read, self._digests)
             if set(shared.base_digests) != set(self._meta) or any(base.digest(k) != h for k, h in shared.base_digests.items()):
                 raise TensorMismatchError("this receiver's weights differ from the ones the shared update was staged against")
+            self._verify_adopted(shared.changes)
         staged = StagedUpdate(shared.kind, self.version, shared.target_version, 0, 0.0, 0.0,
                               changes=dict(shared.changes), meta=dict(shared.meta))
         if self.target is not None and staged.changes:
@@ -249,6 +265,46 @@ class WeightReceiver:
         staged.decode_s = time.perf_counter() - t0
         self._pending = staged
         return staged
+
+    def _verify_adopted(self, changes: dict) -> None:
+        """A follower verifies what it will commit, as the receiver that staged the update did:
+        each key's result (this receiver's own committed bits with the staged changes laid over
+        them, built block by block without writing anything) must have the sender's digest. The
+        base check above compared digests cached at commit; this reads the bits themselves, so a
+        target written behind the receiver's back is caught before anything is built on it."""
+        keys = [k for k, ch in changes.items() if ch.whole is None]
+        if not keys:
+            return
+
+        def check(key: str) -> bool:
+            ch = changes[key]
+            n = int(np.prod(self._meta[key][1], dtype=np.int64))
+            pos = ch.pos if ch.pos is not None else np.empty(0, np.int64)
+            vals = ch.vals if ch.vals is not None else np.empty(0, ch.info.uint)
+            return patched_digest(self._read(key, 0, n), pos, vals) == ch.xxh
+
+        if workers() > 1 and len(keys) > 1:
+            with ThreadPoolExecutor(workers()) as pool:
+                ok = list(pool.map(check, keys))
+        else:
+            ok = [check(k) for k in keys]
+        bad = [k for k, good in zip(keys, ok) if not good]
+        if not bad:
+            return
+        if not self.rehash():
+            raise self._corrupt(f"its committed weights of version {self.version} changed since they were "
+                                f"committed (tensor {bad[0]!r} and {len(bad) - 1} more fail the shared update's checksum)")
+        raise CorruptBucketError(f"a shared update's changes to tensor {bad[0]!r} do not give the digest it was "
+                                 "staged with on this receiver's (intact) weights")
+
+    def _corrupt(self, why: str) -> CorruptTargetError:
+        """Forget the version and the cached digests of weights found altered: until a snapshot
+        restores them, no delta is built on them and nothing reports them as a version."""
+        version = self.version
+        self.version, self._digests, self._pending = None, {}, None
+        self.corrupt_events += 1
+        log.warning("weight receiver at version %s: %s; it takes only a snapshot now", version, why)
+        return CorruptTargetError(f"receiver at version {version}: {why}; only a snapshot restores it")
 
     def rehash(self) -> bool:
         """Re-read the committed weights' digests (they are cached at commit); False when they

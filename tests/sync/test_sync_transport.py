@@ -194,3 +194,66 @@ def test_receivers_at_the_same_version_adopt_one_staged_update():
     assert other.version == 1 and torch.equal(other.target["w"], before)
     with pytest.raises(VersionMismatchError):
         peer.adopt(shared)  # already at 2
+
+
+def _two_versions(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    v1 = {"w": (torch.randn(300_000, generator=gen) * 0.02).to(torch.bfloat16), "b": torch.zeros(7, dtype=torch.bfloat16)}
+    v2 = {k: v.clone() for k, v in v1.items()}
+    v2["w"][::97] += 0.001
+    v2["b"] += 1
+    return v1, v2
+
+
+def test_a_follower_whose_target_was_altered_refuses_the_shared_update_and_takes_only_a_snapshot():
+    """A follower's weights written behind its back (its cached digests still say intact): the
+    shared delta's base check on cached digests passes, but the follower verifies what it would
+    commit on its own bits, so it refuses, writes nothing, drops its version (only a snapshot
+    applies) and counts the event; the snapshot restores it bit for bit."""
+    import pickle
+
+    from sync.codec import encode
+    from sync.errors import CorruptTargetError
+    from sync.receiver import WeightReceiver
+
+    v1, v2 = _two_versions(5)
+    snapshot = encode(None, v1, base_version=None, target_version=1, level="fast")
+    delta = encode(v1, v2, base_version=1, target_version=2, level="fast")
+    lead, peer, bad = (WeightReceiver({k: torch.zeros_like(v) for k, v in v1.items()}) for _ in range(3))
+    for r in (lead, peer, bad):
+        r.commit(r.stage_buckets([snapshot], kind="snapshot"))
+    bad.target["w"].view(torch.int16)[123_456] ^= 1  # one bit of an element the delta does not change
+    assert bad.state_checksum() == state_checksum(v1)  # the cached digests cannot see it
+    assert bad.reread_checksum() != state_checksum(v1)  # a re-read does
+    staged = lead.stage_buckets([delta])
+    shared = pickle.loads(pickle.dumps(lead.share(staged)))
+    lead.commit(staged)
+    peer.commit(peer.adopt(shared))
+    assert peer.reread_checksum() == state_checksum(v2)
+    before = bad.target["w"].clone()
+    with pytest.raises(CorruptTargetError, match="changed since they were committed"):
+        bad.adopt(shared)
+    assert torch.equal(bad.target["w"].view(torch.int16), before.view(torch.int16))  # nothing written
+    assert bad.version is None and bad.corrupt_events == 1
+    with pytest.raises(VersionMismatchError):
+        bad.stage_buckets([delta])  # no delta is built on the altered weights any more
+    bad.commit(bad.stage_buckets([encode(None, v2, base_version=None, target_version=2, level="fast")], kind="snapshot"))
+    assert bad.version == 2 and bad.reread_checksum() == state_checksum(v2)
+
+
+def test_a_receiver_whose_target_was_altered_names_it_instead_of_blaming_the_payload():
+    """The receiver that fetches and stages: an intact delta fails its range checksums on
+    altered committed bits; that is reported as the target's fault (CorruptTargetError, the
+    version dropped), not as a corrupt bucket."""
+    from sync.codec import encode
+    from sync.errors import CorruptTargetError
+    from sync.receiver import WeightReceiver
+
+    v1, v2 = _two_versions(6)
+    rec = WeightReceiver({k: torch.zeros_like(v) for k, v in v1.items()})
+    rec.commit(rec.stage_buckets([encode(None, v1, base_version=None, target_version=1, level="fast")], kind="snapshot"))
+    rec.target["w"].view(torch.int16)[7] ^= 4
+    delta = encode(v1, v2, base_version=1, target_version=2, level="fast")
+    with pytest.raises(CorruptTargetError):
+        rec.stage_buckets([delta])
+    assert rec.version is None and rec.corrupt_events == 1

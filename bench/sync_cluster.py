@@ -74,15 +74,53 @@ class RssPeak:
         return self.peak - self.base
 
 
+class PeakRss:
+    """The true peak growth of this process's resident memory while the block runs: the
+    kernel's high-water mark (VmHWM) is reset to the current RSS when the block starts (writing
+    5 to /proc/self/clear_refs) and read when it ends, so no short-lived allocation is missed
+    between samples. Where the reset is refused, falls back to sampling (RssPeak)."""
+
+    def __init__(self):
+        self.base = 0
+        self._sampler: RssPeak | None = None
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"/proc/self/status has no {field}")
+
+    def start(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self._status("VmRSS")
+            self._sampler = None
+        except OSError:
+            self._sampler = RssPeak()
+            self._sampler.start()
+
+    def stop(self) -> int:
+        if self._sampler is not None:
+            return self._sampler.stop()
+        return max(0, self._status("VmHWM") - self.base)
+
+
 class BenchRank(RLTrainerWorker):
-    """A trainer rank that also reports its RSS growth between rss_start() and rss_stop()."""
+    """A trainer rank that also reports its peak RSS growth between rss_start() and rss_stop()
+    and its publisher's standing copies."""
 
     def rss_start(self) -> None:
-        self._rss = RssPeak()
+        self._rss = PeakRss()
         self._rss.start()
 
     def rss_stop(self) -> int:
         return self._rss.stop()
+
+    def publisher_standing_bytes(self) -> int:
+        return self.slice_publisher.standing_bytes()
 
     def synthetic_step(self, seed: int, fraction: float) -> None:
         """Instead of an optimizer step: move `fraction` of the weights, drawn alike on every rank,
@@ -102,7 +140,7 @@ class BenchRank(RLTrainerWorker):
         self.version_offset += 1  # a new version to publish, as an optimizer step makes one
 
     def slice_bytes(self) -> int:
-        return sum(t.numel() * 2 for t in self.published_slice().values())
+        return sum(t.numel() * 2 for t in self.published_slice().tensors.values())
 
 
 class BenchReceiver:
@@ -118,7 +156,7 @@ class BenchReceiver:
         self.receiver = WeightReceiver(dict(self.model.named_parameters()), fetch_timeout_s=300)
 
     def apply(self, update) -> dict:
-        rss = RssPeak()
+        rss = PeakRss()
         rss.start()
         stats = self.receiver.apply(update)
         stats["extra_rss"] = rss.stop()
@@ -126,7 +164,7 @@ class BenchReceiver:
 
     # one receiver per node stages, the others commit its staging (as launch/rl_rollouts.py does)
     def stage_shared(self, update):
-        self._rss = RssPeak()
+        self._rss = PeakRss()
         self._rss.start()
         self._staged = self.receiver.fetch(update)
         return self.receiver.share(self._staged)
@@ -137,7 +175,7 @@ class BenchReceiver:
         return stats
 
     def apply_shared(self, shared) -> dict:
-        rss = RssPeak()
+        rss = PeakRss()
         rss.start()
         stats = self.receiver.commit(self.receiver.adopt(shared))
         stats["extra_rss"] = rss.stop()
@@ -177,6 +215,7 @@ def drive(args) -> dict:
     from sync.transport import ActorChannel, ShardedPublisher
     from trainer.algos.config import AlgoConfig
     from trainer.config import OptimizerConfig, TrainerConfig
+    from trainer.sparsity import SparsityConfig
     from bench.netlab import NetLab
 
     lab = NetLab(args.lab)
@@ -192,7 +231,8 @@ def drive(args) -> dict:
     cluster = ClusterConfig(address=args.address, trainers=2, cpus_per_trainer=1,
                             resources_per_trainer={TRAINER_RES: 1}, setup_timeout_s=900)
     sync_cfg = SyncConfig(level="fast", mode="sparse", part_bytes=args.part_mb << 20)
-    group = TrainerGroup(cluster, model_cfg, trainer_cfg, opt_cfg, None, worker_cls=BenchRank)
+    sparsity_cfg = None if args.sparsity == "none" else SparsityConfig(method=args.sparsity)
+    group = TrainerGroup(cluster, model_cfg, trainer_cfg, opt_cfg, sparsity_cfg, worker_cls=BenchRank)
     group.call("configure_rl", AlgoConfig(), sync_cfg, 1e-6, 1e-6)
     publisher = ShardedPublisher([ActorChannel(w) for w in group.workers], sync_cfg)
     receivers = [ray.remote(BenchReceiver).options(num_cpus=0.5, resources={ROLLOUT_RES: 1}).remote(model_cfg)
@@ -229,6 +269,7 @@ def drive(args) -> dict:
         stats = publisher.finish(handle)
         publisher.observe(handle, seconds)
         rank_rss = group.call("rss_stop")
+        pinned = publisher.pinned_bytes()
         tx1 = lab.tx_bytes()
         for i, a in enumerate(applied):
             versions[i] = a["version"]
@@ -238,7 +279,7 @@ def drive(args) -> dict:
             print(f"receivers {[i for i, good in enumerate(ok) if not good]} are not bit-identical to the trainer "
                   f"after version {handle.version} (re-read weights)", flush=True)
         return {"mode": mode, "dense": handle.dense, "seconds": seconds, "payload_bytes": stats.payload_bytes,
-                "verified": all(ok),
+                "verified": all(ok), "pinned_bytes": pinned,
                 "dense_bytes": stats.dense_bytes, "changed": stats.changed, "encode_s": stats.encode_s,
                 "wire_bytes": tx1["a"] - tx0["a"], "wire_bytes_back": tx1["b"] - tx0["b"],
                 "rank_extra_rss": rank_rss, "receiver_extra_rss": max(a["extra_rss"] for a in applied),
@@ -247,6 +288,9 @@ def drive(args) -> dict:
                 "receiver_staged_bytes": max(a["staged_bytes"] for a in applied)}
 
     lab.limit(None)
+    if sparsity_cfg is not None:  # the sparsifier sets its masks in its first step
+        batches = [{"tokens": torch.randint(0, 256, (1, 33), generator=gen)} for _ in group.workers]
+        group.call_per_rank("train_step", batches)
     first = sync("dense")  # every receiver gets version 0 (a full send)
     print(f"model {params / 1e6:.0f}M params, first full send {first['seconds']:.2f} s", flush=True)
     # A fresh optimizer's first steps move every weight by about lr and change several times
@@ -256,7 +300,7 @@ def drive(args) -> dict:
     for _ in range(args.warmup_steps):
         train_step()
         warm.append(sync("sparse")["verified"])
-    rows, all_sparse = [], []
+    rows, all_sparse, all_dense, all_runs = [], [], [], [first]
     for rate in args.links:
         lab.limit(rate)
         runs = {"sparse": [], "dense": [], "auto": []}
@@ -265,6 +309,8 @@ def drive(args) -> dict:
                 train_step()
                 runs[mode].append(sync(mode))
         all_sparse += runs["sparse"]
+        all_dense += runs["dense"]
+        all_runs += [r for rs in runs.values() for r in rs]
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         row = {
             "rate_mbit": rate,
@@ -291,7 +337,17 @@ def drive(args) -> dict:
         "model_params": params, "trainer_ranks": len(group.workers), "receivers": len(receivers),
         "change_fraction": statistics.median(r["changed"] / numel for r in all_sparse),
         "published_bytes_total": first["dense_bytes"], "published_bytes_per_rank": slice_bytes,
+        "sparsity": args.sparsity,
+        # the copies a rank's publisher keeps between publishes (its base and spare buffers)
+        "publisher_standing_bytes_per_rank": group.call("publisher_standing_bytes"),
+        # peak RSS growth of a rank during a sparse publish, the kernel's high-water mark reset
+        # before each one (bench.sync_cluster.PeakRss); full sends beside it
+        "publish_peak_rss_bytes_per_rank": [max(r["rank_extra_rss"][k] for r in all_sparse) for k in range(len(slice_bytes))],
+        "full_publish_peak_rss_bytes_per_rank": [max(r["rank_extra_rss"][k] for r in all_dense) for k in range(len(slice_bytes))],
         "publish_extra_rss_bytes_per_rank": [max(r["rank_extra_rss"][k] for r in all_sparse) for k in range(len(slice_bytes))],
+        # payload bytes the publisher's history (and a snapshot for late receivers) kept pinned
+        # in the object store, the most after any publish
+        "object_store_pinned_bytes": max(r["pinned_bytes"] for r in all_runs),
         "receiver_extra_rss_bytes": max(r["receiver_extra_rss"] for r in all_sparse),
         "receiver_staged_bytes": max(r["receiver_staged_bytes"] for r in all_sparse),
         "links": rows,
@@ -300,7 +356,7 @@ def drive(args) -> dict:
         "setup": {"updates": args.updates, "zero_stage": args.zero_stage, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
                   "level": "fast", "part_bytes": args.part_mb << 20, "publishes_per_mode": args.publishes,
                   "full_publishes": args.full_publishes, "layers": args.layers, "embd": args.embd,
-                  "warmup_steps": args.warmup_steps},
+                  "warmup_steps": args.warmup_steps, "sparsity": args.sparsity},
     }
     group.shutdown()
     return result
@@ -388,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--quick, the bar's ~1 %% setting; train without)")
     p.add_argument("--change-fraction", type=float, default=0.01, help="with --updates synthetic")
     p.add_argument("--zero-stage", type=int, default=1, help="the trainer group's ZeRO stage (2 or 3 need less memory)")
+    p.add_argument("--sparsity", choices=("none", "nm", "rigl"), default="none",
+                   help="the trainer ranks' sparsifier (its defaults: 2:4 for nm, density 0.1 for rigl); "
+                        "published weights are masked by it")
     p.add_argument("--links", default=_links_arg(LINKS),
                    help="link rates to measure, Mbit/s, comma-separated (0 = unlimited)")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
@@ -457,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
                    f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}", f"--warmup-steps={args.warmup_steps}", f"--updates={args.updates}",
                    f"--change-fraction={args.change_fraction}",
-                   f"--zero-stage={args.zero_stage}", f"--links={_links_arg(args.links)}"]
+                   f"--zero-stage={args.zero_stage}", f"--links={_links_arg(args.links)}", f"--sparsity={args.sparsity}"]
             rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400).returncode
             if rc != 0 or not raw.exists():
                 for log in ("head.log", "node.log"):

@@ -257,3 +257,31 @@ def test_a_receiver_whose_target_was_altered_names_it_instead_of_blaming_the_pay
     with pytest.raises(CorruptTargetError):
         rec.stage_buckets([delta])
     assert rec.version is None and rec.corrupt_events == 1
+
+
+@pytest.mark.ray
+def test_the_publish_history_pins_about_two_full_sends_at_most(ray_cluster):
+    """history=8: full sends in a row keep only the newest (a chain stops at one anyway), and
+    deltas whose sum outweighs a full send are dropped (a chain that long is never handed out);
+    a receiver left behind still catches up (by snapshot) and lands bit-identical."""
+    gen = torch.Generator().manual_seed(9)
+    state = {"w": (torch.randn(200_000, generator=gen) * 0.02).to(torch.bfloat16)}
+    full = state["w"].numel() * 2
+    pub = WeightPublisher(SyncConfig(mode="dense", history=8))
+    for v in range(1, 6):
+        state["w"][v::50] += 0.01
+        pub.publish(state, v)
+    assert full <= pub.pinned_bytes() <= 1.01 * full  # one full send, not five
+    sparse = WeightPublisher(SyncConfig(mode="sparse", history=8))
+    lagging = WeightReceiver({"w": torch.zeros_like(state["w"])})
+    for v in range(1, 10):
+        state["w"][torch.rand(state["w"].shape, generator=gen) < 0.4] += 0.01  # big deltas
+        sparse.publish(state, v)
+        if v == 1:
+            lagging.apply(sparse.update_for(None))
+        assert sparse.pinned_bytes() <= 2.05 * full
+    update = sparse.update_for(1)
+    assert update.kind in ("snapshot", "chain")
+    lagging.apply(update)
+    assert lagging.version == 9 and lagging.reread_checksum() == state_checksum(state)
+    assert sparse.pinned_bytes() <= 3.1 * full  # and the snapshot made for it, until the next publish

@@ -13,7 +13,9 @@ looks, at the ~1 % that the sync bar names; real steps change ~2 % on this small
 times publishes from "optimizer step done" to "every receiver committed" (median of several):
 - sparse: the fast-level delta of every rank's slice, pipelined (sync/transport.py);
 - full: the full bf16 weights, raw, over the same path (what a full broadcast ships);
-- auto: what `sync.mode=auto` does once it has measured both (sync/policy.py);
+- auto: what `sync.mode=auto` does (sync/policy.py), with a fresh chooser per link rate fed only
+  by its own decisions: its first two publishes measure both modes (`auto_first_s`), the median
+  of the ones after them is `auto_s`;
 and reads the bytes on the wire from the interfaces' counters. After every publish, outside the
 timed window, every receiver's weights are read again and digested (not the digests cached at
 commit) and compared with the trainer's checksum: `links[].verified` is true only when every
@@ -212,6 +214,7 @@ def drive(args) -> dict:
     from launch.trainer_group import TrainerGroup
     from models import ModelConfig
     from sync.config import SyncConfig
+    from sync.policy import ModeChooser
     from sync.transport import ActorChannel, ShardedPublisher
     from trainer.algos.config import AlgoConfig
     from trainer.config import OptimizerConfig, TrainerConfig
@@ -253,7 +256,7 @@ def drive(args) -> dict:
 
     def sync(mode: str) -> dict:
         """One publish in `mode`, timed from here (the optimizer step is done) to every commit."""
-        publisher.chooser.mode = mode
+        publisher.chooser = choosers[mode]
         tx0 = lab.tx_bytes()
         group.call("rss_start")
         t0 = time.perf_counter()
@@ -287,6 +290,7 @@ def drive(args) -> dict:
                 "receiver_wait_s": max(a["transfer_s"] for a in applied), "begin_s": begin_s,
                 "receiver_staged_bytes": max(a["staged_bytes"] for a in applied)}
 
+    choosers = {"sparse": ModeChooser("sparse"), "dense": ModeChooser("dense")}
     lab.limit(None)
     if sparsity_cfg is not None:  # the sparsifier sets its masks in its first step
         batches = [{"tokens": torch.randint(0, 256, (1, 33), generator=gen)} for _ in group.workers]
@@ -304,19 +308,23 @@ def drive(args) -> dict:
     for rate in args.links:
         lab.limit(rate)
         runs = {"sparse": [], "dense": [], "auto": []}
-        for mode, count in (("sparse", args.publishes), ("dense", args.full_publishes), ("auto", args.publishes)):
+        choosers["auto"] = ModeChooser("auto")  # nothing carried over from other links or forced runs
+        for mode, count in (("sparse", args.publishes), ("dense", args.full_publishes), ("auto", args.publishes + 2)):
             for _ in range(count):
                 train_step()
                 runs[mode].append(sync(mode))
+        auto_first, runs["auto"] = runs["auto"][:2], runs["auto"][2:]
         all_sparse += runs["sparse"]
         all_dense += runs["dense"]
-        all_runs += [r for rs in runs.values() for r in rs]
+        all_runs += [r for rs in (*runs.values(), auto_first) for r in rs]
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         row = {
             "rate_mbit": rate,
             "sparse_s": med(runs["sparse"], "seconds"), "full_s": med(runs["dense"], "seconds"),
             "auto_s": med(runs["auto"], "seconds"),
             "auto_choice": "dense" if sum(r["dense"] for r in runs["auto"]) * 2 > len(runs["auto"]) else "sparse",
+            "auto_first_s": [r["seconds"] for r in auto_first],
+            "auto_choices": ["dense" if r["dense"] else "sparse" for r in auto_first + runs["auto"]],
             "sparse_payload_bytes": int(med(runs["sparse"], "payload_bytes")),
             "sparse_wire_bytes": int(med(runs["sparse"], "wire_bytes")),
             "full_wire_bytes": int(med(runs["dense"], "wire_bytes")),
@@ -325,7 +333,7 @@ def drive(args) -> dict:
             "sparse_receiver_decode_s": med(runs["sparse"], "receiver_decode_s"),
             "sparse_receiver_wait_s": med(runs["sparse"], "receiver_wait_s"),
             "sparse_begin_s": med(runs["sparse"], "begin_s"),
-            "verified": all(r["verified"] for rs in runs.values() for r in rs),
+            "verified": all(r["verified"] for rs in (*runs.values(), auto_first) for r in rs),
         }
         row["speedup"] = row["full_s"] / row["sparse_s"]
         row["auto_vs_full"] = row["auto_s"] / row["full_s"]

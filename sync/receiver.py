@@ -37,6 +37,8 @@ from sync.workspace import workers
 from sync.transport import Part, WeightUpdate, checksum_entry, combine_checksums
 
 log = logging.getLogger(__name__)
+# A mirrored (device) target: bytes compared with the mirror per commit, beyond the changes.
+VERIFY_BYTES_PER_COMMIT = 4 << 20
 _INT_NUMPY = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}
 
 
@@ -90,9 +92,18 @@ class WeightReceiver:
     without a target the receiver keeps its own state (`.state`)."""
 
     def __init__(self, target: dict[str, torch.Tensor] | None = None, version: int | None = None,
-                 fetch_timeout_s: float = 600.0):
+                 fetch_timeout_s: float = 600.0, mirror: bool | None = None,
+                 verify_bytes_per_commit: int = VERIFY_BYTES_PER_COMMIT):
         """`fetch_timeout_s` applies to updates that do not carry the publisher's own timeout.
-        A given `version` means the target already holds that version's published weights."""
+        A given `version` means the target already holds that version's published weights.
+
+        `mirror` (default: when a target tensor is not in CPU memory, e.g. on a GPU): keep a
+        host copy of the committed bits in the published dtype, which staging and followers'
+        verification read instead of the target, so a delta reads back from the device only
+        the elements it changed (each write checked) and `verify_bytes_per_commit` more bytes,
+        compared with the copy, a window that moves through the whole model commit by commit.
+        It costs host memory the size of the published weights. rehash() and reread_checksum()
+        always read the target itself."""
         self.target = target
         self.version = version
         self.fetch_timeout_s = fetch_timeout_s
@@ -109,6 +120,13 @@ class WeightReceiver:
         self._digests: dict[str, str] = {}
         self._pending: StagedUpdate | None = None
         self.corrupt_events = 0  # times its committed weights were found altered (_corrupt)
+        self._mirror_on = bool(mirror) if mirror is not None else (
+            target is not None and any(t.device.type != "cpu" for t in target.values()))
+        if self._mirror_on and target is None:
+            raise ValueError("a mirror of the committed bits needs target tensors")
+        self._mirror: dict[str, np.ndarray] = {}  # key -> committed bits (flat, published dtype)
+        self._verify_bytes = verify_bytes_per_commit
+        self._verify_cursor = 0  # where the next commit's window of device bytes starts
         # An update cannot create more tensor bytes than the target holds: a payload declaring
         # more is refused before anything is allocated (sync/decoder.py's max_bytes).
         self._max_bytes = None if target is None else max(4096, sum(t.numel() * t.element_size() for t in target.values()))
@@ -150,6 +168,7 @@ class WeightReceiver:
                                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
     def _stage(self, staged: StagedUpdate, steps: list[list[Part]], get) -> StagedUpdate:
+        self._ensure_mirror()
         version, meta, changes = self.version, dict(self._meta), {}
         parts = [p for step in steps for p in step]
         fetched = _prefetch(parts, get)
@@ -213,8 +232,33 @@ class WeightReceiver:
         return target, new_meta, out
 
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
-        """Committed bits [start, stop) of `key` in its published dtype (a view when the target
-        is a CPU tensor of that dtype, else a converted copy of just that range)."""
+        """Committed bits [start, stop) of `key` in its published dtype, read-only: from the
+        mirror when there is one, else from the target (_read_target)."""
+        if self._mirror_on:
+            if key not in self._mirror:
+                self._ensure_mirror()
+            return self._mirror[key][start:stop]
+        return self._read_target(key, start, stop)
+
+    def _ensure_mirror(self) -> None:
+        """The mirror of every committed key (built by one read of the target: at the first
+        update of a receiver given a `version`, or after its weights were found altered)."""
+        if self._mirror_on and self.version is not None:
+            for key, (_, shape) in self._meta.items():
+                if key not in self._mirror:
+                    n = int(np.prod(shape, dtype=np.int64))
+                    self._mirror[key] = np.array(self._read_target(key, 0, n), copy=True)
+
+    def _read_target_at(self, key: str, pos: np.ndarray) -> np.ndarray:
+        """The target's bits of `key` at flat positions `pos`, in the published dtype."""
+        info, _ = self._meta[key]
+        flat = self._views[key].detach().reshape(-1)
+        vals = flat[torch.from_numpy(pos).to(flat.device)].to(info.torch_dtype).cpu().contiguous()
+        return vals.view(info.int_view).numpy().view(info.uint)
+
+    def _read_target(self, key: str, start: int, stop: int) -> np.ndarray:
+        """The target's bits [start, stop) of `key` in its published dtype (a view when the
+        target is a CPU tensor of that dtype, else a converted copy of just that range)."""
         info, _ = self._meta[key]
         t = self._views[key].detach()
         if t.device.type == "cpu" and t.dtype == info.torch_dtype and t.is_contiguous():
@@ -251,6 +295,7 @@ class WeightReceiver:
         (a rollout engine never does), and rehash() re-reads them when in doubt."""
         self._pending = None
         t0 = time.perf_counter()
+        self._ensure_mirror()
         if shared.kind != "snapshot":  # a snapshot replaces everything; anything else needs the same base
             if shared.base_version != self.version:
                 raise VersionMismatchError(f"a shared update from version {shared.base_version}; this receiver is at {self.version}")
@@ -302,6 +347,7 @@ class WeightReceiver:
         restores them, no delta is built on them and nothing reports them as a version."""
         version = self.version
         self.version, self._digests, self._pending = None, {}, None
+        self._mirror = {}  # rebuilt from the snapshot that restores the weights
         self.corrupt_events += 1
         log.warning("weight receiver at version %s: %s; it takes only a snapshot now", version, why)
         return CorruptTargetError(f"receiver at version {version}: {why}; only a snapshot restores it")
@@ -311,7 +357,7 @@ class WeightReceiver:
         differ from the cached ones (something else wrote the target)."""
         cached = dict(self._digests)
         self._digests = {}
-        base = Base(self._meta, self._read, self._digests)
+        base = Base(self._meta, self._read_target, self._digests)
         return all(base.digest(k) == cached.get(k, base.digest(k)) for k in self._meta)
 
     # ------------------------------------------------------------ commit
@@ -341,11 +387,58 @@ class WeightReceiver:
         self._digests = {k: v for k, v in digests.items() if k in self._meta}
         self.version = staged.target_version
         self._pending = None
+        if self._mirror_on:
+            self._commit_mirror(staged)
         return {
             "version": self.version, "kind": staged.kind, "payload_bytes": staged.payload_bytes,
             "transfer_s": staged.transfer_s, "decode_s": staged.decode_s, "apply_s": time.perf_counter() - t0,
             "staged_bytes": staged.staged_bytes,
         }
+
+    def _commit_mirror(self, staged: StagedUpdate) -> None:
+        """The committed changes into the mirror; then the device's bits at every changed
+        position read back and compared, and a window of `verify_bytes_per_commit` more bytes
+        compared with the mirror (the window moves on every commit, so every byte of the target
+        is compared in turn). A difference: the target does not hold what was committed."""
+        for key, ch in staged.changes.items():
+            if ch.whole is not None:
+                self._mirror[key] = np.array(ch.whole, copy=True)
+            elif ch.changed:
+                scatter(self._mirror[key], ch.pos, ch.vals)
+        self._mirror = {k: v for k, v in self._mirror.items() if k in self._meta}
+        for key, ch in staged.changes.items():
+            if ch.whole is None and ch.changed and not np.array_equal(self._read_target_at(key, ch.pos), ch.vals):
+                raise self._corrupt(f"tensor {key!r} does not hold the {ch.changed} elements just written to it")
+        bad = self._compare_window()
+        if bad is not None:
+            raise self._corrupt(f"tensor {bad!r} differs from the bits committed to it")
+
+    def _compare_window(self) -> str | None:
+        """Compare the next `verify_bytes_per_commit` bytes of the target (keys laid end to end,
+        wrapping around) with the mirror; the key of a difference, or None."""
+        keys = list(self._meta)
+        sizes = [self._mirror[k].nbytes for k in keys]
+        total = sum(sizes)
+        if total == 0 or self._verify_bytes <= 0:
+            return None
+        start = self._verify_cursor % total
+        stop = start + min(self._verify_bytes, total)
+        self._verify_cursor = stop % total
+        spans = [(start, min(stop, total))] + ([(0, stop - total)] if stop > total else [])
+        offset = 0
+        for key, size in zip(keys, sizes):
+            for lo, hi in spans:
+                lo, hi = max(lo, offset), min(hi, offset + size)
+                if lo < hi and not self._window_equal(key, lo - offset, hi - offset):
+                    return key
+            offset += size
+        return None
+
+    def _window_equal(self, key: str, lo_byte: int, hi_byte: int) -> bool:
+        mirror = self._mirror[key]
+        item = mirror.itemsize
+        start, stop = lo_byte // item, -(-hi_byte // item)
+        return np.array_equal(self._read_target(key, start, stop), mirror[start:stop])
 
     def apply(self, update: WeightUpdate) -> dict:
         return self.commit(self.fetch(update))
@@ -353,16 +446,16 @@ class WeightReceiver:
     def state_checksum(self) -> str:
         """Checksum of the committed state in the published dtype (cached digests; compare with
         the publisher's state_checksum())."""
-        return self._checksum(self._digests)
+        return self._checksum(self._digests, self._read)
 
     def reread_checksum(self) -> str:
-        """state_checksum() of the committed tensors' bits as they are now, every one read and
-        digested again (no digest cached at commit is used or changed): what a check that the
-        target really holds the published weights must compare."""
-        return self._checksum({})
+        """state_checksum() of the committed tensors' bits as they are now, every one read from
+        the target and digested again (no digest cached at commit, no mirror is used or
+        changed): what a check that the target really holds the published weights must compare."""
+        return self._checksum({}, self._read_target)
 
-    def _checksum(self, digests: dict) -> str:
-        base = Base(self._meta, self._read, digests)
+    def _checksum(self, digests: dict, read) -> str:
+        base = Base(self._meta, read, digests)
         return combine_checksums({key: checksum_entry(key, info.name, shape, base.digest(key))
                                   for key, (info, shape) in self._meta.items()})
 

@@ -285,3 +285,76 @@ def test_the_publish_history_pins_about_two_full_sends_at_most(ray_cluster):
     lagging.apply(update)
     assert lagging.version == 9 and lagging.reread_checksum() == state_checksum(state)
     assert sparse.pinned_bytes() <= 3.1 * full  # and the snapshot made for it, until the next publish
+
+
+class _CountingReceiver(WeightReceiver):
+    """A receiver whose target counts the bytes read from it (every read of a target goes
+    through these two methods; a GPU target's reads are transfers back to the host)."""
+
+    read_bytes = 0
+
+    def _read_target(self, key, start, stop):
+        out = super()._read_target(key, start, stop)
+        self.read_bytes += out.nbytes
+        return out
+
+    def _read_target_at(self, key, pos):
+        out = super()._read_target_at(key, pos)
+        self.read_bytes += out.nbytes
+        return out
+
+
+def test_a_mirrored_receiver_reads_back_only_the_changes_and_a_moving_window():
+    """mirror=True (what a GPU target gets by default): a delta reads from the target its changed
+    elements (each write checked) and one verify window, not the model, for the lead and a
+    follower alike; a receiver without a mirror reads the whole model per delta. A bit flipped
+    in the target where no delta writes is found by the moving window within a lap."""
+    import pickle
+
+    from sync.codec import encode
+    from sync.errors import CorruptTargetError
+
+    gen = torch.Generator().manual_seed(11)
+    n, window = 1 << 21, 64 << 10
+    model_bytes = (n + 64) * 2
+
+    def step(state):
+        nxt = {k: v.clone() for k, v in state.items()}
+        nxt["w"][torch.randint(0, n // 2, (n // 200,), generator=gen)] += 0.001  # ~0.5 %, first half only
+        return nxt
+
+    v0 = {"w": (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16), "b": torch.zeros(64, dtype=torch.bfloat16)}
+    v1 = step(v0)
+    lead, follower = (_CountingReceiver({k: torch.zeros_like(v) for k, v in v0.items()}, mirror=True,
+                                        verify_bytes_per_commit=window) for _ in range(2))
+    plain = _CountingReceiver({k: torch.zeros_like(v) for k, v in v0.items()})
+    snapshot = encode(None, v0, base_version=None, target_version=0, level="fast")
+    for r in (lead, follower, plain):
+        r.commit(r.stage_buckets([snapshot], kind="snapshot"))
+        r.read_bytes = 0
+    delta = encode(v0, v1, base_version=0, target_version=1, level="fast")
+    staged = lead.stage_buckets([delta])
+    shared = pickle.loads(pickle.dumps(lead.share(staged)))
+    lead.commit(staged)
+    follower.commit(follower.adopt(shared))
+    plain.commit(plain.stage_buckets([delta]))
+    changed = int((v1["w"].view(torch.int16) != v0["w"].view(torch.int16)).sum())
+    for r in (lead, follower):
+        assert r.read_bytes <= 2 * changed + window + 16  # the changes, one window (rounded to elements)
+        assert r.read_bytes < model_bytes / 20
+        assert r.reread_checksum() == state_checksum(v1)
+    assert plain.read_bytes >= model_bytes  # without a mirror a delta reads the model back
+    # the target altered where no delta writes (the second half): caught within one lap
+    lead.target["w"].view(torch.int16)[n - 5] ^= 1
+    state, version = v1, 1
+    with pytest.raises(CorruptTargetError, match="differs from the bits committed"):
+        for _ in range(model_bytes // window + 2):
+            new = step(state)
+            lead.commit(lead.stage_buckets([encode(state, new, base_version=version, target_version=version + 1,
+                                                   level="fast")]))
+            state, version = new, version + 1
+    assert lead.version is None and lead.corrupt_events == 1
+    state = step(state)
+    lead.commit(lead.stage_buckets([encode(None, state, base_version=None, target_version=version + 2, level="fast")],
+                                   kind="snapshot"))
+    assert lead.reread_checksum() == state_checksum(state)

@@ -92,10 +92,10 @@ class WeightReceiver:
     without a target the receiver keeps its own state (`.state`)."""
 
     def __init__(self, target: dict[str, torch.Tensor] | None = None, version: int | None = None,
-                 fetch_timeout_s: float = 600.0, mirror: bool | None = None,
+                 fetch_timeout_s: float = 600.0, fetch_attempts: int = 1, mirror: bool | None = None,
                  verify_bytes_per_commit: int = VERIFY_BYTES_PER_COMMIT):
-        """`fetch_timeout_s` applies to updates that do not carry the publisher's own timeout.
-        A given `version` means the target already holds that version's published weights.
+        """`fetch_timeout_s` and `fetch_attempts` apply to updates that do not carry the
+        publisher's own (sync.fetch_timeout_s, sync.fetch_attempts). A given `version` means the target already holds that version's published weights.
 
         `mirror` (default: when a target tensor is not in CPU memory, e.g. on a GPU): keep a
         host copy of the committed bits in the published dtype, which staging and followers'
@@ -107,6 +107,7 @@ class WeightReceiver:
         self.target = target
         self.version = version
         self.fetch_timeout_s = fetch_timeout_s
+        self.fetch_attempts = fetch_attempts
         self.state: dict[str, torch.Tensor] = {} if target is None else dict(target)
         if target is None and version is not None:
             raise ValueError("a receiver without target tensors starts with no state: version must be None")
@@ -138,7 +139,8 @@ class WeightReceiver:
         self._pending = None
         staged = StagedUpdate(update.kind, self.version, update.target_version, 0, 0.0, 0.0)
         timeout_s = update.fetch_timeout_s or self.fetch_timeout_s
-        return self._stage(staged, update.steps, lambda part: self._get(part, timeout_s))
+        attempts = update.fetch_attempts or self.fetch_attempts
+        return self._stage(staged, update.steps, lambda part: self._get(part, timeout_s, attempts))
 
     def stage_buckets(self, payloads: list[list[bytes]], kind: str = "delta",
                       part_keys: list[list[str]] | None = None) -> StagedUpdate:
@@ -155,17 +157,26 @@ class WeightReceiver:
         return self._stage(StagedUpdate(kind, self.version, None, 0, 0.0, 0.0), steps, lambda part: part.ref)
 
     @staticmethod
-    def _get(part: Part, timeout_s: float) -> list[bytes]:
+    def _get(part: Part, timeout_s: float, attempts: int = 1) -> list[bytes]:
+        """A part's buckets. A wait that times out is made again (a stalled link that comes back
+        only delays the update) up to `attempts` times; an object Ray reports lost or failed
+        (its rank or node died) is an error at once."""
         import ray
 
-        try:
-            return ray.get(part.ref, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise UpdateUnavailableError(f"a part of the update ({len(part.keys or [])} tensors) did not arrive "
-                                         f"within {timeout_s} s (sync.fetch_timeout_s)") from None
-        except ray.exceptions.RayError as e:  # the encoding rank failed or died, the object was lost
-            raise UpdateUnavailableError(f"a part of the update could not be fetched: {type(e).__name__}: "
-                                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        for attempt in range(1, attempts + 1):
+            try:
+                return ray.get(part.ref, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                if attempt == attempts:
+                    raise UpdateUnavailableError(
+                        f"a part of the update ({len(part.keys or [])} tensors) did not arrive within {attempts} "
+                        f"wait(s) of {timeout_s} s (sync.fetch_attempts x sync.fetch_timeout_s)") from None
+                log.warning("a part of the update did not arrive within %s s (wait %d of %d); waiting again",
+                            timeout_s, attempt, attempts)
+            except ray.exceptions.RayError as e:  # the encoding rank failed or died, the object was lost
+                raise UpdateUnavailableError(f"a part of the update could not be fetched: {type(e).__name__}: "
+                                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise AssertionError("unreachable")
 
     def _stage(self, staged: StagedUpdate, steps: list[list[Part]], get) -> StagedUpdate:
         self._ensure_mirror()

@@ -89,6 +89,7 @@ class WeightUpdate:
     payload_bytes: int  # known sizes only (a version still encoding counts 0)
     steps: list[list[Part]] = field(default_factory=list)
     fetch_timeout_s: float | None = None  # sync.fetch_timeout_s: a receiver's wait for one part
+    fetch_attempts: int | None = None  # sync.fetch_attempts: such waits before giving up
 
 
 @dataclass
@@ -316,6 +317,7 @@ class ShardedPublisher:
         """The cheapest update that brings a receiver at `receiver_version` to the latest version."""
         update = self._update_for(receiver_version)
         update.fetch_timeout_s = self.cfg.fetch_timeout_s
+        update.fetch_attempts = self.cfg.fetch_attempts
         return update
 
     def _update_for(self, receiver_version: int | None) -> WeightUpdate:

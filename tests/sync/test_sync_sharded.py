@@ -287,3 +287,30 @@ def test_mode_chooser_measures_the_other_mode_at_once_when_conditions_shift():
     c.since = {"dense": 0, "sparse": 0}
     picks = _simulate(c, after, 6)
     assert picks[:3] == [True, True, False] and not any(picks[3:]) and c.shifts == 1
+
+
+@pytest.mark.ray
+def test_a_part_that_arrives_late_is_waited_for_again_up_to_the_attempts(ray_cluster):
+    """A stalled part (a link that stops, then comes back): each wait of fetch_timeout_s that
+    times out is made again, so the update lands when the part does; once every attempt timed
+    out it is a typed error, the weights untouched."""
+    import ray
+
+    from sync.transport import WeightPublisher
+
+    state = _model_state(2)
+    pub = WeightPublisher(SyncConfig(mode="sparse"))
+    pub.publish(state, 1)
+    good = pub.update_for(None)
+    (part,) = good.steps[0]
+    buckets = ray.get(part.ref)
+    late = lambda delay: ray.remote(lambda b: (__import__("time").sleep(delay), b)[1]).remote(buckets)  # noqa: E731
+    target = {k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in state.items()}
+    rec = WeightReceiver(target)
+    stalled = late(30)
+    with pytest.raises(UpdateUnavailableError, match="2 wait"):
+        rec.apply(WeightUpdate("snapshot", None, 1, 0, [[Part(part.keys, stalled)]], fetch_timeout_s=0.5, fetch_attempts=2))
+    ray.cancel(stalled, force=True)
+    assert rec.version is None and all(t.eq(0).all() for t in target.values())
+    rec.apply(WeightUpdate("snapshot", None, 1, 0, [[Part(part.keys, late(3))]], fetch_timeout_s=1.0, fetch_attempts=20))
+    assert rec.version == 1 and rec.reread_checksum() == pub.state_checksum()

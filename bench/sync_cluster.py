@@ -16,7 +16,8 @@ times publishes from "optimizer step done" to "every receiver committed" (median
 - auto: what `sync.mode=auto` does (sync/policy.py), with a fresh chooser per link rate fed only
   by its own decisions: its first two publishes measure both modes (`auto_first_s`), the median
   of the ones after them is `auto_s`;
-and reads the bytes on the wire from the interfaces' counters. After every publish, outside the
+and reads the bytes on the wire from the interfaces' counters; `full_floor_s` / `sparse_floor_s`
+are what the link alone needs for each payload (bytes x 8 / rate; null when unlimited). After every publish, outside the
 timed window, every receiver's weights are read again and digested (not the digests cached at
 commit) and compared with the trainer's checksum: `links[].verified` is true only when every
 receiver matched after every publish of that link, and the benchmark exits 1 when one did not.
@@ -263,7 +264,7 @@ def drive(args) -> dict:
         handle = publisher.begin()
         begin_s = time.perf_counter() - t0
         update = publisher.update_for(versions[0])
-        if len(set(versions)) == 1 and update.kind in ("delta", "chain"):  # one version: the node decodes once
+        if len(set(versions)) == 1 and update.kind != "none":  # one version: the node decodes once (full sends too)
             shared = receivers[0].stage_shared.remote(update)
             applied = ray.get([receivers[0].commit_shared.remote(shared)] + [r.apply_shared.remote(shared) for r in receivers[1:]])
         else:
@@ -335,6 +336,10 @@ def drive(args) -> dict:
             "sparse_begin_s": med(runs["sparse"], "begin_s"),
             "verified": all(r["verified"] for rs in (*runs.values(), auto_first) for r in rs),
         }
+        # what the link alone needs for each payload (bytes x 8 / rate): the floor no send beats
+        floor = (lambda n: n * 8 / (rate * 1e6)) if rate else (lambda n: None)  # noqa: E731
+        row["full_floor_s"] = floor(row["full_payload_bytes"])
+        row["sparse_floor_s"] = floor(row["sparse_payload_bytes"])
         row["speedup"] = row["full_s"] / row["sparse_s"]
         row["auto_vs_full"] = row["auto_s"] / row["full_s"]
         rows.append(row)
@@ -373,9 +378,24 @@ def drive(args) -> dict:
 # ---------------------------------------------------------------- the outer process
 
 
-def _start_ray(lab, side: str, cmd: list[str], log: Path) -> subprocess.Popen:
+def cluster_env(environ: dict | None = None) -> dict:
+    """The environment of the benchmark's Ray nodes and driver: one authentication setting for
+    all of them, whatever ~/.ray or the caller's environment holds. Ray 2.60 turns token
+    authentication on in a process that finds ~/.ray/auth_token (any local `ray.init` leaves
+    one) unless RAY_AUTH_MODE is set, so a joining node and the head could disagree; the
+    benchmark's cluster is its own, so every process of it gets token mode and one fresh token
+    (RAY_AUTH_TOKEN, which Ray reads before any token file)."""
+    import secrets
+
+    env = dict(os.environ if environ is None else environ)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    return env
+
+
+def _start_ray(lab, side: str, cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(lab.exec_in(side, [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *cmd]),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def _wait_started(proc: subprocess.Popen, log: Path, head: subprocess.Popen, timeout_s: float) -> bool:
@@ -502,14 +522,15 @@ def main(argv: list[str] | None = None) -> int:
         head = f"{lab.ip['a']}:{PORT}"
         common = ["--num-cpus=4", "--disable-usage-stats",
                   f"--object-store-memory={(3 if args.quick else 6) << 30}"]
+        env = cluster_env()
         try:
             procs.append(_start_ray(lab, "a", ["--head", f"--node-ip-address={lab.ip['a']}", f"--port={PORT}",
                                                "--include-dashboard=false", f"--temp-dir={tmp / 'ray'}", f"--resources={json.dumps({TRAINER_RES: 4})}",
-                                               *common], tmp / "head.log"))
+                                               *common], tmp / "head.log", env))
             time.sleep(5)  # the worker node's `ray start` retries until the head's GCS answers
             for attempt in range(3):  # on a busy machine a node's raylet can time out waiting for its agents
                 node = _start_ray(lab, "b", [f"--address={head}", f"--node-ip-address={lab.ip['b']}",
-                                             f"--resources={json.dumps({ROLLOUT_RES: 4})}", *common], tmp / "node.log")
+                                             f"--resources={json.dumps({ROLLOUT_RES: 4})}", *common], tmp / "node.log", env)
                 procs.append(node)
                 if _wait_started(node, tmp / "node.log", procs[0], timeout_s=300):
                     break
@@ -525,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}", f"--warmup-steps={args.warmup_steps}", f"--updates={args.updates}",
                    f"--change-fraction={args.change_fraction}",
                    f"--zero-stage={args.zero_stage}", f"--links={_links_arg(args.links)}", f"--sparsity={args.sparsity}"]
-            rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400).returncode
+            rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400, env=env).returncode
             if rc != 0 or not raw.exists():
                 for log in ("head.log", "node.log"):
                     print(f"--- {log}\n" + (tmp / log).read_text()[-3000:])

@@ -163,7 +163,8 @@ class RolloutGroup:
         """Bring every worker to the trainer's newest version (a delta, a chain of deltas, or a
         snapshot for a worker that is behind or new), all in parallel; their stats by worker.
         Workers on one node at one version share the work: the first fetches and verifies the
-        update, the others commit what it staged (sync/receiver.py SharedUpdate), so a node
+        update (a delta, a chain or a full snapshot), the others commit what it staged
+        (sync/receiver.py SharedUpdate) after verifying it on their own weights, so a node
         decodes each update once however many workers it holds."""
         import ray
 
@@ -173,9 +174,11 @@ class RolloutGroup:
         refs: dict[int, object] = {}
         for (_, version), members in groups.items():
             update = self.update_for(version)
-            if len(members) == 1 or update.kind not in ("delta", "chain"):  # a snapshot: nothing to decode
+            if len(members) == 1 or update.kind == "none":
                 refs.update({i: self.workers[i].apply_update.remote(update) for i in members})
                 continue
+            # a full send (snapshot) too: fetched, checked and decoded once per node, and each
+            # other worker copies the staged tensors from the node's object store into its target
             lead, *rest = members
             shared = self.workers[lead].stage_shared.remote(update)
             refs[lead] = self.workers[lead].commit_shared.remote(shared)

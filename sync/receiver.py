@@ -95,7 +95,8 @@ class WeightReceiver:
                  fetch_timeout_s: float = 600.0, fetch_attempts: int = 1, mirror: bool | None = None,
                  verify_bytes_per_commit: int = VERIFY_BYTES_PER_COMMIT):
         """`fetch_timeout_s` and `fetch_attempts` apply to updates that do not carry the
-        publisher's own (sync.fetch_timeout_s, sync.fetch_attempts). A given `version` means the target already holds that version's published weights.
+        publisher's own (sync.fetch_timeout_s, sync.fetch_attempts). A given `version` means
+        the target already holds that version's published weights.
 
         `mirror` (default: when a target tensor is not in CPU memory, e.g. on a GPU): keep a
         host copy of the committed bits in the published dtype, which staging and followers'

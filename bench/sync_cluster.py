@@ -13,9 +13,14 @@ looks, at the ~1 % that the sync bar names; real steps change ~2 % on this small
 times publishes from "optimizer step done" to "every receiver committed" (median of several):
 - sparse: the fast-level delta of every rank's slice, pipelined (sync/transport.py);
 - full: the full bf16 weights, raw, over the same path (what a full broadcast ships);
-- auto: what `sync.mode=auto` does once it has measured both (sync/policy.py);
-and reads the bytes on the wire from the interfaces' counters. Every publish ends with every
-receiver's checksum equal to the trainer's (bit-identical), or the benchmark fails.
+- auto: what `sync.mode=auto` does (sync/policy.py), with a fresh chooser per link rate fed only
+  by its own decisions: its first two publishes measure both modes (`auto_first_s`), the median
+  of the ones after them is `auto_s`;
+and reads the bytes on the wire from the interfaces' counters; `full_floor_s` / `sparse_floor_s`
+are what the link alone needs for each payload (bytes x 8 / rate; null when unlimited). After every publish, outside the
+timed window, every receiver's weights are read again and digested (not the digests cached at
+commit) and compared with the trainer's checksum: `links[].verified` is true only when every
+receiver matched after every publish of that link, and the benchmark exits 1 when one did not.
 
 Output: JSON (default bench/results/sync_cluster.json) and a PNG beside it (sync seconds vs link
 rate). Without root (or without `ip`/`tc`) it says so and exits 0 without measuring.
@@ -72,15 +77,53 @@ class RssPeak:
         return self.peak - self.base
 
 
+class PeakRss:
+    """The true peak growth of this process's resident memory while the block runs: the
+    kernel's high-water mark (VmHWM) is reset to the current RSS when the block starts (writing
+    5 to /proc/self/clear_refs) and read when it ends, so no short-lived allocation is missed
+    between samples. Where the reset is refused, falls back to sampling (RssPeak)."""
+
+    def __init__(self):
+        self.base = 0
+        self._sampler: RssPeak | None = None
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"/proc/self/status has no {field}")
+
+    def start(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self._status("VmRSS")
+            self._sampler = None
+        except OSError:
+            self._sampler = RssPeak()
+            self._sampler.start()
+
+    def stop(self) -> int:
+        if self._sampler is not None:
+            return self._sampler.stop()
+        return max(0, self._status("VmHWM") - self.base)
+
+
 class BenchRank(RLTrainerWorker):
-    """A trainer rank that also reports its RSS growth between rss_start() and rss_stop()."""
+    """A trainer rank that also reports its peak RSS growth between rss_start() and rss_stop()
+    and its publisher's standing copies."""
 
     def rss_start(self) -> None:
-        self._rss = RssPeak()
+        self._rss = PeakRss()
         self._rss.start()
 
     def rss_stop(self) -> int:
         return self._rss.stop()
+
+    def publisher_standing_bytes(self) -> int:
+        return self.slice_publisher.standing_bytes()
 
     def synthetic_step(self, seed: int, fraction: float) -> None:
         """Instead of an optimizer step: move `fraction` of the weights, drawn alike on every rank,
@@ -100,7 +143,7 @@ class BenchRank(RLTrainerWorker):
         self.version_offset += 1  # a new version to publish, as an optimizer step makes one
 
     def slice_bytes(self) -> int:
-        return sum(t.numel() * 2 for t in self.published_slice().values())
+        return sum(t.numel() * 2 for t in self.published_slice().tensors.values())
 
 
 class BenchReceiver:
@@ -116,7 +159,7 @@ class BenchReceiver:
         self.receiver = WeightReceiver(dict(self.model.named_parameters()), fetch_timeout_s=300)
 
     def apply(self, update) -> dict:
-        rss = RssPeak()
+        rss = PeakRss()
         rss.start()
         stats = self.receiver.apply(update)
         stats["extra_rss"] = rss.stop()
@@ -124,7 +167,7 @@ class BenchReceiver:
 
     # one receiver per node stages, the others commit its staging (as launch/rl_rollouts.py does)
     def stage_shared(self, update):
-        self._rss = RssPeak()
+        self._rss = PeakRss()
         self._rss.start()
         self._staged = self.receiver.fetch(update)
         return self.receiver.share(self._staged)
@@ -135,14 +178,30 @@ class BenchReceiver:
         return stats
 
     def apply_shared(self, shared) -> dict:
-        rss = RssPeak()
+        rss = PeakRss()
         rss.start()
         stats = self.receiver.commit(self.receiver.adopt(shared))
         stats["extra_rss"] = rss.stop()
         return stats
 
-    def checksum(self) -> str:
-        return self.receiver.state_checksum()
+    def reread_checksum(self) -> str:
+        """The committed weights' checksum from their bits as they are now (not from digests
+        cached at commit): what `verified` compares with the trainer's."""
+        return self.receiver.reread_checksum()
+
+    def alter(self, key: str, index: int) -> None:
+        """Flip one bit of a committed element behind the receiver's back (tests of the check)."""
+        import torch
+
+        with torch.no_grad():
+            self.receiver.target[key].data.view(-1).view(torch.int16)[index] ^= 1
+
+
+def reread_verified(receivers: list, checksum: str, timeout_s: float = 600.0) -> list[bool]:
+    """Per receiver actor: whether its re-read weights have the trainer's `checksum`."""
+    import ray
+
+    return [c == checksum for c in ray.get([r.reread_checksum.remote() for r in receivers], timeout=timeout_s)]
 
 
 # ---------------------------------------------------------------- the driver (inside namespace a)
@@ -156,9 +215,11 @@ def drive(args) -> dict:
     from launch.trainer_group import TrainerGroup
     from models import ModelConfig
     from sync.config import SyncConfig
+    from sync.policy import ModeChooser
     from sync.transport import ActorChannel, ShardedPublisher
     from trainer.algos.config import AlgoConfig
     from trainer.config import OptimizerConfig, TrainerConfig
+    from trainer.sparsity import SparsityConfig
     from bench.netlab import NetLab
 
     lab = NetLab(args.lab)
@@ -174,7 +235,8 @@ def drive(args) -> dict:
     cluster = ClusterConfig(address=args.address, trainers=2, cpus_per_trainer=1,
                             resources_per_trainer={TRAINER_RES: 1}, setup_timeout_s=900)
     sync_cfg = SyncConfig(level="fast", mode="sparse", part_bytes=args.part_mb << 20)
-    group = TrainerGroup(cluster, model_cfg, trainer_cfg, opt_cfg, None, worker_cls=BenchRank)
+    sparsity_cfg = None if args.sparsity == "none" else SparsityConfig(method=args.sparsity)
+    group = TrainerGroup(cluster, model_cfg, trainer_cfg, opt_cfg, sparsity_cfg, worker_cls=BenchRank)
     group.call("configure_rl", AlgoConfig(), sync_cfg, 1e-6, 1e-6)
     publisher = ShardedPublisher([ActorChannel(w) for w in group.workers], sync_cfg)
     receivers = [ray.remote(BenchReceiver).options(num_cpus=0.5, resources={ROLLOUT_RES: 1}).remote(model_cfg)
@@ -195,14 +257,14 @@ def drive(args) -> dict:
 
     def sync(mode: str) -> dict:
         """One publish in `mode`, timed from here (the optimizer step is done) to every commit."""
-        publisher.chooser.mode = mode
+        publisher.chooser = choosers[mode]
         tx0 = lab.tx_bytes()
         group.call("rss_start")
         t0 = time.perf_counter()
         handle = publisher.begin()
         begin_s = time.perf_counter() - t0
         update = publisher.update_for(versions[0])
-        if len(set(versions)) == 1 and update.kind in ("delta", "chain"):  # one version: the node decodes once
+        if len(set(versions)) == 1 and update.kind != "none":  # one version: the node decodes once (full sends too)
             shared = receivers[0].stage_shared.remote(update)
             applied = ray.get([receivers[0].commit_shared.remote(shared)] + [r.apply_shared.remote(shared) for r in receivers[1:]])
         else:
@@ -211,13 +273,17 @@ def drive(args) -> dict:
         stats = publisher.finish(handle)
         publisher.observe(handle, seconds)
         rank_rss = group.call("rss_stop")
+        pinned = publisher.pinned_bytes()
         tx1 = lab.tx_bytes()
         for i, a in enumerate(applied):
             versions[i] = a["version"]
-        checksums = ray.get([r.checksum.remote() for r in receivers])
-        if any(c != stats.checksum for c in checksums):
-            raise SystemExit(f"receivers are not bit-identical to the trainer after version {handle.version}")
+        # outside the timed window: every receiver's weights read again and digested
+        ok = reread_verified(receivers, stats.checksum)
+        if not all(ok):
+            print(f"receivers {[i for i, good in enumerate(ok) if not good]} are not bit-identical to the trainer "
+                  f"after version {handle.version} (re-read weights)", flush=True)
         return {"mode": mode, "dense": handle.dense, "seconds": seconds, "payload_bytes": stats.payload_bytes,
+                "verified": all(ok), "pinned_bytes": pinned,
                 "dense_bytes": stats.dense_bytes, "changed": stats.changed, "encode_s": stats.encode_s,
                 "wire_bytes": tx1["a"] - tx0["a"], "wire_bytes_back": tx1["b"] - tx0["b"],
                 "rank_extra_rss": rank_rss, "receiver_extra_rss": max(a["extra_rss"] for a in applied),
@@ -225,30 +291,41 @@ def drive(args) -> dict:
                 "receiver_wait_s": max(a["transfer_s"] for a in applied), "begin_s": begin_s,
                 "receiver_staged_bytes": max(a["staged_bytes"] for a in applied)}
 
+    choosers = {"sparse": ModeChooser("sparse"), "dense": ModeChooser("dense")}
     lab.limit(None)
+    if sparsity_cfg is not None:  # the sparsifier sets its masks in its first step
+        batches = [{"tokens": torch.randint(0, 256, (1, 33), generator=gen)} for _ in group.workers]
+        group.call_per_rank("train_step", batches)
     first = sync("dense")  # every receiver gets version 0 (a full send)
     print(f"model {params / 1e6:.0f}M params, first full send {first['seconds']:.2f} s", flush=True)
     # A fresh optimizer's first steps move every weight by about lr and change several times
     # more bf16 elements than a run publishing every step sees later (Adam's moments settle in
     # ~30 steps): those publishes are made, and checked, but not measured.
+    warm = []
     for _ in range(args.warmup_steps):
         train_step()
-        sync("sparse")
-    rows, all_sparse = [], []
+        warm.append(sync("sparse")["verified"])
+    rows, all_sparse, all_dense, all_runs = [], [], [], [first]
     for rate in args.links:
         lab.limit(rate)
         runs = {"sparse": [], "dense": [], "auto": []}
-        for mode, count in (("sparse", args.publishes), ("dense", args.full_publishes), ("auto", args.publishes)):
+        choosers["auto"] = ModeChooser("auto")  # nothing carried over from other links or forced runs
+        for mode, count in (("sparse", args.publishes), ("dense", args.full_publishes), ("auto", args.publishes + 2)):
             for _ in range(count):
                 train_step()
                 runs[mode].append(sync(mode))
+        auto_first, runs["auto"] = runs["auto"][:2], runs["auto"][2:]
         all_sparse += runs["sparse"]
+        all_dense += runs["dense"]
+        all_runs += [r for rs in (*runs.values(), auto_first) for r in rs]
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         row = {
             "rate_mbit": rate,
             "sparse_s": med(runs["sparse"], "seconds"), "full_s": med(runs["dense"], "seconds"),
             "auto_s": med(runs["auto"], "seconds"),
             "auto_choice": "dense" if sum(r["dense"] for r in runs["auto"]) * 2 > len(runs["auto"]) else "sparse",
+            "auto_first_s": [r["seconds"] for r in auto_first],
+            "auto_choices": ["dense" if r["dense"] else "sparse" for r in auto_first + runs["auto"]],
             "sparse_payload_bytes": int(med(runs["sparse"], "payload_bytes")),
             "sparse_wire_bytes": int(med(runs["sparse"], "wire_bytes")),
             "full_wire_bytes": int(med(runs["dense"], "wire_bytes")),
@@ -257,7 +334,12 @@ def drive(args) -> dict:
             "sparse_receiver_decode_s": med(runs["sparse"], "receiver_decode_s"),
             "sparse_receiver_wait_s": med(runs["sparse"], "receiver_wait_s"),
             "sparse_begin_s": med(runs["sparse"], "begin_s"),
+            "verified": all(r["verified"] for rs in (*runs.values(), auto_first) for r in rs),
         }
+        # what the link alone needs for each payload (bytes x 8 / rate): the floor no send beats
+        floor = (lambda n: n * 8 / (rate * 1e6)) if rate else (lambda n: None)  # noqa: E731
+        row["full_floor_s"] = floor(row["full_payload_bytes"])
+        row["sparse_floor_s"] = floor(row["sparse_payload_bytes"])
         row["speedup"] = row["full_s"] / row["sparse_s"]
         row["auto_vs_full"] = row["auto_s"] / row["full_s"]
         rows.append(row)
@@ -268,14 +350,26 @@ def drive(args) -> dict:
         "model_params": params, "trainer_ranks": len(group.workers), "receivers": len(receivers),
         "change_fraction": statistics.median(r["changed"] / numel for r in all_sparse),
         "published_bytes_total": first["dense_bytes"], "published_bytes_per_rank": slice_bytes,
+        "sparsity": args.sparsity,
+        # the copies a rank's publisher keeps between publishes (its base and spare buffers)
+        "publisher_standing_bytes_per_rank": group.call("publisher_standing_bytes"),
+        # peak RSS growth of a rank during a sparse publish, the kernel's high-water mark reset
+        # before each one (bench.sync_cluster.PeakRss); full sends beside it
+        "publish_peak_rss_bytes_per_rank": [max(r["rank_extra_rss"][k] for r in all_sparse) for k in range(len(slice_bytes))],
+        "full_publish_peak_rss_bytes_per_rank": [max(r["rank_extra_rss"][k] for r in all_dense) for k in range(len(slice_bytes))],
         "publish_extra_rss_bytes_per_rank": [max(r["rank_extra_rss"][k] for r in all_sparse) for k in range(len(slice_bytes))],
+        # payload bytes the publisher's history (and a snapshot for late receivers) kept pinned
+        # in the object store, the most after any publish
+        "object_store_pinned_bytes": max(r["pinned_bytes"] for r in all_runs),
         "receiver_extra_rss_bytes": max(r["receiver_extra_rss"] for r in all_sparse),
         "receiver_staged_bytes": max(r["receiver_staged_bytes"] for r in all_sparse),
         "links": rows,
+        # the first full send and the warm-up publishes are checked too, outside links[]
+        "verified": first["verified"] and all(warm) and all(r["verified"] for r in rows),
         "setup": {"updates": args.updates, "zero_stage": args.zero_stage, "lr": 1e-6, "optimizer": "AdamW (fp32 masters)", "published_dtype": "bfloat16",
                   "level": "fast", "part_bytes": args.part_mb << 20, "publishes_per_mode": args.publishes,
                   "full_publishes": args.full_publishes, "layers": args.layers, "embd": args.embd,
-                  "warmup_steps": args.warmup_steps},
+                  "warmup_steps": args.warmup_steps, "sparsity": args.sparsity},
     }
     group.shutdown()
     return result
@@ -284,9 +378,24 @@ def drive(args) -> dict:
 # ---------------------------------------------------------------- the outer process
 
 
-def _start_ray(lab, side: str, cmd: list[str], log: Path) -> subprocess.Popen:
+def cluster_env(environ: dict | None = None) -> dict:
+    """The environment of the benchmark's Ray nodes and driver: one authentication setting for
+    all of them, whatever ~/.ray or the caller's environment holds. Ray 2.60 turns token
+    authentication on in a process that finds ~/.ray/auth_token (any local `ray.init` leaves
+    one) unless RAY_AUTH_MODE is set, so a joining node and the head could disagree; the
+    benchmark's cluster is its own, so every process of it gets token mode and one fresh token
+    (RAY_AUTH_TOKEN, which Ray reads before any token file)."""
+    import secrets
+
+    env = dict(os.environ if environ is None else environ)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    return env
+
+
+def _start_ray(lab, side: str, cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(lab.exec_in(side, [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *cmd]),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def _wait_started(proc: subprocess.Popen, log: Path, head: subprocess.Popen, timeout_s: float) -> bool:
@@ -363,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--quick, the bar's ~1 %% setting; train without)")
     p.add_argument("--change-fraction", type=float, default=0.01, help="with --updates synthetic")
     p.add_argument("--zero-stage", type=int, default=1, help="the trainer group's ZeRO stage (2 or 3 need less memory)")
+    p.add_argument("--sparsity", choices=("none", "nm", "rigl"), default="none",
+                   help="the trainer ranks' sparsifier (its defaults: 2:4 for nm, density 0.1 for rigl); "
+                        "published weights are masked by it")
     p.add_argument("--links", default=_links_arg(LINKS),
                    help="link rates to measure, Mbit/s, comma-separated (0 = unlimited)")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
@@ -410,14 +522,15 @@ def main(argv: list[str] | None = None) -> int:
         head = f"{lab.ip['a']}:{PORT}"
         common = ["--num-cpus=4", "--disable-usage-stats",
                   f"--object-store-memory={(3 if args.quick else 6) << 30}"]
+        env = cluster_env()
         try:
             procs.append(_start_ray(lab, "a", ["--head", f"--node-ip-address={lab.ip['a']}", f"--port={PORT}",
                                                "--include-dashboard=false", f"--temp-dir={tmp / 'ray'}", f"--resources={json.dumps({TRAINER_RES: 4})}",
-                                               *common], tmp / "head.log"))
+                                               *common], tmp / "head.log", env))
             time.sleep(5)  # the worker node's `ray start` retries until the head's GCS answers
             for attempt in range(3):  # on a busy machine a node's raylet can time out waiting for its agents
                 node = _start_ray(lab, "b", [f"--address={head}", f"--node-ip-address={lab.ip['b']}",
-                                             f"--resources={json.dumps({ROLLOUT_RES: 4})}", *common], tmp / "node.log")
+                                             f"--resources={json.dumps({ROLLOUT_RES: 4})}", *common], tmp / "node.log", env)
                 procs.append(node)
                 if _wait_started(node, tmp / "node.log", procs[0], timeout_s=300):
                     break
@@ -432,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
                    f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}", f"--warmup-steps={args.warmup_steps}", f"--updates={args.updates}",
                    f"--change-fraction={args.change_fraction}",
-                   f"--zero-stage={args.zero_stage}", f"--links={_links_arg(args.links)}"]
-            rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400).returncode
+                   f"--zero-stage={args.zero_stage}", f"--links={_links_arg(args.links)}", f"--sparsity={args.sparsity}"]
+            rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400, env=env).returncode
             if rc != 0 or not raw.exists():
                 for log in ("head.log", "node.log"):
                     print(f"--- {log}\n" + (tmp / log).read_text()[-3000:])
@@ -447,12 +560,14 @@ def main(argv: list[str] | None = None) -> int:
     png = out.with_suffix(".png")
     plot(result, png)
     print(f"wrote {out} and {png}")
+    if not result.get("verified"):
+        print("bench.sync_cluster: a receiver's re-read weights differed from the trainer's (see `verified`)")
     for r in result["links"]:
         rate = f"{r['rate_mbit']} Mbit/s" if r["rate_mbit"] else "unlimited"
         print(f"{rate:>14}: sparse {r['sparse_s']:.2f} s, full {r['full_s']:.2f} s ({r['speedup']:.1f}x), "
               f"auto {r['auto_s']:.2f} s ({r['auto_choice']}), wire {r['sparse_wire_bytes'] / 1e6:.1f} MB "
               f"for a {r['sparse_payload_bytes'] / 1e6:.1f} MB payload x {result['receivers']} receivers")
-    return 0
+    return 0 if result.get("verified") else 1
 
 
 if __name__ == "__main__":

@@ -416,6 +416,8 @@ def verify_workers(job: RLJob) -> tuple[int, list]:
                   + ("its committed weights differ from the published checksum" if wrong_bits else
                      f"its engine's logprobs differ by {check.engine_logprob_diff:.3g} from its committed weights' "
                      f"(rollout.vllm.verify_logprob_tol={tol})"), flush=True)
+            if wrong_bits:  # its digests cached at commit lie: only a snapshot restores it
+                job.rollouts.resync_snapshot(i, "re-read weights differ from the published checksum")
     job.state.totals["verify_mismatches"] += bad
     diffs = [c.engine_logprob_diff for c in checks if c.engine_logprob_diff is not None]
     if diffs:

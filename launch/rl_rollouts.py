@@ -18,6 +18,7 @@ from rollout.engine import EngineUpdateError
 from rollout.results import EvalResult, RolloutBatch, WeightCheck
 from rollout.tasks import TaskConfig
 from rollout.worker import RolloutWorker
+from sync.errors import CorruptTargetError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class RolloutGroup:
         )
         self.restarts = 0
         self.engine_failures = 0  # replacements because an engine failed to take an update
+        self.corrupt_resyncs = 0  # workers resynced by snapshot because their weights were found altered
         self.incarnations = [0] * rollout_cfg.workers
         self.workers = [self._start(i) for i in range(rollout_cfg.workers)]
         self._wait_started()
@@ -137,13 +139,19 @@ class RolloutGroup:
         self.versions[i] = result.version
         return result
 
-    def _call(self, i: int, method: str, *args):
-        """ray.get one call on worker i, replacing the worker and retrying once if it died."""
+    def _call(self, i: int, method: str, *args, timeout_s: float | None = None):
+        """ray.get one call on worker i, replacing the worker and retrying once if it died (or,
+        with `timeout_s`, did not answer within it)."""
         import ray
 
         for attempt in range(2):
             try:
-                return ray.get(getattr(self.workers[i], method).remote(*args))
+                return ray.get(getattr(self.workers[i], method).remote(*args), timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                if attempt:
+                    raise RolloutWorkerLost(f"rollout worker {i}: {method} did not answer within {timeout_s} s, "
+                                            "twice (the second time a fresh worker)") from None
+                self.replace(i, f"{method} did not answer within {timeout_s} s")
             except _worker_lost_errors() as e:
                 if attempt:
                     raise
@@ -155,7 +163,8 @@ class RolloutGroup:
         """Bring every worker to the trainer's newest version (a delta, a chain of deltas, or a
         snapshot for a worker that is behind or new), all in parallel; their stats by worker.
         Workers on one node at one version share the work: the first fetches and verifies the
-        update, the others commit what it staged (sync/receiver.py SharedUpdate), so a node
+        update (a delta, a chain or a full snapshot), the others commit what it staged
+        (sync/receiver.py SharedUpdate) after verifying it on their own weights, so a node
         decodes each update once however many workers it holds."""
         import ray
 
@@ -165,9 +174,11 @@ class RolloutGroup:
         refs: dict[int, object] = {}
         for (_, version), members in groups.items():
             update = self.update_for(version)
-            if len(members) == 1 or update.kind not in ("delta", "chain"):  # a snapshot: nothing to decode
+            if len(members) == 1 or update.kind == "none":
                 refs.update({i: self.workers[i].apply_update.remote(update) for i in members})
                 continue
+            # a full send (snapshot) too: fetched, checked and decoded once per node, and each
+            # other worker copies the staged tensors from the node's object store into its target
             lead, *rest = members
             shared = self.workers[lead].stage_shared.remote(update)
             refs[lead] = self.workers[lead].commit_shared.remote(shared)
@@ -175,24 +186,76 @@ class RolloutGroup:
         out = []
         for i in range(len(self.workers)):
             try:
-                stats = ray.get(refs[i])
+                stats = self._get_applied(i, refs[i])
             except EngineUpdateError:
                 stats = self.replace(i, ENGINE_FAILED)
+            except CorruptTargetError as e:
+                stats = self._after_corrupt_target(i, e)
             except ray.exceptions.RayActorError as e:
                 if e.actor_id not in (None, self.workers[i]._actor_id.hex()):
                     # the worker that staged for this one died, this one did not: fetch itself
-                    stats = self._call(i, "apply_update", self.update_for(self.versions[i]))
+                    stats = self._call(i, "apply_update", self.update_for(self.versions[i]),
+                                       timeout_s=self._apply_timeout_s())
                 else:
                     stats = self.replace(i, type(e).__name__)
             self.versions[i] = stats["version"]
             out.append(stats)
         return out
 
+    def _apply_timeout_s(self) -> float:
+        return float(self.publisher.cfg.apply_timeout_s)
+
+    def _get_applied(self, i: int, ref) -> dict:
+        """Worker i's update stats, waited for at most sync.apply_timeout_s. A worker that has not
+        answered by then (its fetch behind a link that stalled, or waiting for a shared staging
+        that never reached it) is asked once to fetch the update by itself, within the same
+        bound, and is replaced when it cannot: the driver never waits without a bound."""
+        import ray
+
+        timeout_s = self._apply_timeout_s()
+        try:
+            return ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            pass
+        try:
+            ray.cancel(ref)  # a call still waiting for its arguments (a shared staging) never starts
+        except Exception:  # noqa: BLE001 - already finished or not cancellable: the retry below decides
+            pass
+        log.warning("rollout worker %d: no update applied within sync.apply_timeout_s=%s s; it fetches the update "
+                    "by itself", i, timeout_s)
+        try:
+            version = ray.get(self.workers[i].version.remote(), timeout=timeout_s)
+            return ray.get(self.workers[i].apply_update.remote(self.update_for(version)), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            return self.replace(i, f"no update applied within 2 x sync.apply_timeout_s={timeout_s} s")
+
+    def _after_corrupt_target(self, i: int, e: CorruptTargetError) -> dict:
+        """Worker i's update failed on committed weights found altered, its own (it dropped its
+        version: a snapshot restores it) or the worker's that staged it for the node (this one
+        is intact: it fetches the update itself)."""
+        import ray
+
+        version = ray.get(self.workers[i].version.remote(), timeout=self._apply_timeout_s())
+        if version is None:
+            return self.resync_snapshot(i, str(e).splitlines()[0])
+        return self._call(i, "apply_update", self.update_for(version), timeout_s=self._apply_timeout_s())
+
+    def resync_snapshot(self, i: int, reason: str) -> dict:
+        """Worker i's committed weights were found altered (a failed verification): it is brought
+        back by a full snapshot, and the event is counted (`corrupt_resyncs`) and logged."""
+        self.corrupt_resyncs += 1
+        log.warning("rollout worker %d: committed weights found altered (%s); resyncing it by snapshot (%d so far)",
+                    i, reason, self.corrupt_resyncs)
+        stats = self._call(i, "apply_update", self.update_for(None), timeout_s=self._apply_timeout_s())
+        self.versions[i] = stats["version"]
+        return stats
+
     def _node_of(self, i: int) -> str:
         import ray
 
         if self._nodes.get(i, (None,))[0] != self.incarnations[i]:
-            self._nodes[i] = (self.incarnations[i], ray.get(self.workers[i].node_id.remote()))
+            node = self._call(i, "node_id", timeout_s=self._apply_timeout_s())
+            self._nodes[i] = (self.incarnations[i], node)
         return self._nodes[i][1]
 
     def generate_all(self, shares: list, samples_per_prompt: int) -> list[RolloutBatch]:
@@ -212,19 +275,22 @@ class RolloutGroup:
             ray.wait(list(self.pending.values()), num_returns=len(self.pending))
         return self._call_all("evaluate", [(shares[i], samples, pass_threshold) for i in range(len(self.workers))])
 
-    def _call_all(self, method: str, args: list[tuple]) -> list:
-        """`method(*args[i])` on every worker i in parallel; a worker that is lost is replaced and
-        its call made again."""
+    def _call_all(self, method: str, args: list[tuple], timeout_s: float | None = None) -> list:
+        """`method(*args[i])` on every worker i in parallel; a worker that is lost (or, with
+        `timeout_s`, does not answer within it) is replaced and its call made again."""
         import ray
 
         refs = [getattr(w, method).remote(*args[i]) for i, w in enumerate(self.workers)]
         out = []
         for i, ref in enumerate(refs):
             try:
-                out.append(ray.get(ref))
+                out.append(ray.get(ref, timeout=timeout_s))
+            except ray.exceptions.GetTimeoutError:
+                self.replace(i, f"{method} did not answer within {timeout_s} s")
+                out.append(self._call(i, method, *args[i], timeout_s=timeout_s))
             except _worker_lost_errors() as e:
                 self.replace(i, _reason(e))
-                out.append(self._call(i, method, *args[i]))
+                out.append(self._call(i, method, *args[i], timeout_s=timeout_s))
         return out
 
     # -- async mode ------------------------------------------------------------------------------
@@ -253,7 +319,10 @@ class RolloutGroup:
         import ray
 
         try:
-            stats = ray.get(self.workers[i].apply_update.remote(self.update_for(self.versions[i])))
+            stats = ray.get(self.workers[i].apply_update.remote(self.update_for(self.versions[i])),
+                            timeout=self._apply_timeout_s())
+        except ray.exceptions.GetTimeoutError:
+            stats = self.replace(i, f"no update applied within sync.apply_timeout_s={self._apply_timeout_s()} s")
         except _worker_lost_errors() as e:
             stats = self.replace(i, _reason(e))
         self.versions[i] = stats["version"]
@@ -293,7 +362,7 @@ class RolloutGroup:
 
     def verify_all(self) -> list[WeightCheck]:
         """Every worker's weights checked now (RolloutWorker.verify_weights), all in parallel."""
-        return self._call_all("verify_weights", [()] * len(self.workers))
+        return self._call_all("verify_weights", [()] * len(self.workers), timeout_s=self._apply_timeout_s())
 
     def export_final(self, run_dir: str) -> list[str]:
         """Every worker writes the weights it handed its engine to <run_dir>/rollout_final/worker_<i>/."""

@@ -37,7 +37,7 @@ from data.prompts import Sample
 from rollout.results import EvalResult, RolloutBatch, WeightCheck
 from rollout.rewards import ScoredBatch, build_reward_fns, score_batch
 from rollout.tasks import BUILTIN_TASKS, TaskConfig, build_task
-from sync.errors import SyncError, TensorMismatchError, VersionMismatchError
+from sync.errors import CorruptBucketError, SyncError, TensorMismatchError, VersionMismatchError
 from sync.receiver import StagedUpdate
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,10 @@ class RolloutWorker:
             with self._receiver_lock:
                 try:
                     staged = self.receiver.adopt(shared)
-                except (TensorMismatchError, VersionMismatchError):
+                except (TensorMismatchError, VersionMismatchError, CorruptBucketError):
+                    # not this receiver's base, or a shared staging that does not reproduce its own
+                    # digests on intact weights: fetch and verify the update itself (a target found
+                    # altered raises CorruptTargetError instead: the driver resyncs it by snapshot)
                     stats = self._commit(self.receiver.fetch(update))
                 else:
                     stats = self._commit(staged)

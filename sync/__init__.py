@@ -24,7 +24,7 @@ _EXPORTS = {
     "WeightUpdate": "sync.transport", "state_checksum": "sync.transport",
     "SyncError": "sync.errors", "CorruptBucketError": "sync.errors", "VersionMismatchError": "sync.errors",
     "TensorMismatchError": "sync.errors", "NotADeltaError": "sync.errors", "BadInputError": "sync.errors",
-    "UpdateUnavailableError": "sync.errors", "LimitError": "sync.errors",
+    "UpdateUnavailableError": "sync.errors", "LimitError": "sync.errors", "CorruptTargetError": "sync.errors",
 }
 __all__ = list(_EXPORTS)
 

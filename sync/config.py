@@ -21,9 +21,16 @@ class SyncConfig:
     # What a publish sends: "sparse" (a delta at `level`), "dense" (the full weights, raw), or
     # "auto": whichever was fastest end to end, from measured publish times (sync/policy.py).
     mode: str = "auto"
-    # Seconds a receiver waits for one part of an update (a stalled link or a dead trainer rank
-    # ends in a typed error instead of a hang).
-    fetch_timeout_s: float = 600.0
+    # Seconds a receiver waits for one part of an update, and how many such waits it makes
+    # before giving up with a typed error: a link that stalls for a while (while Ray still
+    # counts its node alive) only delays the update; a dead trainer rank or lost object fails at
+    # once (Ray says so), and a stall that outlasts every attempt ends in an error, never a hang.
+    fetch_timeout_s: float = 60.0
+    fetch_attempts: int = 10
+    # Seconds the driver waits for one rollout worker to apply an update (every fetch attempt
+    # included); a worker that has not answered by then is asked to fetch the update once more
+    # by itself, and is replaced when it cannot.
+    apply_timeout_s: float = 900.0
     # Every this many publishes (and at the end of a job) each receiver re-reads its committed
     # weights and digests them against the publisher's checksum (0: only at the end).
     verify_every: int = 10
@@ -41,3 +48,7 @@ class SyncConfig:
             raise ValueError(f"sync.history must be >= 0, got {self.history}")
         if not self.fetch_timeout_s > 0:
             raise ValueError(f"sync.fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
+        if not (isinstance(self.fetch_attempts, int) and self.fetch_attempts >= 1):
+            raise ValueError(f"sync.fetch_attempts must be an integer >= 1, got {self.fetch_attempts!r}")
+        if not self.apply_timeout_s > 0:
+            raise ValueError(f"sync.apply_timeout_s must be > 0, got {self.apply_timeout_s}")

@@ -57,8 +57,8 @@ def chunk_ranges(numel: int, info: DtypeInfo, bucket_bytes: int) -> list[tuple[i
 def _encode_dense(n: np.ndarray, level: str) -> tuple[str, bytes]:
     isz = n.itemsize
     raw = n.view(np.uint8)
-    if level == "raw":  # a full send: uncompressed
-        return "raw", raw.tobytes()
+    if level == "raw":  # a full send: uncompressed, copied once, into its bucket (format.pack_bucket)
+        return "raw", memoryview(np.ascontiguousarray(raw))
     planes = raw.reshape(-1, isz).T.tobytes() if isz > 1 else raw.tobytes()
     z = zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL[level]).compress(planes)
     if len(z) < raw.nbytes:
@@ -282,7 +282,7 @@ def _pack(results, manifest, removed, base_version, target_version, level, bucke
             header["removed"] = removed
             if metadata:
                 header["metadata"] = {str(k): str(v) for k, v in metadata.items()}
-        buckets.append(pack_bucket(header, b"".join(bodies)))
+        buckets.append(pack_bucket(header, bodies))
     return buckets
 
 

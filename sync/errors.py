@@ -33,6 +33,13 @@ class UpdateUnavailableError(SyncError):
     its object was lost, or it did not arrive within sync.fetch_timeout_s (a stalled link)."""
 
 
+class CorruptTargetError(SyncError):
+    """A receiver's committed weights are not the bits it committed (something other than the
+    receiver wrote its target): found when an update's result, built on those bits, fails the
+    sender's checksum while the update itself is intact. The receiver then drops its version,
+    so only a snapshot applies to it until one restores its weights."""
+
+
 class LimitError(SyncError):
     """A payload declares more than a reader allows (header size, element count, output bytes):
     refused before anything of that size is allocated or decompressed. The message names the

@@ -58,12 +58,19 @@ DELTA_ENCODINGS = ("none", "gap", "ctx", "mask", "gap8")
 DENSE_ENCODINGS = ("planes", "raw")
 
 
-def pack_bucket(header: dict, body: bytes) -> bytes:
+def pack_bucket(header: dict, body) -> bytes:
+    """One bucket: `body` is bytes-like, or a list of bytes-like pieces laid end to end. The
+    checksum is computed piece by piece and the bucket is joined once (a full send's raw body
+    would otherwise be copied three times more)."""
+    pieces = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
+    body_len = sum(memoryview(p).nbytes for p in pieces)
     head_json = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     head_bytes = zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL).compress(head_json)
-    prefix = _BUCKET_HEAD.pack(BUCKET_MAGIC, FORMAT_VERSION, 0, len(head_bytes), len(body))
-    data = b"".join((prefix, head_bytes, body))
-    return data + _U64.pack(xxhash.xxh3_64_intdigest(data))
+    prefix = _BUCKET_HEAD.pack(BUCKET_MAGIC, FORMAT_VERSION, 0, len(head_bytes), body_len)
+    h = xxhash.xxh3_64()
+    for p in (prefix, head_bytes, *pieces):
+        h.update(p)
+    return b"".join((prefix, head_bytes, *pieces, _U64.pack(h.intdigest())))
 
 
 def parse_bucket(data, position: int, max_header_bytes: int = MAX_HEADER_BYTES) -> Bucket:

@@ -79,6 +79,7 @@ class SlicePublisher:
         self._last: dict[str, torch.Tensor] | None = None
         self._last_parts: list[list[str]] = []
         self._source: dict[str, torch.Tensor] = {}  # the staged slice, read part by part
+        self._masks: dict[str, torch.Tensor] = {}  # ... and the masks applied to it while converting
         self._next: dict[str, torch.Tensor] | None = None
         # The buffers of the copy before the base (or of a publish that never finished): the
         # next stage converts into them, since fresh tensors of this size cost more in page
@@ -90,14 +91,25 @@ class SlicePublisher:
         self._staged: StagedSlice | None = None
         self._encoded: set[int] = set()
 
-    def stage(self, state: dict[str, torch.Tensor], version: int, dense: bool = False) -> StagedSlice:
-        """Plan publishing this rank's slice (already masked and cut) as `version`. The tensors
-        are read, copied and hashed when their part is encoded."""
+    def stage(self, state: dict[str, torch.Tensor], version: int, dense: bool = False,
+              masks: dict[str, torch.Tensor] | None = None) -> StagedSlice:
+        """Plan publishing this rank's slice (cut) as `version`. The tensors are read, copied
+        and hashed when their part is encoded. `masks` (key -> bool tensor of the key's
+        elements): what is published of those keys is tensor * mask, applied while converting
+        to the published dtype, so a sparsifier's masked weights cost no masked copy."""
         if self.version is not None and version <= self.version:
             raise ValueError(f"publish version {version} must be greater than the last one ({self.version})")
+        masks = dict(masks or {})
+        unknown = sorted(set(masks) - set(state))
+        if unknown:
+            raise ValueError(f"masks for keys {unknown[:3]} that the slice does not have")
+        for k, m in masks.items():
+            if m.dtype != torch.bool or m.numel() != state[k].numel():
+                raise ValueError(f"the mask of {k!r} must be bool with its {state[k].numel()} elements, "
+                                 f"got {m.dtype} with {m.numel()}")
         if self._next:  # a publish that never finished: its copies are spare buffers now
             self._spare.update(self._next)
-        self._source, self._next, self._next_digests = dict(state), {}, {}
+        self._source, self._masks, self._next, self._next_digests = dict(state), masks, {}, {}
         sizes = {k: t.numel() * self._published_itemsize(t) for k, t in self._source.items()}
         parts = plan_parts(sizes, self.cfg.part_bytes)
         base = None if (dense or self._last is None) else self.version
@@ -126,7 +138,7 @@ class SlicePublisher:
         for k in keys:
             # each tensor is hashed once per publish: the checksum, the payload's manifest and,
             # at the next publish, the delta's base all use this digest
-            copy, nz = published_copy(self._source[k], self.dtype, out=self._spare.pop(k, None))
+            copy, nz = published_copy(self._source[k], self.dtype, out=self._spare.pop(k, None), mask=self._masks.get(k))
             self._next[k], self._next_digests[k] = copy, digest(bits_of(copy))
             nonzero += nz
         new = {k: self._next[k] for k in keys}
@@ -146,7 +158,7 @@ class SlicePublisher:
             self._spare = self._last or {}
             self._last, self._last_parts, self.version = self._next, staged.parts, staged.version
             self._last_digests = self._next_digests
-            self._next, self._staged, self._source = None, None, {}
+            self._next, self._staged, self._source, self._masks = None, None, {}, {}
         return buckets, stats
 
     def snapshot_part(self, index: int) -> tuple[list[bytes], PartStats]:
@@ -160,6 +172,17 @@ class SlicePublisher:
         return buckets, PartStats(index, sum(len(b) for b in buckets),
                                   sum(t.numel() * t.element_size() for t in new.values()), 0, time.perf_counter() - t0,
                                   {}, 0)
+
+    def standing_bytes(self) -> int:
+        """Bytes of the copies this publisher holds between publishes (the last published slice,
+        the spare buffers the next publish converts into, a publish's copies not yet base)."""
+        seen, total = set(), 0
+        for d in (self._last or {}, self._spare, self._next or {}):
+            for t in d.values():
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+        return total
 
     def last_published(self) -> dict[str, torch.Tensor]:
         """Copies of the last published slice (its buffers are reused by later publishes)."""

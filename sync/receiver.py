@@ -18,6 +18,7 @@ Keys follow the publish (sync/slices.py): whole tensors from a single trainer ra
 """
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -28,11 +29,16 @@ import torch
 
 from sync.delta_kernels import scatter
 from sync.dtypes import info_for, tensor_from_bits
-from sync.errors import SyncError, TensorMismatchError, UpdateUnavailableError, VersionMismatchError
+from sync.errors import (CorruptBucketError, CorruptTargetError, SyncError, TensorMismatchError,
+                         UpdateUnavailableError, VersionMismatchError)
 from sync.slices import parse_key, target_views
-from sync.staging import Base, KeyChange, stage_payload
+from sync.staging import Base, KeyChange, patched_digest, stage_payload
+from sync.workspace import workers
 from sync.transport import Part, WeightUpdate, checksum_entry, combine_checksums
 
+log = logging.getLogger(__name__)
+# A mirrored (device) target: bytes compared with the mirror per commit, beyond the changes.
+VERIFY_BYTES_PER_COMMIT = 4 << 20
 _INT_NUMPY = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}
 
 
@@ -86,12 +92,23 @@ class WeightReceiver:
     without a target the receiver keeps its own state (`.state`)."""
 
     def __init__(self, target: dict[str, torch.Tensor] | None = None, version: int | None = None,
-                 fetch_timeout_s: float = 600.0):
-        """`fetch_timeout_s` applies to updates that do not carry the publisher's own timeout.
-        A given `version` means the target already holds that version's published weights."""
+                 fetch_timeout_s: float = 600.0, fetch_attempts: int = 1, mirror: bool | None = None,
+                 verify_bytes_per_commit: int = VERIFY_BYTES_PER_COMMIT):
+        """`fetch_timeout_s` and `fetch_attempts` apply to updates that do not carry the
+        publisher's own (sync.fetch_timeout_s, sync.fetch_attempts). A given `version` means
+        the target already holds that version's published weights.
+
+        `mirror` (default: when a target tensor is not in CPU memory, e.g. on a GPU): keep a
+        host copy of the committed bits in the published dtype, which staging and followers'
+        verification read instead of the target, so a delta reads back from the device only
+        the elements it changed (each write checked) and `verify_bytes_per_commit` more bytes,
+        compared with the copy, a window that moves through the whole model commit by commit.
+        It costs host memory the size of the published weights. rehash() and reread_checksum()
+        always read the target itself."""
         self.target = target
         self.version = version
         self.fetch_timeout_s = fetch_timeout_s
+        self.fetch_attempts = fetch_attempts
         self.state: dict[str, torch.Tensor] = {} if target is None else dict(target)
         if target is None and version is not None:
             raise ValueError("a receiver without target tensors starts with no state: version must be None")
@@ -104,6 +121,14 @@ class WeightReceiver:
             self._views = dict(target)
         self._digests: dict[str, str] = {}
         self._pending: StagedUpdate | None = None
+        self.corrupt_events = 0  # times its committed weights were found altered (_corrupt)
+        self._mirror_on = bool(mirror) if mirror is not None else (
+            target is not None and any(t.device.type != "cpu" for t in target.values()))
+        if self._mirror_on and target is None:
+            raise ValueError("a mirror of the committed bits needs target tensors")
+        self._mirror: dict[str, np.ndarray] = {}  # key -> committed bits (flat, published dtype)
+        self._verify_bytes = verify_bytes_per_commit
+        self._verify_cursor = 0  # where the next commit's window of device bytes starts
         # An update cannot create more tensor bytes than the target holds: a payload declaring
         # more is refused before anything is allocated (sync/decoder.py's max_bytes).
         self._max_bytes = None if target is None else max(4096, sum(t.numel() * t.element_size() for t in target.values()))
@@ -115,7 +140,8 @@ class WeightReceiver:
         self._pending = None
         staged = StagedUpdate(update.kind, self.version, update.target_version, 0, 0.0, 0.0)
         timeout_s = update.fetch_timeout_s or self.fetch_timeout_s
-        return self._stage(staged, update.steps, lambda part: self._get(part, timeout_s))
+        attempts = update.fetch_attempts or self.fetch_attempts
+        return self._stage(staged, update.steps, lambda part: self._get(part, timeout_s, attempts))
 
     def stage_buckets(self, payloads: list[list[bytes]], kind: str = "delta",
                       part_keys: list[list[str]] | None = None) -> StagedUpdate:
@@ -132,25 +158,45 @@ class WeightReceiver:
         return self._stage(StagedUpdate(kind, self.version, None, 0, 0.0, 0.0), steps, lambda part: part.ref)
 
     @staticmethod
-    def _get(part: Part, timeout_s: float) -> list[bytes]:
+    def _get(part: Part, timeout_s: float, attempts: int = 1) -> list[bytes]:
+        """A part's buckets. A wait that times out is made again (a stalled link that comes back
+        only delays the update) up to `attempts` times; an object Ray reports lost or failed
+        (its rank or node died) is an error at once."""
         import ray
 
-        try:
-            return ray.get(part.ref, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise UpdateUnavailableError(f"a part of the update ({len(part.keys or [])} tensors) did not arrive "
-                                         f"within {timeout_s} s (sync.fetch_timeout_s)") from None
-        except ray.exceptions.RayError as e:  # the encoding rank failed or died, the object was lost
-            raise UpdateUnavailableError(f"a part of the update could not be fetched: {type(e).__name__}: "
-                                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        for attempt in range(1, attempts + 1):
+            try:
+                return ray.get(part.ref, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                if attempt == attempts:
+                    raise UpdateUnavailableError(
+                        f"a part of the update ({len(part.keys or [])} tensors) did not arrive within {attempts} "
+                        f"wait(s) of {timeout_s} s (sync.fetch_attempts x sync.fetch_timeout_s)") from None
+                log.warning("a part of the update did not arrive within %s s (wait %d of %d); waiting again",
+                            timeout_s, attempt, attempts)
+            except ray.exceptions.RayError as e:  # the encoding rank failed or died, the object was lost
+                raise UpdateUnavailableError(f"a part of the update could not be fetched: {type(e).__name__}: "
+                                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise AssertionError("unreachable")
 
     def _stage(self, staged: StagedUpdate, steps: list[list[Part]], get) -> StagedUpdate:
+        self._ensure_mirror()
         version, meta, changes = self.version, dict(self._meta), {}
         parts = [p for step in steps for p in step]
         fetched = _prefetch(parts, get)
         try:
             for step in steps:
-                version, meta, changes = self._stage_step(staged, step, version, meta, changes, fetched)
+                try:
+                    version, meta, changes = self._stage_step(staged, step, version, meta, changes, fetched)
+                except CorruptBucketError as e:
+                    # A delta's result is checked range by range against the sender's checksums,
+                    # built on this receiver's committed bits: when those bits are not the ones
+                    # committed, an intact payload fails that check. Which of the two it is, only
+                    # a re-read of the committed bits tells.
+                    if self.version is not None and self._meta and not self.rehash():
+                        raise self._corrupt(f"its committed weights of version {self.version} changed since "
+                                            "they were committed (an update built on them failed its checksum)") from e
+                    raise
             if self.target is not None and changes:
                 staged.views = self._views_for_target(meta)
             for key, ch in changes.items():  # commit's scatter trusts the (sorted) positions
@@ -198,8 +244,33 @@ class WeightReceiver:
         return target, new_meta, out
 
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
-        """Committed bits [start, stop) of `key` in its published dtype (a view when the target
-        is a CPU tensor of that dtype, else a converted copy of just that range)."""
+        """Committed bits [start, stop) of `key` in its published dtype, read-only: from the
+        mirror when there is one, else from the target (_read_target)."""
+        if self._mirror_on:
+            if key not in self._mirror:
+                self._ensure_mirror()
+            return self._mirror[key][start:stop]
+        return self._read_target(key, start, stop)
+
+    def _ensure_mirror(self) -> None:
+        """The mirror of every committed key (built by one read of the target: at the first
+        update of a receiver given a `version`, or after its weights were found altered)."""
+        if self._mirror_on and self.version is not None:
+            for key, (_, shape) in self._meta.items():
+                if key not in self._mirror:
+                    n = int(np.prod(shape, dtype=np.int64))
+                    self._mirror[key] = np.array(self._read_target(key, 0, n), copy=True)
+
+    def _read_target_at(self, key: str, pos: np.ndarray) -> np.ndarray:
+        """The target's bits of `key` at flat positions `pos`, in the published dtype."""
+        info, _ = self._meta[key]
+        flat = self._views[key].detach().reshape(-1)
+        vals = flat[torch.from_numpy(pos).to(flat.device)].to(info.torch_dtype).cpu().contiguous()
+        return vals.view(info.int_view).numpy().view(info.uint)
+
+    def _read_target(self, key: str, start: int, stop: int) -> np.ndarray:
+        """The target's bits [start, stop) of `key` in its published dtype (a view when the
+        target is a CPU tensor of that dtype, else a converted copy of just that range)."""
         info, _ = self._meta[key]
         t = self._views[key].detach()
         if t.device.type == "cpu" and t.dtype == info.torch_dtype and t.is_contiguous():
@@ -236,12 +307,14 @@ class WeightReceiver:
         (a rollout engine never does), and rehash() re-reads them when in doubt."""
         self._pending = None
         t0 = time.perf_counter()
+        self._ensure_mirror()
         if shared.kind != "snapshot":  # a snapshot replaces everything; anything else needs the same base
             if shared.base_version != self.version:
                 raise VersionMismatchError(f"a shared update from version {shared.base_version}; this receiver is at {self.version}")
             base = Base(self._meta, self._read, self._digests)
             if set(shared.base_digests) != set(self._meta) or any(base.digest(k) != h for k, h in shared.base_digests.items()):
                 raise TensorMismatchError("this receiver's weights differ from the ones the shared update was staged against")
+            self._verify_adopted(shared.changes)
         staged = StagedUpdate(shared.kind, self.version, shared.target_version, 0, 0.0, 0.0,
                               changes=dict(shared.changes), meta=dict(shared.meta))
         if self.target is not None and staged.changes:
@@ -250,12 +323,53 @@ class WeightReceiver:
         self._pending = staged
         return staged
 
+    def _verify_adopted(self, changes: dict) -> None:
+        """A follower verifies what it will commit, as the receiver that staged the update did:
+        each key's result (this receiver's own committed bits with the staged changes laid over
+        them, built block by block without writing anything) must have the sender's digest. The
+        base check above compared digests cached at commit; this reads the bits themselves, so a
+        target written behind the receiver's back is caught before anything is built on it."""
+        keys = [k for k, ch in changes.items() if ch.whole is None]
+        if not keys:
+            return
+
+        def check(key: str) -> bool:
+            ch = changes[key]
+            n = int(np.prod(self._meta[key][1], dtype=np.int64))
+            pos = ch.pos if ch.pos is not None else np.empty(0, np.int64)
+            vals = ch.vals if ch.vals is not None else np.empty(0, ch.info.uint)
+            return patched_digest(self._read(key, 0, n), pos, vals) == ch.xxh
+
+        if workers() > 1 and len(keys) > 1:
+            with ThreadPoolExecutor(workers()) as pool:
+                ok = list(pool.map(check, keys))
+        else:
+            ok = [check(k) for k in keys]
+        bad = [k for k, good in zip(keys, ok) if not good]
+        if not bad:
+            return
+        if not self.rehash():
+            raise self._corrupt(f"its committed weights of version {self.version} changed since they were "
+                                f"committed (tensor {bad[0]!r} and {len(bad) - 1} more fail the shared update's checksum)")
+        raise CorruptBucketError(f"a shared update's changes to tensor {bad[0]!r} do not give the digest it was "
+                                 "staged with on this receiver's (intact) weights")
+
+    def _corrupt(self, why: str) -> CorruptTargetError:
+        """Forget the version and the cached digests of weights found altered: until a snapshot
+        restores them, no delta is built on them and nothing reports them as a version."""
+        version = self.version
+        self.version, self._digests, self._pending = None, {}, None
+        self._mirror = {}  # rebuilt from the snapshot that restores the weights
+        self.corrupt_events += 1
+        log.warning("weight receiver at version %s: %s; it takes only a snapshot now", version, why)
+        return CorruptTargetError(f"receiver at version {version}: {why}; only a snapshot restores it")
+
     def rehash(self) -> bool:
         """Re-read the committed weights' digests (they are cached at commit); False when they
         differ from the cached ones (something else wrote the target)."""
         cached = dict(self._digests)
         self._digests = {}
-        base = Base(self._meta, self._read, self._digests)
+        base = Base(self._meta, self._read_target, self._digests)
         return all(base.digest(k) == cached.get(k, base.digest(k)) for k in self._meta)
 
     # ------------------------------------------------------------ commit
@@ -285,11 +399,58 @@ class WeightReceiver:
         self._digests = {k: v for k, v in digests.items() if k in self._meta}
         self.version = staged.target_version
         self._pending = None
+        if self._mirror_on:
+            self._commit_mirror(staged)
         return {
             "version": self.version, "kind": staged.kind, "payload_bytes": staged.payload_bytes,
             "transfer_s": staged.transfer_s, "decode_s": staged.decode_s, "apply_s": time.perf_counter() - t0,
             "staged_bytes": staged.staged_bytes,
         }
+
+    def _commit_mirror(self, staged: StagedUpdate) -> None:
+        """The committed changes into the mirror; then the device's bits at every changed
+        position read back and compared, and a window of `verify_bytes_per_commit` more bytes
+        compared with the mirror (the window moves on every commit, so every byte of the target
+        is compared in turn). A difference: the target does not hold what was committed."""
+        for key, ch in staged.changes.items():
+            if ch.whole is not None:
+                self._mirror[key] = np.array(ch.whole, copy=True)
+            elif ch.changed:
+                scatter(self._mirror[key], ch.pos, ch.vals)
+        self._mirror = {k: v for k, v in self._mirror.items() if k in self._meta}
+        for key, ch in staged.changes.items():
+            if ch.whole is None and ch.changed and not np.array_equal(self._read_target_at(key, ch.pos), ch.vals):
+                raise self._corrupt(f"tensor {key!r} does not hold the {ch.changed} elements just written to it")
+        bad = self._compare_window()
+        if bad is not None:
+            raise self._corrupt(f"tensor {bad!r} differs from the bits committed to it")
+
+    def _compare_window(self) -> str | None:
+        """Compare the next `verify_bytes_per_commit` bytes of the target (keys laid end to end,
+        wrapping around) with the mirror; the key of a difference, or None."""
+        keys = list(self._meta)
+        sizes = [self._mirror[k].nbytes for k in keys]
+        total = sum(sizes)
+        if total == 0 or self._verify_bytes <= 0:
+            return None
+        start = self._verify_cursor % total
+        stop = start + min(self._verify_bytes, total)
+        self._verify_cursor = stop % total
+        spans = [(start, min(stop, total))] + ([(0, stop - total)] if stop > total else [])
+        offset = 0
+        for key, size in zip(keys, sizes):
+            for lo, hi in spans:
+                lo, hi = max(lo, offset), min(hi, offset + size)
+                if lo < hi and not self._window_equal(key, lo - offset, hi - offset):
+                    return key
+            offset += size
+        return None
+
+    def _window_equal(self, key: str, lo_byte: int, hi_byte: int) -> bool:
+        mirror = self._mirror[key]
+        item = mirror.itemsize
+        start, stop = lo_byte // item, -(-hi_byte // item)
+        return np.array_equal(self._read_target(key, start, stop), mirror[start:stop])
 
     def apply(self, update: WeightUpdate) -> dict:
         return self.commit(self.fetch(update))
@@ -297,16 +458,16 @@ class WeightReceiver:
     def state_checksum(self) -> str:
         """Checksum of the committed state in the published dtype (cached digests; compare with
         the publisher's state_checksum())."""
-        return self._checksum(self._digests)
+        return self._checksum(self._digests, self._read)
 
     def reread_checksum(self) -> str:
-        """state_checksum() of the committed tensors' bits as they are now, every one read and
-        digested again (no digest cached at commit is used or changed): what a check that the
-        target really holds the published weights must compare."""
-        return self._checksum({})
+        """state_checksum() of the committed tensors' bits as they are now, every one read from
+        the target and digested again (no digest cached at commit, no mirror is used or
+        changed): what a check that the target really holds the published weights must compare."""
+        return self._checksum({}, self._read_target)
 
-    def _checksum(self, digests: dict) -> str:
-        base = Base(self._meta, self._read, digests)
+    def _checksum(self, digests: dict, read) -> str:
+        base = Base(self._meta, read, digests)
         return combine_checksums({key: checksum_entry(key, info.name, shape, base.digest(key))
                                   for key, (info, shape) in self._meta.items()})
 

@@ -200,7 +200,7 @@ def _stage_entry(body, e, spec, ch: KeyChange, base: Base):
             out = (rel + start, result[rel])
         else:  # gap, ctx, gap8: positions and values
             rel, vals = decode_delta_chunk(enc, chunk, e.changed, old, info, where)
-            if _patched_digest(old, rel, vals) != e.xxh:
+            if patched_digest(old, rel, vals) != e.xxh:
                 raise CorruptBucketError(f"{where}: decoded elements [{start}, {stop}) do not match the sender's checksum")
             return rel + start, vals
     if digest(result) != e.xxh:
@@ -208,12 +208,14 @@ def _stage_entry(body, e, spec, ch: KeyChange, base: Base):
     return out
 
 
-def _patched_digest(old: np.ndarray, rel: np.ndarray, vals: np.ndarray) -> str:
+def patched_digest(old: np.ndarray, rel: np.ndarray, vals: np.ndarray) -> str:
     """Digest of `old` with `vals` written at (sorted) positions `rel`, without writing `old`.
     The result is built and hashed block by block in a small scratch array that stays in the
     core's cache: a chunk-sized copy would go out to memory and back, and staging is bound by
     memory bandwidth (the copy cost more than decoding the changes)."""
     n = old.shape[0]
+    if n == 0:
+        return digest(old)
     block = scratch("stage_block", min(n, max(1, VERIFY_BLOCK_BYTES // old.itemsize)), old.dtype)
     h = xxhash.xxh3_64()
     starts = range(0, n, block.shape[0])

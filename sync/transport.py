@@ -89,6 +89,7 @@ class WeightUpdate:
     payload_bytes: int  # known sizes only (a version still encoding counts 0)
     steps: list[list[Part]] = field(default_factory=list)
     fetch_timeout_s: float | None = None  # sync.fetch_timeout_s: a receiver's wait for one part
+    fetch_attempts: int | None = None  # sync.fetch_attempts: such waits before giving up
 
 
 @dataclass
@@ -229,6 +230,10 @@ class ShardedPublisher:
             parts.append(Part(list(keys), buckets_ref))
             stats_refs.append(stats_ref)
         record = _Record(base, version, parts, stats_refs, plan)
+        # A chain stops at a full send, so an older one in the history only pins its parts in
+        # the object store (up to `history` full sends in dense mode): only the newest stays.
+        for old in [r for r in self._history if r.base_version is None]:
+            self._history.remove(old)
         self._history.append(record)
         self._snapshot = record if base is None else None
         self.version = version
@@ -260,6 +265,7 @@ class ShardedPublisher:
             self._open = None
         record = handle.record
         record.payload_bytes = sum(s.payload_bytes for s in stats)
+        self._trim_history()
         checksums = {k: v for s in stats for k, v in s.checksums.items()}
         handle.checksum = combine_checksums(checksums)
         if record.target_version == self.version:
@@ -276,6 +282,27 @@ class ShardedPublisher:
             parts=len(record.parts), checksum=handle.checksum, density=nonzero / max(1, numel),
         )
 
+    def _trim_history(self) -> None:
+        """Drop the oldest deltas while the older ones together outweigh a full send: a chain
+        is handed out only when it is smaller than a snapshot, so they could never be used. So
+        the history pins at most one full send of older deltas plus the newest version, and a
+        snapshot encoded for a late receiver one more until the next publish, whatever
+        `sync.history` says."""
+        while len(self._history) > 1:
+            older = list(self._history)[:-1]
+            if sum(r.payload_bytes or 0 for r in older) <= self._dense_bytes:
+                break
+            self._history.popleft()
+
+    def pinned_bytes(self) -> int:
+        """Payload bytes the publisher keeps referenced in the object store (so Ray cannot free
+        them): the history's versions and a snapshot encoded for late receivers (finished ones;
+        a publish still encoding counts once finished)."""
+        records = {id(r): r for r in self._history}
+        if self._snapshot is not None:
+            records[id(self._snapshot)] = self._snapshot
+        return sum(r.payload_bytes or 0 for r in records.values())
+
     def observe(self, handle: PublishHandle, seconds: float) -> None:
         """`handle`'s publish took `seconds` from begin() to the last receiver's commit."""
         self.chooser.observe(handle.dense, seconds, handle.dense_bytes)
@@ -290,6 +317,7 @@ class ShardedPublisher:
         """The cheapest update that brings a receiver at `receiver_version` to the latest version."""
         update = self._update_for(receiver_version)
         update.fetch_timeout_s = self.cfg.fetch_timeout_s
+        update.fetch_attempts = self.cfg.fetch_attempts
         return update
 
     def _update_for(self, receiver_version: int | None) -> WeightUpdate:
@@ -373,6 +401,9 @@ class WeightPublisher:
 
     def state_checksum(self) -> str:
         return self._sharded.state_checksum()
+
+    def pinned_bytes(self) -> int:
+        return self._sharded.pinned_bytes()
 
 
 def __getattr__(name: str):

@@ -1,9 +1,19 @@
 """Shared fixtures. Tests that need Ray share one two-node local cluster per test session."""
 from __future__ import annotations
 
+import os
+import secrets
+
 import pytest
 
-from launch.env import set_runtime_defaults
+# One authentication setting for every Ray process the tests start (the shared cluster, the
+# jobs on it, their workers), set before anything reads Ray's config, whatever ~/.ray holds:
+# Ray 2.60 turns token mode on in a process that finds a ~/.ray/auth_token left by any local
+# ray.init, so head, nodes and drivers could disagree.
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+
+from launch.env import set_runtime_defaults  # noqa: E402
 
 set_runtime_defaults()
 

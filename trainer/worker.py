@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -25,7 +25,21 @@ from trainer.distributed import (destroy_distributed, unlink_shm_buffer, free_po
 from trainer.lr_schedule import lr_at
 from trainer.objectives import LanguageModelingObjective, Objective
 
-DS_TAG = "ds"  # DeepSpeed's sub-directory inside one checkpoint directory
+DS_TAG = "ds"
+
+
+@dataclass
+class PublishedSlice:
+    """A rank's share of the published weights (TrainerWorker.published_slice): views of its
+    tensors by slice key, and for the sparsified ones the bool masks of the same elements."""
+
+    tensors: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+
+    def masked(self) -> dict[str, torch.Tensor]:
+        """tensor * mask per key (copies of the masked ones: tests and tools, not publishing)."""
+        return {k: t * self.masks[k].reshape(t.shape).to(t.device, t.dtype) if k in self.masks else t
+                for k, t in self.tensors.items()}  # DeepSpeed's sub-directory inside one checkpoint directory
 
 
 class TrainerWorker:
@@ -185,17 +199,19 @@ class TrainerWorker:
             return {}
         return {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}
 
-    def published_slice(self) -> dict[str, torch.Tensor]:
+    def published_slice(self) -> PublishedSlice:
         """This rank's share of the published weights (sync/slices.py): the flat element range
-        [rank * ceil(n / W), ...) of every parameter, masked by the sparsifier, keyed
-        `name[start:stop]` (the plain name when one rank owns all of it). Local, no collective,
-        no copy of anything but the slice: under ZeRO-3 it is the rank's own partition; under
-        ZeRO 0-2 it is cut from the rank's full working copy, whose values are the masters
-        rounded to the working dtype, which is what publishing them in bf16 gives anyway."""
+        [rank * ceil(n / W), ...) of every parameter, keyed `name[start:stop]` (the plain name
+        when one rank owns all of it), with the sparsifier's masks of the same ranges beside
+        them (what is published is tensor * mask: sync/publisher.py applies the mask while
+        converting to the published dtype). Local, no collective, no copy at all (views): under
+        ZeRO-3 the rank's own partition; under ZeRO 0-2 cut from the rank's full working copy,
+        whose values are the masters rounded to the working dtype, which is what publishing
+        them in bf16 gives anyway."""
         from sync.slices import slice_key, slice_range
 
         layers = self.sparsifier.layers if self.sparsifier is not None else {}
-        out = {}
+        out, masks = {}, {}
         with torch.no_grad():
             for name, p in self.module.named_parameters():
                 if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's own partition of the fp32 masters
@@ -212,12 +228,13 @@ class TrainerWorker:
                     continue
                 if start == stop:
                     continue
-                layer = layers.get(name)
-                if layer is not None and layer.mask is not None:
-                    flat = flat * layer.mask.reshape(-1)[start:stop].to(flat.device, flat.dtype)
                 key = slice_key(name, start, stop, numel)
                 out[key] = flat.reshape(shape) if key == name else flat
-        return out
+                layer = layers.get(name)
+                if layer is not None and layer.mask is not None:
+                    mask = layer.mask.reshape(-1)[start:stop]
+                    masks[key] = mask if mask.dtype == torch.bool else mask != 0
+        return PublishedSlice(out, masks)
 
     def export(self, path: str, dtype: str = "float32") -> str | None:
         """Write the final weights (the fp32 masters, masked, cast to `dtype`: "float32" keeps

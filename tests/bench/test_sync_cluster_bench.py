@@ -47,3 +47,59 @@ def test_lab_link_counts_bytes_obeys_the_rate_limit_and_is_removed(tmp_path):
         assert float(seconds) > 1.2  # tbf shaped it (an unlimited veth takes milliseconds)
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "stbt_a" not in names and "stbt_b" not in names
+
+
+@pytest.mark.ray
+def test_the_benchmarks_check_rereads_every_receivers_weights_and_catches_an_altered_one(ray_cluster):
+    """`verified` comes from each receiver's weights read again, not from digests cached at
+    commit: one bit flipped behind a receiver's back makes that receiver fail the check while
+    its cached checksum still says it matches."""
+    import ray
+    import torch
+
+    from models import ModelConfig, build_model
+    from sync.config import SyncConfig
+    from sync.transport import WeightPublisher, state_checksum
+
+    mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
+    torch.manual_seed(1)
+    model, _ = build_model(mc)
+    state = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.named_parameters()}
+    pub = WeightPublisher(SyncConfig(mode="sparse"))
+    pub.publish(state, 1)
+    receivers = [ray.remote(sync_cluster.BenchReceiver).options(num_cpus=0.1).remote(mc) for _ in range(3)]
+    try:
+        ray.get([r.apply.remote(pub.update_for(None)) for r in receivers])
+        assert sync_cluster.reread_verified(receivers, pub.state_checksum()) == [True] * 3
+        ray.get(receivers[2].alter.remote("h.0.mlp.c_fc.weight", 5))
+        assert sync_cluster.reread_verified(receivers, pub.state_checksum()) == [True, True, False]
+        assert pub.state_checksum() == state_checksum(state)
+    finally:
+        for r in receivers:
+            ray.kill(r)
+
+
+def test_the_publish_peak_sees_memory_freed_before_the_block_ends():
+    """PeakRss reads the kernel's high-water mark, reset at the start: 64 MiB touched and freed
+    inside the block count, whenever it happened between samples."""
+    import numpy as np
+
+    peak = sync_cluster.PeakRss()
+    peak.start()
+    a = np.ones(64 << 20, np.uint8)  # touched: resident
+    del a
+    grown = peak.stop()
+    if peak._sampler is not None:
+        pytest.skip("/proc/self/clear_refs refused here: PeakRss samples instead")
+    assert grown >= 60 << 20
+    peak.start()
+    assert peak.stop() < 32 << 20  # a fresh block starts from the current RSS, not the old peak
+
+
+def test_the_benchmark_cluster_has_one_auth_setting_whatever_the_callers_environment():
+    """Every Ray process of the benchmark gets token mode and one fresh token, so a token file
+    left in ~/.ray (or a caller's RAY_AUTH_* settings) cannot split head and node."""
+    env = sync_cluster.cluster_env({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": "/x/auth_token", "PATH": "/bin"})
+    assert env["RAY_AUTH_MODE"] == "token" and len(env["RAY_AUTH_TOKEN"]) == 64
+    assert "RAY_AUTH_TOKEN_PATH" not in env and env["PATH"] == "/bin"
+    assert sync_cluster.cluster_env({})["RAY_AUTH_TOKEN"] != env["RAY_AUTH_TOKEN"]

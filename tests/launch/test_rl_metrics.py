@@ -67,9 +67,12 @@ def test_verify_workers_counts_a_wrong_digest_and_an_engine_off_its_weights():
 
     cfg = compose_rl_config(["rollout.engine=torch"])
     checks = [WeightCheck(5, "good"), WeightCheck(5, "bad"), WeightCheck(5, "good", 0.2), WeightCheck(5, "good", 0.001)]
+    resynced = []
     job = SimpleNamespace(cfg=cfg, checksums={5: "good"}, state=SimpleNamespace(totals=new_totals()),
-                          rollouts=SimpleNamespace(verify_all=lambda: checks))
+                          rollouts=SimpleNamespace(verify_all=lambda: checks,
+                                                   resync_snapshot=lambda i, reason: resynced.append(i)))
     bad, versions = verify_workers(job)
     assert bad == 2 and versions == [5] * 4  # the wrong digest, and the engine 0.2 off (> 0.05)
+    assert resynced == [1]  # the worker whose re-read weights were wrong is restored by snapshot
     assert job.state.totals["verify_checks"] == 4 and job.state.totals["verify_mismatches"] == 2
     assert job.state.totals["engine_logprob_diff_max"] == 0.2

@@ -14,6 +14,7 @@ class _Publisher:
 
     def __init__(self, pub):
         self.pub = pub
+        self.cfg = pub.cfg  # sync.apply_timeout_s bounds the group's waits
 
     def update_for(self, version):
         return self.pub.update_for(version)

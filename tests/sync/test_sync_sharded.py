@@ -221,21 +221,96 @@ def test_an_update_creating_more_bytes_than_the_target_holds_is_refused_before_d
     assert rec.version is None and target["w"].eq(0).all()
 
 
-def test_mode_chooser_reprobes_dense_only_while_cheap():
-    from sync.policy import REPROBE_EVERY
+def _simulate(c: ModeChooser, times, publishes: int, start: int = 0) -> list[bool]:
+    """`publishes` decisions of `c`, each fed the time `times(i, dense)` of what it chose."""
+    picks = []
+    for i in range(start, start + publishes):
+        picks.append(c.choose(1000))
+        c.observe(picks[-1], times(i, picks[-1]), 1000)
+    return picks
 
-    def run(dense_s: float, sparse_s: float) -> list[bool]:
+
+def test_mode_chooser_reprobes_the_mode_not_in_use_on_a_budget_and_never_locks_in():
+    from sync.policy import PROBE_BUDGET, PROBE_MAX_EVERY, PROBE_MIN_EVERY
+
+    def probes(dense_s: float, sparse_s: float, publishes: int) -> list[int]:
         c = ModeChooser("auto")
-        assert c.choose(1000) is True
-        c.observe(True, dense_s, 1000)
-        picks = []
-        for _ in range(2 * REPROBE_EVERY + 2):
-            picks.append(c.choose(1000))
-            c.observe(picks[-1], dense_s if picks[-1] else sparse_s, 1000)
-        return picks
+        picks = _simulate(c, lambda i, d: dense_s if d else sparse_s, publishes)
+        loser = dense_s >= sparse_s
+        return [i for i, p in enumerate(picks) if i >= 2 and p == loser]
 
-    # dense predicted at 1.5x sparse: probed once every REPROBE_EVERY sparse publishes
-    picks = run(dense_s=1.5, sparse_s=1.0)
-    assert [i for i, p in enumerate(picks) if p] == [REPROBE_EVERY, 2 * REPROBE_EVERY + 1]
-    # a slow link (dense 10x sparse): never probed again
-    assert not any(run(dense_s=10.0, sparse_s=1.0))
+    # dense at 1.5x sparse: the 0.5 s a probe costs is within budget after PROBE_MIN_EVERY publishes
+    got = probes(1.5, 1.0, 60)
+    assert got and all(b - a == PROBE_MIN_EVERY + 1 for a, b in zip(got, got[1:]))
+    # a slow link (dense 10x sparse): probed, but only once 9 s are <= 10 % of the time since
+    every = round(9.0 / (PROBE_BUDGET * 1.0))
+    got = probes(10.0, 1.0, 400)
+    assert len(got) >= 3 and all(b - a == every + 1 for a, b in zip(got, got[1:]))
+    # however slow the other mode is predicted to be, it is measured again within PROBE_MAX_EVERY
+    got = probes(1e6, 1.0, PROBE_MAX_EVERY + 5)
+    assert got == [PROBE_MAX_EVERY + 1]
+    # and symmetrically: while dense wins, sparse is measured again too
+    got = probes(1.0, 1.5, 60)
+    assert len(got) >= 4
+
+
+def test_mode_chooser_follows_a_link_that_changes_either_way():
+    """Dense wins on a fast link; the link slows 20x: dense's estimate follows and sparse takes
+    over within two publishes. The link becomes fast again while sparse is in use (sparse times
+    do not show it): the scheduled probe of dense finds it."""
+    c = ModeChooser("auto")
+    fast = lambda i, d: 1.0 if d else 2.0  # noqa: E731
+    slow = lambda i, d: 20.0 if d else 2.0  # noqa: E731
+    picks = _simulate(c, fast, 20)
+    assert picks[:2] == [True, False] and sum(not p for p in picks[2:]) <= 2  # dense, bar scheduled probes
+    picks = _simulate(c, slow, 30)
+    assert sum(picks) <= 2 and not any(picks[picks.index(False):])
+    picks = _simulate(c, fast, 400)
+    first_dense = picks.index(True)
+    assert first_dense < 200 and all(picks[first_dense + 1:first_dense + 10])
+    # a caller that knows the link changed: both are measured again before either is trusted
+    c.conditions_changed()
+    assert c.choose(1000) is False
+    c.observe(False, 2.0, 1000)
+    assert c.choose(1000) is True
+
+
+def test_mode_chooser_measures_the_other_mode_at_once_when_conditions_shift():
+    """Dense in use (1 s) against a sparse estimate of 5 s; then full sends take 2.5 s and
+    sparse ones 1 s (the link slowed, the updates got sparser). Dense still looks better than the
+    stale sparse estimate, but two measurements SHIFT off their estimate say the conditions
+    changed: sparse is measured at the next publish, and wins from then on."""
+    c = ModeChooser("auto")
+    before = lambda i, d: 1.0 if d else 5.0  # noqa: E731
+    after = lambda i, d: 2.5 if d else 1.0  # noqa: E731
+    assert _simulate(c, before, 2) == [True, False]
+    c.since = {"dense": 0, "sparse": 0}
+    picks = _simulate(c, after, 6)
+    assert picks[:3] == [True, True, False] and not any(picks[3:]) and c.shifts == 1
+
+
+@pytest.mark.ray
+def test_a_part_that_arrives_late_is_waited_for_again_up_to_the_attempts(ray_cluster):
+    """A stalled part (a link that stops, then comes back): each wait of fetch_timeout_s that
+    times out is made again, so the update lands when the part does; once every attempt timed
+    out it is a typed error, the weights untouched."""
+    import ray
+
+    from sync.transport import WeightPublisher
+
+    state = _model_state(2)
+    pub = WeightPublisher(SyncConfig(mode="sparse"))
+    pub.publish(state, 1)
+    good = pub.update_for(None)
+    (part,) = good.steps[0]
+    buckets = ray.get(part.ref)
+    late = lambda delay: ray.remote(lambda b: (__import__("time").sleep(delay), b)[1]).remote(buckets)  # noqa: E731
+    target = {k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in state.items()}
+    rec = WeightReceiver(target)
+    stalled = late(30)
+    with pytest.raises(UpdateUnavailableError, match="2 wait"):
+        rec.apply(WeightUpdate("snapshot", None, 1, 0, [[Part(part.keys, stalled)]], fetch_timeout_s=0.5, fetch_attempts=2))
+    ray.cancel(stalled, force=True)
+    assert rec.version is None and all(t.eq(0).all() for t in target.values())
+    rec.apply(WeightUpdate("snapshot", None, 1, 0, [[Part(part.keys, late(3))]], fetch_timeout_s=1.0, fetch_attempts=20))
+    assert rec.version == 1 and rec.reread_checksum() == pub.state_checksum()

@@ -61,6 +61,34 @@ def test_train_step_learns_masks_and_publishes():
     assert w.evaluate([batch(0)])["loss"] < first["loss"] - 0.5
 
 
+def test_published_slice_is_views_and_masks_and_publishes_exactly_the_masked_weights():
+    """published_slice copies nothing (views of the parameters, the masks' own ranges); what the
+    slice publisher makes of it is bit for bit published_state(), which masks by an fp32
+    product (an independent path)."""
+    from sync.config import SyncConfig
+    from sync.publisher import SlicePublisher
+    from sync.receiver import WeightReceiver
+    from sync.transport import state_checksum
+
+    w = make_worker(SparsityConfig(method="nm", n=2, m=4))
+    for i in range(3):
+        w.train_step(batch(i))
+    src = w.published_slice()
+    params = dict(w.module.named_parameters())
+    for key, t in src.tensors.items():
+        p = params[key]
+        assert p.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # a view, not a copy
+    assert "h.0.mlp.c_fc.weight" in src.masks and "wte.weight" not in src.masks
+    assert all(m.dtype == torch.bool for m in src.masks.values())
+    pub = SlicePublisher(SyncConfig(mode="sparse"))
+    staged = pub.stage(src.tensors, 1, masks=src.masks)
+    rec = WeightReceiver()
+    payloads = [pub.encode_part(i, 1)[0] for i in range(len(staged.parts))]
+    rec.commit(rec.stage_buckets(payloads, kind="snapshot", part_keys=staged.parts))
+    assert rec.reread_checksum() == state_checksum(w.published_state())
+    assert state_checksum(src.masked()) != state_checksum(src.tensors)  # the masks matter here
+
+
 def test_grad_accumulation_matches_one_big_batch():
     big = make_worker(micro=4, accum=1)
     accumulated = make_worker(micro=2, accum=2)

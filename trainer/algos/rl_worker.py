@@ -106,7 +106,8 @@ class RLTrainerWorker(TrainerWorker):
     # -- the rank's side of a sharded publish (sync/transport.py's ActorChannel calls these) --
 
     def sync_stage(self, dense: bool):
-        return self.slice_publisher.stage(self.published_slice(), self.version(), dense)
+        src = self.published_slice()
+        return self.slice_publisher.stage(src.tensors, self.version(), dense, masks=src.masks)
 
     def sync_encode(self, index: int):
         # the slice is read now: refused when an optimizer step came between stage and encode

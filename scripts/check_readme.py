@@ -11,8 +11,9 @@ commands use). The quick start (`scripts/setup.sh`) is what the check assumes ha
 CLI, benchmarks and `pytest` have their own tests and are listed as not run.
 
 What the check changes, and only this:
-- placeholders for the user's own files become stand-ins: `/models/my-llama` the tiny Llama that
-  `examples/arith/make_data.py --tiny-hf` writes, `prompts.parquet` and `my_rewards.py` the arith
+- placeholders for the user's own files become stand-ins: `/models/my-llama` (and the README's
+  own `/tmp/tiny-llama`) the tiny Llama that `examples/arith/make_data.py --tiny-hf` writes,
+  `prompts.parquet` and `my_rewards.py` the arith
   example's, `/data/corpus/**/*.txt` and `~/corpus/**/*.txt` a folder of text files, `<dir>` the run
   directory of the README's first RL command, other run directories a temporary folder;
 - counts are lowered so each job takes seconds (appended overrides win in Hydra): RL
@@ -126,7 +127,7 @@ class Standins:
 def substitute(overrides: list[str], s: Standins) -> list[str]:
     out = []
     for o in overrides:
-        o = o.replace("/models/my-llama", str(s.tiny_model))
+        o = o.replace("/models/my-llama", str(s.tiny_model)).replace("/tmp/tiny-llama", str(s.tiny_model))
         o = o.replace("task.path=prompts.parquet", f"task.path={ROOT / 'examples/arith/train.parquet'}")
         o = o.replace("my_rewards.py:score", str(ROOT / "examples/arith/reward.py") + ":score")
         o = re.sub(r"(/data/corpus|~/corpus)/\*\*/\*\.txt", f"{s.corpus}/**/*.txt", o)
@@ -283,8 +284,12 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary run directories")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per command")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--lines", type=lambda v: {int(x) for x in v.split(",")}, default=None,
+                        help="only the commands starting on these README lines, e.g. 83,126")
     args = parser.parse_args()
     commands = readme_commands()
+    if args.lines:
+        commands = [c for c in commands if c.line in args.lines]
     if not args.run:
         failed = 0
         for cmd, error in compose_all(commands):

@@ -243,7 +243,7 @@ def run_all(commands: list[Command], work: Path, cluster: bool, timeout_s: float
         elif cmd.kind == "cluster" and cmd.job is None:
             argv = cluster_argv(cmd)
             if argv is None:
-                results.append({"line": cmd.line, "command": cmd.text, "status": "not run (another node)"})
+                results.append({"line": cmd.line, "command": cmd.text, "status": "not run (another node, or the venv's activation)"})
                 continue
             run_dir = None
         else:
@@ -269,7 +269,9 @@ def run_all(commands: list[Command], work: Path, cluster: bool, timeout_s: float
 
 def cluster_argv(cmd: Command) -> list[str] | None:
     """`ray start --head` on 127.0.0.1 (this machine only); the other nodes' line is not run."""
-    argv = [a for a in cmd.argv if a not in ("source", ".venv/bin/activate")]
+    argv = [a for a in cmd.argv if a not in ("source", ".venv/bin/activate")]  # PATH has the venv already
+    if not argv:
+        return None
     if argv[:2] == ["ray", "start"]:
         if "--head" not in argv:
             return None

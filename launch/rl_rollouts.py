@@ -251,8 +251,6 @@ class RolloutGroup:
         return stats
 
     def _node_of(self, i: int) -> str:
-        import ray
-
         if self._nodes.get(i, (None,))[0] != self.incarnations[i]:
             node = self._call(i, "node_id", timeout_s=self._apply_timeout_s())
             self._nodes[i] = (self.incarnations[i], node)

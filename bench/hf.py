@@ -70,7 +70,7 @@ def bench_rollout(model_cfg, dtype: str, batch: int, new_tokens: int, repeats: i
     worker = RolloutWorker(0, model_cfg, rcfg, TaskConfig(name="reverse", length=6))
     # The engine's own weights as version 1 (generate refuses a worker with no version).
     own = {k: v.clone() for k, v in worker.engine.weights().items()}
-    worker.receiver.commit(worker.receiver.stage_buckets([encode(None, own, base_version=None, target_version=1,
+    worker.slot.receiver.commit(worker.slot.receiver.stage_buckets([encode(None, own, base_version=None, target_version=1,
                                                                  level="fast")], kind="snapshot"))
     worker.generate(batch, 1)  # warm-up
     rates, seconds, tokens, prompt_len = [], [], [], []

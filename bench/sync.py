@@ -117,7 +117,7 @@ def measure(old: dict, new: dict, reps: int, levels=("fast", "best"), receiver_p
     high change fractions, and its speed is not what is being compared there)."""
     level_reps = level_reps or {}
     from sync import codec
-    from sync.transport import WeightReceiver
+    from sync.receiver import WeightReceiver
 
     dense = sum(t.numel() * t.element_size() for t in new.values())
     dense_bytes = b"".join(_bits(new[k]).tobytes() for k in new)

@@ -37,8 +37,10 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from sync.payloads import SyncStats
 from trainer.algos.rl_worker import RLTrainerWorker
 
 LINKS = [100, 1000, 10000, None]  # Mbit/s; None = no limit
@@ -146,6 +148,13 @@ class BenchRank(RLTrainerWorker):
         return sum(t.numel() * 2 for t in self.published_slice().tensors.values())
 
 
+@dataclass
+class Applied:
+    """A receiver's commit stats and the extra peak RSS the update cost it."""
+    stats: SyncStats
+    extra_rss: int
+
+
 class BenchReceiver:
     def __init__(self, model_cfg):
         import torch
@@ -158,12 +167,11 @@ class BenchReceiver:
         self.model = model.to(torch.bfloat16)
         self.receiver = WeightReceiver(dict(self.model.named_parameters()), fetch_timeout_s=300)
 
-    def apply(self, update) -> dict:
+    def apply(self, update) -> Applied:
         rss = PeakRss()
         rss.start()
         stats = self.receiver.apply(update)
-        stats["extra_rss"] = rss.stop()
-        return stats
+        return Applied(stats, rss.stop())
 
     # one receiver per node stages, the others commit its staging (as launch/rl_rollouts.py does)
     def stage_shared(self, update):
@@ -172,17 +180,15 @@ class BenchReceiver:
         self._staged = self.receiver.fetch(update)
         return self.receiver.share(self._staged)
 
-    def commit_shared(self, _shared) -> dict:
+    def commit_shared(self, _shared) -> Applied:
         stats = self.receiver.commit(self._staged)
-        stats["extra_rss"] = self._rss.stop()
-        return stats
+        return Applied(stats, self._rss.stop())
 
-    def apply_shared(self, shared) -> dict:
+    def apply_shared(self, shared) -> Applied:
         rss = PeakRss()
         rss.start()
         stats = self.receiver.commit(self.receiver.adopt(shared))
-        stats["extra_rss"] = rss.stop()
-        return stats
+        return Applied(stats, rss.stop())
 
     def reread_checksum(self) -> str:
         """The committed weights' checksum from their bits as they are now (not from digests
@@ -276,7 +282,7 @@ def drive(args) -> dict:
         pinned = publisher.pinned_bytes()
         tx1 = lab.tx_bytes()
         for i, a in enumerate(applied):
-            versions[i] = a["version"]
+            versions[i] = a.stats.version
         # outside the timed window: every receiver's weights read again and digested
         ok = reread_verified(receivers, stats.checksum)
         if not all(ok):
@@ -286,10 +292,10 @@ def drive(args) -> dict:
                 "verified": all(ok), "pinned_bytes": pinned,
                 "dense_bytes": stats.dense_bytes, "changed": stats.changed, "encode_s": stats.encode_s,
                 "wire_bytes": tx1["a"] - tx0["a"], "wire_bytes_back": tx1["b"] - tx0["b"],
-                "rank_extra_rss": rank_rss, "receiver_extra_rss": max(a["extra_rss"] for a in applied),
-                "receiver_decode_s": max(a["decode_s"] for a in applied),
-                "receiver_wait_s": max(a["transfer_s"] for a in applied), "begin_s": begin_s,
-                "receiver_staged_bytes": max(a["staged_bytes"] for a in applied)}
+                "rank_extra_rss": rank_rss, "receiver_extra_rss": max(a.extra_rss for a in applied),
+                "receiver_decode_s": max(a.stats.decode_s for a in applied),
+                "receiver_wait_s": max(a.stats.transfer_s for a in applied), "begin_s": begin_s,
+                "receiver_staged_bytes": max(a.stats.staged_bytes for a in applied)}
 
     choosers = {"sparse": ModeChooser("sparse"), "dense": ModeChooser("dense")}
     lab.limit(None)

@@ -42,9 +42,9 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 if __name__ == "__main__":  # Ctrl-C during the imports below (torch, Ray: seconds) exits quietly
     import os
@@ -59,112 +59,28 @@ set_runtime_defaults()
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from sync.transport import PublishStats  # noqa: E402
+from sync.payloads import PublishStats, SyncStats  # noqa: E402
+from sync.transport import PublishHandle  # noqa: E402
+from rollout.batch import rl_batch  # noqa: E402
+from rollout.results import RolloutBatch  # noqa: E402
 
-from launch.rl_metrics import make_summary, new_totals, remember, step_metrics, stopwatch  # noqa: E402
-from launch.rl_config import (  # noqa: E402
-    RLConfigError, RLJobConfig, check_resources, derived_trainer_config, register_configs, rows_per_step,
-    to_rl_config, validate_rl_config,
-)
-
-
-@dataclass
-class RLPlan:
-    """Everything settled before Ray starts: the checked config, task, tokenizer, where to resume."""
-    cfg: RLJobConfig
-    run_dir: Path
-    trainer_cfg: Any  # trainer.config.TrainerConfig derived from the rollout and rl settings
-    algo_cfg: Any  # trainer.algos.AlgoConfig at the rollout temperature
-    task: Any  # rollout.tasks.Task: the prompts (its position is part of the driver state)
-    eval_prompts: list  # data.prompts.Sample: what rl.eval_every evaluates ([] without evaluation)
-    tokenizer: Any
-    fingerprint: dict  # what a checkpoint must match to be resumed by this run
-    resume_from: Path | None
-
-    @property
-    def checkpoint_root(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-
-@dataclass
-class DriverState:
-    """What the driver itself must carry across a checkpoint (the ranks keep the rest)."""
-    step: int = 0  # RL steps taken
-    version: int = 0  # the trainer's newest published weight version
-    history: dict[str, list[float]] = field(default_factory=dict)  # every logged metric, by step
-    totals: dict[str, float] = field(default_factory=new_totals)  # sync traffic and sample accounting
-    rng: random.Random = field(default_factory=random.Random)  # built-in tasks draw their prompts from it
-    advantages: Any = None  # the driver-side advantage estimator (trainer/algos/advantages.py), or None
-    task: Any = None  # the prompt source: a dataset's position is in its state_dict
-
-    def state_dict(self) -> dict:
-        return {"rl_step": self.step, "version": self.version, "history": self.history, "totals": self.totals,
-                "rng": self.rng.getstate(), "task": self.task.state_dict() if self.task is not None else {},
-                "advantages": None if self.advantages is None else self.advantages.state_dict()}
-
-    def load_state_dict(self, state: dict, keep_totals: bool = False) -> None:
-        """Roll back to `state`; `keep_totals` keeps the traffic counted since (a trainer restart
-        within one job: the bytes really crossed the wire)."""
-        self.step, self.version, self.history = state["rl_step"], state.get("version", 0), state["history"]
-        if not keep_totals:
-            self.totals = {**new_totals(), **state["totals"]}
-        self.rng.setstate(state["rng"])
-        if self.advantages is not None and state.get("advantages") is not None:
-            self.advantages.load_state_dict(state["advantages"])
-        if self.task is not None:
-            self.task.load_state_dict(state.get("task", {}))
-
-
-@dataclass
-class RLJob:
-    """The running job: plan, actor groups, logger, driver state, and per-run bookkeeping."""
-    plan: RLPlan
-    trainers: Any  # launch/rl_trainers.RLTrainers
-    rollouts: Any  # launch/rl_rollouts.RolloutGroup
-    logger: Any  # launch/loggers.MetricsLogger
-    state: DriverState
-    checksums: dict[int, str] = field(default_factory=dict)  # published version -> checksum
-    rl_start_version: int = 0  # the version RL (re)started from (async offers never reach below)
-    in_flight: list = field(default_factory=list)  # this step's samples (dropped if the trainer dies)
-    launched: dict[int, list] = field(default_factory=dict)  # async: the prompts of each worker's running batch
-
-    @property
-    def cfg(self) -> RLJobConfig:
-        return self.plan.cfg
-
-    @property
-    def async_mode(self) -> bool:
-        return self.cfg.rl.mode == "async" and self.cfg.rl.max_staleness > 0
-
-    @property
-    def per_worker(self) -> int:
-        return self.cfg.rollout.prompts_per_step // self.cfg.rollout.workers
-
-    @property
-    def group_size(self) -> int:
-        return self.cfg.rollout.samples_per_prompt
-
-    def next_prompts(self) -> list:
-        """One share of prompts (Samples) for one worker."""
-        return self.plan.task.sample(self.per_worker, self.state.rng)
-
-    def min_version(self) -> int:
-        """A batch launched now is trained after the next publish: it may be at most
-        max_staleness versions older than that one."""
-        return self.state.version + 1 - self.cfg.rl.max_staleness
+from launch.rl_config import RLJobConfig, check_resources, register_configs, rows_per_step, to_rl_config  # noqa: E402
+from launch.rl_job import DriverState, RLJob, plan_run  # noqa: E402
+from launch.rl_metrics import eval_metrics, make_summary, remember, rollout_metrics, step_metrics, stopwatch  # noqa: E402
 
 
 def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step: Callable | None = None) -> dict:
     """Run the job; returns the summary (also written to run_dir/summary.json).
 
-    `on_step(step, rollouts)`, when given, is called after every RL step (tests use it to kill
-    a rollout worker or the trainer mid-run)."""
+    `on_step(step, job)`, when given, is called after every RL step (tests use it to kill a
+    rollout worker or a trainer rank mid-run)."""
     import ray
 
     from launch.cluster import ray_cluster
     from launch.loggers import MetricsLogger
     from launch.rl_rollouts import RolloutGroup
     from launch.rl_trainers import RLTrainers
+    from sync.transport import ShardedPublisher
     from trainer.algos.advantages import build_advantage_estimator
 
     started = time.time()
@@ -178,10 +94,11 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step: Callable | None = Non
         with ray_cluster(cfg.cluster):
             check_resources(cfg, ray.cluster_resources())
             trainers = RLTrainers(cfg, plan.trainer_cfg, plan.algo_cfg)
+            publisher = ShardedPublisher(trainers.channels(), cfg.sync)
             rollouts = None
             try:
-                rollouts = RolloutGroup(cfg.model, cfg.rollout, cfg.task, trainers.publisher)
-                job = RLJob(plan, trainers, rollouts, logger, state)
+                rollouts = RolloutGroup(cfg.model, cfg.rollout, cfg.task, publisher, cfg.sync.apply_timeout_s)
+                job = RLJob(plan, trainers, publisher, rollouts, logger, state)
                 times = {"sft_s": warm_up(job)}
                 times["rl_s"] = train(job, on_step)
                 summary = finish(job, wall_s=time.time() - started, **times)
@@ -192,37 +109,6 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step: Callable | None = Non
     finally:
         logger.close()
     return summary
-
-
-def plan_run(cfg: RLJobConfig, run_dir: Path) -> RLPlan:
-    """Check the config, load the prompts, pick (and check) the checkpoint to resume: every bad
-    input fails here."""
-    import torch
-
-    from models import build_model
-    from rollout.tasks import build_task
-    from trainer import checkpoint as ckpt
-
-    validate_rl_config(cfg)
-    # Reward files by absolute path: rollout workers need not share the driver's working directory.
-    cfg = replace(cfg, task=replace(cfg.task, reward_fns=[absolute_reward_spec(s) for s in cfg.task.reward_fns]))
-    algo_cfg = replace(cfg.algo, temperature=cfg.rollout.temperature)  # trainer logprobs = rollout logprobs
-    task = build_task(cfg.task)
-    eval_prompts = task.eval_samples() if cfg.rl.eval_every else []
-    with torch.device("meta"):
-        _, tokenizer = build_model(cfg.model)
-    fingerprint = rl_fingerprint(cfg)
-    resume_from = ckpt.find_resume_checkpoint(cfg.rl.resume, run_dir / "checkpoints", key="rl.resume",
-                                              error=RLConfigError)
-    if resume_from is not None:
-        ckpt.validate_checkpoint(resume_from, fingerprint)
-    return RLPlan(cfg, run_dir, derived_trainer_config(cfg), algo_cfg, task, eval_prompts, tokenizer, fingerprint,
-                  resume_from)
-
-
-def absolute_reward_spec(spec: str) -> str:
-    where, sep, attr = spec.rpartition(":")
-    return f"{Path(where).resolve()}:{attr}" if sep and where.endswith(".py") else spec
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -273,38 +159,40 @@ def train(job: RLJob, on_step: Callable | None) -> float:
             recover_trainer(job, type(e).__name__)
             continue
         if on_step is not None:
-            on_step(job.state.step, job.rollouts)
+            on_step(job.state.step, job)
     return time.time() - started
 
 
 def rl_step(job: RLJob) -> None:
     """One RL step: samples -> batch -> one optimizer step -> publish -> workers updated -> log."""
-    s, rl, times = job.state, job.cfg.rl, {}
+    s, rl = job.state, job.cfg.rl
+    times: dict[str, float] = {}
     step = s.step + 1
     with stopwatch(times, "step_s"):
         with stopwatch(times, "gen_wait_s"):
             shares, sync_stats = async_rollouts(job) if job.async_mode else sync_rollouts(job)
-        batch, rollout_metrics = assemble(shares, s.version, s.advantages, job.group_size, job.plan.tokenizer.pad_id)
+        batch = rl_batch(shares, s.version, s.advantages, job.group_size, job.plan.tokenizer.pad_id)
+        rollout_numbers = rollout_metrics(shares, s.version, job.group_size)  # before publishing moves the version
         with stopwatch(times, "train_s"):
             train_metrics = job.trainers.train_step(batch)
         with stopwatch(times, "sync/seconds"):
             publishing = begin_publish(job)  # parts still encoding: workers fetch them as they land
             sync_stats += offer_async(job) if job.async_mode else job.rollouts.apply_all()
         pub = finish_publish(job, publishing, None if job.async_mode else times["sync/seconds"])
-    count_mismatches(job, sync_stats)
+    job.count_mismatches(sync_stats)
     s.step = step
-    metrics = step_metrics(rollout_metrics, train_metrics, pub, sync_stats, times, s.version, job.trainers.restarts)
+    metrics = step_metrics(rollout_numbers, train_metrics, pub, sync_stats, times, s.version, job.trainers.restarts)
     if job.cfg.sync.verify_every and step % job.cfg.sync.verify_every == 0:
-        metrics["sync/verify_mismatches"] = verify_workers(job)[0]
+        metrics["sync/verify_mismatches"] = job.verify_workers()[0]
     if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
         metrics.update(evaluate(job))
-    record(job, metrics)
-    log_samples(job, shares)
+    job.record(metrics)
+    job.log_samples(shares)
     if rl.checkpoint_every and (step % rl.checkpoint_every == 0 or step == rl.steps):
         checkpoint(job)
 
 
-def sync_rollouts(job: RLJob) -> tuple[list, list[dict]]:
+def sync_rollouts(job: RLJob) -> tuple[list[RolloutBatch], list[SyncStats]]:
     """Sync mode: every worker generates with the trainer's newest weights (they were applied
     after the last step); no weight traffic happens here."""
     shares = [job.next_prompts() for _ in range(job.cfg.rollout.workers)]
@@ -312,11 +200,12 @@ def sync_rollouts(job: RLJob) -> tuple[list, list[dict]]:
     return job.in_flight, []
 
 
-def async_rollouts(job: RLJob) -> tuple[list, list[dict]]:
+def async_rollouts(job: RLJob) -> tuple[list[RolloutBatch], list[SyncStats]]:
     """Async mode: collect each worker's batch (launched during the previous step), resync a
     worker whose batch is too stale and generate it again, and launch its next batch at once."""
     rl, s = job.cfg.rl, job.state
-    shares, sync_stats = [], []
+    shares: list[RolloutBatch] = []
+    sync_stats: list[SyncStats] = []
     job.in_flight = shares
     for i in range(job.cfg.rollout.workers):
         prompts = job.launched[i]
@@ -325,14 +214,14 @@ def async_rollouts(job: RLJob) -> tuple[list, list[dict]]:
             s.totals["discarded"] += 1
             sync_stats.append(job.rollouts.resync(i))
             result = job.rollouts.generate_one(i, prompts, job.group_size)
-        if result.sync:
+        if result.sync is not None:
             sync_stats.append(result.sync)
         shares.append(result)
         launch(job, i)  # the next batch starts now
     return shares, sync_stats
 
 
-def offer_async(job: RLJob) -> list[dict]:
+def offer_async(job: RLJob) -> list[SyncStats]:
     """Async mode, after a publish: every worker fetches the newest version in the background
     (from any of the versions it may hold); the swap stats come with its next batch."""
     v = job.state.version
@@ -340,18 +229,20 @@ def offer_async(job: RLJob) -> list[dict]:
     return []
 
 
-def begin_publish(job: RLJob):
+def begin_publish(job: RLJob) -> PublishHandle:
     """Every rank stages its slice of the new weights and starts encoding it (sync/transport.py);
     the new version is known now, its stats once finish_publish has waited for the encode."""
-    publishing = job.trainers.begin_publish()
+    publishing = job.publisher.begin()
     job.state.version = publishing.version
     return publishing
 
 
-def finish_publish(job: RLJob, publishing, sync_s: float | None) -> PublishStats:
+def finish_publish(job: RLJob, publishing: PublishHandle, sync_s: float | None) -> PublishStats:
     """The publish's stats; `sync_s` (begin to every worker committed, sync mode) feeds the
     sparse/dense choice of later publishes."""
-    pub = job.trainers.finish_publish(publishing, sync_s)
+    pub = job.publisher.finish(publishing)
+    if sync_s is not None:
+        job.publisher.observe(publishing, sync_s)
     job.checksums[pub.version] = pub.checksum
     job.state.totals["payload"] += pub.payload_bytes
     job.state.totals["dense"] += pub.dense_bytes
@@ -364,14 +255,15 @@ def start_rl(job: RLJob, version_floor: int) -> PublishStats:
     job.trainers.group.call("begin_rl", job.state.step)
     job.trainers.group.call("set_version_floor", version_floor)
     started = time.perf_counter()
-    publishing = job.trainers.begin_publish()
+    publishing = job.publisher.begin()
     job.state.version = job.rl_start_version = publishing.version
     applied = job.rollouts.apply_all()
-    pub = job.trainers.finish_publish(publishing, time.perf_counter() - started)
+    pub = job.publisher.finish(publishing)
+    job.publisher.observe(publishing, time.perf_counter() - started)
     job.checksums[pub.version] = pub.checksum
     for stats in applied:
-        job.state.totals["snapshot_payload"] += stats["payload_bytes"]
-        job.state.totals["mismatches"] += stats["checksum"] != pub.checksum
+        job.state.totals["snapshot_payload"] += stats.payload_bytes
+        job.state.totals["mismatches"] += stats.checksum != pub.checksum
     return pub
 
 
@@ -390,45 +282,7 @@ def evaluate(job: RLJob) -> dict[str, float]:
     """The eval prompts split over the workers: greedy reward mean and pass@k (k = rl.eval_samples)."""
     rl, prompts, n = job.cfg.rl, job.plan.eval_prompts, job.cfg.rollout.workers
     shares = [prompts[i * len(prompts) // n:(i + 1) * len(prompts) // n] for i in range(n)]
-    results = job.rollouts.evaluate(shares, rl.eval_samples, rl.pass_threshold)
-    greedy = [r for res in results for r in res.greedy_rewards]
-    passed = [p for res in results for p in res.passed]
-    return {"eval/reward_mean": sum(greedy) / len(greedy), f"eval/pass@{rl.eval_samples}": sum(passed) / len(passed),
-            "eval/version": min(res.version for res in results),
-            "eval/reward_failures": sum(res.reward_failures for res in results)}
-
-
-def verify_workers(job: RLJob) -> tuple[int, list]:
-    """Every worker re-reads and digests the weights it handed its engine (not the digests cached
-    at commit) and checks what its engine computes against them (rollout/results.py
-    WeightCheck); the driver compares the digest with the publisher's checksum of that version
-    and the engine's logprob difference with rollout.vllm.verify_logprob_tol. Returns the number
-    of workers that failed (counted in sync.verify_mismatches) and the workers' versions."""
-    bad, checks = 0, job.rollouts.verify_all()
-    tol = job.cfg.rollout.vllm.verify_logprob_tol
-    for i, check in enumerate(checks):
-        job.state.totals["verify_checks"] += 1
-        wrong_bits = check.checksum != job.checksums.get(check.version)
-        wrong_engine = check.engine_logprob_diff is not None and check.engine_logprob_diff > tol
-        if wrong_bits or wrong_engine:
-            bad += 1
-            print(f"sync verify: rollout worker {i} at version {check.version}: "
-                  + ("its committed weights differ from the published checksum" if wrong_bits else
-                     f"its engine's logprobs differ by {check.engine_logprob_diff:.3g} from its committed weights' "
-                     f"(rollout.vllm.verify_logprob_tol={tol})"), flush=True)
-            if wrong_bits:  # its digests cached at commit lie: only a snapshot restores it
-                job.rollouts.resync_snapshot(i, "re-read weights differ from the published checksum")
-    job.state.totals["verify_mismatches"] += bad
-    diffs = [c.engine_logprob_diff for c in checks if c.engine_logprob_diff is not None]
-    if diffs:
-        job.state.totals["engine_logprob_diff_max"] = max(job.state.totals.get("engine_logprob_diff_max", 0.0), *diffs)
-    return bad, [c.version for c in checks]
-
-
-def count_mismatches(job: RLJob, sync_stats: list[dict]) -> None:
-    for st in sync_stats:
-        if "checksum" in st and st["checksum"] != job.checksums.get(st["version"]):
-            job.state.totals["mismatches"] += 1
+    return eval_metrics(job.rollouts.evaluate(shares, rl.eval_samples, rl.pass_threshold), rl.eval_samples)
 
 
 # -- trainer failure and checkpoints --------------------------------------------------------------
@@ -438,9 +292,8 @@ def recover_trainer(job: RLJob, reason: str) -> None:
     RL restarts above every version a worker may hold, and the samples in flight are dropped."""
     from trainer import checkpoint as ckpt
 
-    latest = ckpt.latest_checkpoint(job.plan.checkpoint_root)
-    job.trainers.restart(reason, latest)
-    job.rollouts.publisher = job.trainers.publisher
+    latest = job.trainers.restart(reason, ckpt.latest_checkpoint(job.plan.checkpoint_root))
+    job.publisher.reconnect(job.trainers.channels())  # what the old ranks published died with them
     # samples in flight come from versions the restored trainer never made
     dropped = sum(s.size for s in job.in_flight) + job.rollouts.drain(trainer_lost=True)
     job.state.totals["dropped_lost"] += dropped
@@ -472,46 +325,12 @@ def checkpoint(job: RLJob) -> Path:
                                 {"driver": job.state.state_dict()}, keep=job.plan.trainer_cfg.keep_checkpoints)
 
 
-# -- metrics ---------------------------------------------------------------------------------------
-
-def record(job: RLJob, metrics: dict[str, float]) -> None:
-    """Into the history, the loggers and steps.jsonl; a console line every rl.log_every steps."""
-    s, rl = job.state, job.cfg.rl
-    job.logger.log(remember(s.history, metrics), s.step)
-    with open(job.plan.run_dir / "steps.jsonl", "a") as f:
-        f.write(json.dumps({"step": s.step, **metrics}) + "\n")
-    if s.step % rl.log_every == 0 or s.step == rl.steps:
-        from tqdm import tqdm
-
-        window = s.history["reward/mean"][-rl.log_every:]
-        tqdm.write(f"rl step {s.step}/{rl.steps} v{s.version} reward {sum(window) / len(window):.3f} "
-                   f"staleness {metrics['staleness/mean']:.2f} sync x{metrics['sync/ratio']:.1f} "
-                   f"step {metrics['step_s']:.2f}s")
-
-
-def log_samples(job: RLJob, shares: list) -> None:
-    """Every logger.samples_every steps: the completions of each worker's first prompt as a
-    `samples` table (prompt, completion, reward, each reward function's reward, version)."""
-    every = job.cfg.logger.samples_every
-    if not every or job.state.step % every:
-        return
-    names = list(shares[0].reward_components)
-    columns = ["step", "version", "prompt", "completion", "reward", *[f"reward/{n}" for n in names]]
-    rows = []
-    for s in shares:
-        prompt = s.prompts[0] if isinstance(s.prompts[0], str) else json.dumps(s.prompts[0], ensure_ascii=False)
-        for j in range(min(job.group_size, s.size)):
-            rows.append([job.state.step, s.version, prompt, s.completions[j], float(s.rewards[j]),
-                         *[s.reward_components[n][j] for n in names]])
-    job.logger.log_table("samples", columns, rows, job.state.step)
-
-
 def finish(job: RLJob, **times: float) -> dict:
     """Every worker at the final version (checksums compared), export, summary.json."""
     s, version = job.state, job.state.version
     job.rollouts.drain()
-    count_mismatches(job, job.rollouts.apply_all())
-    _, final_versions = verify_workers(job)  # every worker at the final version, its weights re-read
+    job.count_mismatches(job.rollouts.apply_all())
+    _, final_versions = job.verify_workers()  # every worker at the final version, its weights re-read
     if job.cfg.rl.eval_every and (not s.history.get("eval/version") or s.history["eval/version"][-1] != version):
         job.logger.log(remember(s.history, evaluate(job)), s.step)  # every worker holds the final version now
     if job.cfg.rl.export:  # checks the sparsity pattern of what it writes
@@ -528,59 +347,6 @@ def finish(job: RLJob, **times: float) -> dict:
 
     job.logger.plot(RL_PANELS)
     return summary
-
-
-def rl_fingerprint(cfg: RLJobConfig) -> dict:
-    """What a checkpoint must match to be resumed by this config."""
-    import torch
-
-    from models import build_model
-
-    with torch.device("meta"):
-        model, _ = build_model(cfg.model)
-    return {"world_size": cfg.cluster.trainers, "zero_stage": cfg.trainer.zero_stage,
-            "precision": cfg.trainer.precision, "sparsity_method": cfg.sparsity.method,
-            "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()}, "algo": cfg.algo.name}
-
-
-def assemble(shares: list, trainer_version: int, estimator, group_size: int, pad_id: int):
-    """The rollout shares (RolloutBatch) -> one trainer batch + rollout metrics. The driver-side
-    advantage estimator fills `advantages`; without one (PPO) the trainer estimates them."""
-    import torch
-
-    from rollout.batch import completion_columns, train_batch
-
-    prompt_ids = [p for s in shares for p in s.prompt_ids]
-    tokens = torch.cat([s.tokens for s in shares])
-    lengths = torch.cat([s.lengths for s in shares])
-    rewards = torch.cat([s.rewards for s in shares])
-    versions = torch.cat([torch.full((s.size,), s.version) for s in shares])
-    batch = train_batch(prompt_ids, tokens, lengths, pad_id)
-    width = batch["input_ids"].shape[1]
-    batch["old_logprobs"] = completion_columns(width, torch.cat([s.logprobs for s in shares]))
-    batch["rewards"] = rewards
-    if estimator is not None:
-        batch["advantages"] = estimator(rewards, group_size)
-    batch["current_version"] = (versions == trainer_version)
-    staleness = (trainer_version - versions).float()
-    gen_s = max(s.gen_s for s in shares)
-    groups = rewards.view(-1, group_size)
-    metrics = {
-        "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-        "reward/zero_std_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
-        "reward/failures": sum(len(s.reward_failures) for s in shares),
-        "response/length_mean": float(lengths.float().mean()),
-        "response/length_max": float(lengths.max()),
-        "response/finished_frac": float(torch.cat([s.finished for s in shares]).float().mean()),
-        **{f"reward/{name}": sum(sum(s.reward_components[name]) for s in shares) / len(rewards)
-           for name in shares[0].reward_components},
-        "rollout/tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
-        "rollout/gen_s": gen_s,
-        "staleness/mean": float(staleness.mean()),
-        "staleness/max": float(staleness.max()),
-    }
-    return batch, metrics
 
 
 register_configs()
@@ -608,7 +374,7 @@ def _job_spec():
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="rl")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
     from launch.cli import run_job
 
     return run_job(_job_spec(), cfg)

@@ -1,15 +1,17 @@
 """The RL driver's numbers: one step's metrics by their logged names (steps.jsonl, wandb), the
 history they accumulate in, the traffic and sample totals, and summary.json made from them.
-Pure functions over the typed stats the actors return (sync/transport.py PublishStats, the
-rollout workers' sync stats); launch/rl.py calls them."""
+Pure functions over the typed stats the actors return (sync/payloads.py PublishStats and
+SyncStats); launch/rl.py calls them."""
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from sync.transport import PublishStats
+from rollout.results import EvalResult, RolloutBatch
+from sync.payloads import PublishStats, SyncStats
 
 if TYPE_CHECKING:
     from launch.rl_config import RLJobConfig
@@ -29,7 +31,44 @@ def stopwatch(times: dict[str, float], key: str):
         times[key] = time.perf_counter() - started
 
 
-def step_metrics(rollout: dict, train: dict, pub: PublishStats, sync_stats: list[dict], times: dict, version: int,
+def rollout_metrics(shares: Sequence[RolloutBatch], trainer_version: int, group_size: int) -> dict[str, float]:
+    """The rollouts' numbers of one step: rewards (each reward function's too), response
+    lengths, generation throughput, and how many versions behind the trained weights they are."""
+    import torch
+
+    rewards = torch.cat([s.rewards for s in shares])
+    lengths = torch.cat([s.lengths for s in shares])
+    staleness = (trainer_version - torch.cat([torch.full((s.size,), s.version) for s in shares])).float()
+    gen_s = max(s.gen_s for s in shares)
+    groups = rewards.view(-1, group_size)
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "reward/zero_std_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
+        "reward/failures": sum(len(s.reward_failures) for s in shares),
+        "response/length_mean": float(lengths.float().mean()),
+        "response/length_max": float(lengths.max()),
+        "response/finished_frac": float(torch.cat([s.finished for s in shares]).float().mean()),
+        **{f"reward/{name}": sum(sum(s.reward_components[name]) for s in shares) / len(rewards)
+           for name in shares[0].reward_components},
+        "rollout/tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
+        "rollout/gen_s": gen_s,
+        "staleness/mean": float(staleness.mean()),
+        "staleness/max": float(staleness.max()),
+    }
+
+
+def eval_metrics(results: Sequence[EvalResult], samples: int) -> dict[str, float]:
+    """The workers' evaluations together: greedy reward mean and pass@k (k = `samples`), the
+    oldest version evaluated, and reward functions that failed."""
+    greedy = [r for res in results for r in res.greedy_rewards]
+    passed = [p for res in results for p in res.passed]
+    return {"eval/reward_mean": sum(greedy) / len(greedy), f"eval/pass@{samples}": sum(passed) / len(passed),
+            "eval/version": min(res.version for res in results),
+            "eval/reward_failures": sum(res.reward_failures for res in results)}
+
+
+def step_metrics(rollout: dict, train: dict, pub: PublishStats, sync_stats: list[SyncStats], times: dict, version: int,
                  trainer_restarts: int) -> dict[str, float]:
     """Every metric of one RL step, by its logged name (steps.jsonl, wandb): the trainer's under
     train/, except distill/* (the distillation term), named as in pretraining."""
@@ -45,10 +84,10 @@ def step_metrics(rollout: dict, train: dict, pub: PublishStats, sync_stats: list
     if "logprob_mismatch" in train:
         metrics["rollout/logprob_diff"] = train["logprob_mismatch"]
         metrics["rollout/logprob_diff_max"] = train["logprob_mismatch_max"]
-    pauses = [st["pause_s"] for st in sync_stats if "pause_s" in st]  # rollout/worker.py's swap stats
+    pauses = [st.pause_s for st in sync_stats if st.pause_s is not None]  # async swaps
     if pauses:
         metrics["sync/pause_s"] = max(pauses)
-    waits = [st["weights_wait_s"] for st in sync_stats if "weights_wait_s" in st]
+    waits = [st.weights_wait_s for st in sync_stats if st.weights_wait_s is not None]
     if waits:
         metrics["sync/weights_wait_s"] = max(waits)
     return metrics

@@ -8,9 +8,11 @@ restarts and more than `rl.max_trainer_restarts` of them stop the job with Train
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from launch.trainer_group import TrainerGroup
-from sync.transport import PublishStats
+from sync.transport import ActorChannel
+from trainer.algos.batch import TrainBatch
 from trainer.algos.rl_worker import RLTrainerWorker
 
 log = logging.getLogger(__name__)
@@ -26,17 +28,6 @@ class RLTrainers:
         self.cfg, self.trainer_cfg, self.algo_cfg = cfg, trainer_cfg, algo_cfg
         self.restarts = 0
         self.group = self._start()
-        self.publisher = self._publisher()
-
-    def _publisher(self):
-        """The driver's side of weight sync over this group's ranks (sync/transport.py); the
-        sparse/dense choice keeps what it has measured across trainer restarts."""
-        from sync.transport import ActorChannel, ShardedPublisher
-
-        publisher = ShardedPublisher([ActorChannel(w) for w in self.group.workers], self.cfg.sync)
-        if getattr(self, "publisher", None) is not None:
-            publisher.chooser = self.publisher.chooser
-        return publisher
 
     def _start(self) -> TrainerGroup:
         cfg, rl = self.cfg, self.cfg.rl
@@ -54,6 +45,10 @@ class RLTrainers:
     def workers(self) -> list:
         return self.group.workers
 
+    def channels(self) -> list[ActorChannel]:
+        """The ranks as the driver's publisher (sync/transport.py ShardedPublisher) reaches them."""
+        return [ActorChannel(w) for w in self.group.workers]
+
     def alive(self, timeout_s: float = 30.0) -> bool:
         """Whether every rank still answers (tells a trainer death from a rollout worker's)."""
         import ray
@@ -65,9 +60,10 @@ class RLTrainers:
                 return False
         return True
 
-    def restart(self, reason: str, checkpoint) -> None:
+    def restart(self, reason: str, checkpoint: Path | None) -> Path:
         """Replace the whole group (ranks form one process group: one death ends them all).
-        `checkpoint` is what the new group will load; None means there is nothing to restore."""
+        `checkpoint` is what the new group will load (returned); None means there is nothing to
+        restore: TrainerLost."""
         self.restarts += 1
         limit = self.cfg.rl.max_trainer_restarts
         if self.restarts > limit:
@@ -80,41 +76,18 @@ class RLTrainers:
                     reason, checkpoint, self.restarts)
         self.group.shutdown()
         self.group = self._start()
-        self.publisher = self._publisher()
+        return checkpoint
 
-    def sft_step(self, batch: dict) -> dict[str, float]:
+    def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         """One supervised warm-up step, `batch` split over the ranks; merged metrics."""
         from launch.trainer_group import merge_metrics
 
-        return merge_metrics(self.group.call_per_rank("sft_step", shard(batch, self.group.world_size)))
+        return merge_metrics(self.group.call_per_rank("sft_step", batch.shard(self.group.world_size)))
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One RL optimizer step, `batch` split over the ranks; merged metrics."""
-        return self.group.train_step(shard(batch, self.group.world_size))
-
-    def publish(self) -> PublishStats:
-        """Publish the current weights: every rank encodes its own slice; its stats. Receivers
-        fetch with `publisher.update_for(version)`."""
-        return self.publisher.publish()
-
-    def begin_publish(self):
-        """Stage a publish on every rank and return at once, parts still encoding: receivers
-        brought up to date now overlap their fetch and decode with the encode."""
-        return self.publisher.begin()
-
-    def finish_publish(self, handle, sync_s: float | None = None) -> PublishStats:
-        """Wait for `handle`'s encode to end; its stats. `sync_s` (begin to the last receiver's
-        commit) feeds the sparse/dense choice of later publishes."""
-        stats = self.publisher.finish(handle)
-        if sync_s is not None:
-            self.publisher.observe(handle, sync_s)
-        return stats
+        return self.group.train_step(batch.shard(self.group.world_size), method="rl_step")
 
     def shutdown(self) -> None:
         self.group.shutdown()
 
-
-def shard(batch: dict, world: int) -> list[dict]:
-    """Split every tensor of `batch` into `world` equal row blocks, one per rank."""
-    rows = next(iter(batch.values())).shape[0] // world
-    return [{k: v[r * rows:(r + 1) * rows] for k, v in batch.items()} for r in range(world)]

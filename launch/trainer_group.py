@@ -72,11 +72,11 @@ class TrainerGroup:
 
         return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
 
-    def train_step(self, batches: list[dict]) -> dict[str, float]:
-        """One optimizer step; `batches[r]` is rank r's share. `tokens_per_s` counts all ranks
-        over the wall time of the whole step as the driver sees it."""
+    def train_step(self, batches: list, method: str = "train_step") -> dict[str, float]:
+        """One optimizer step (the ranks' `method`); `batches[r]` is rank r's share.
+        `tokens_per_s` counts all ranks over the wall time of the whole step as the driver sees it."""
         started = time.perf_counter()
-        metrics = merge_metrics(self.call_per_rank("train_step", batches))
+        metrics = merge_metrics(self.call_per_rank(method, batches))
         seconds = time.perf_counter() - started
         if "sum/tokens" in metrics:
             metrics["tokens_per_s"] = metrics["sum/tokens"] / seconds

@@ -1,13 +1,17 @@
-"""Turn prompts and completions into the trainer's batch layout (see trainer/algos/__init__.py).
+"""Turn prompts and completions into the trainer's batch (trainer/algos/batch.py TrainBatch).
 
 Row layout: [left padding | prompt | completion | right padding], the same positions the rollout
 saw while generating, so the trainer's recomputed logprobs match the rollout's.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
 import torch
 
 from rollout.generation import left_pad
+from trainer.algos.batch import TrainBatch
 
 
 class ChatTemplateError(ValueError):
@@ -43,12 +47,8 @@ def encode_prompts(prompts: list, tokenizer) -> list[list[int]]:
     return [prompt_token_ids(p, tokenizer) for p in prompts]
 
 
-def train_batch(
-    prompt_ids: list[list[int]],
-    tokens: torch.Tensor,
-    lengths: torch.Tensor,
-    pad_id: int,
-) -> dict[str, torch.Tensor]:
+def sequence_layout(prompt_ids: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor,
+                    pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids / attention_mask / loss_mask for prompts followed by `tokens[:, :lengths]`."""
     p_ids, p_mask = left_pad(prompt_ids, pad_id)
     T = tokens.shape[1]
@@ -67,7 +67,37 @@ def completion_columns(batch_width: int, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def sft_batch(prompts: list, answers: list[str], tokenizer) -> dict[str, torch.Tensor]:
+class Rollout(Protocol):
+    """What a batch is built from: one worker's share (rollout/results.py RolloutBatch)."""
+
+    version: int
+    prompt_ids: list[list[int]]
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    lengths: torch.Tensor
+    rewards: torch.Tensor
+
+    @property
+    def size(self) -> int: ...
+
+
+def rl_batch(shares: Sequence[Rollout], trainer_version: int,
+             estimator: Callable[[torch.Tensor, int], torch.Tensor] | None, group_size: int, pad_id: int) -> TrainBatch:
+    """The rollout shares -> one RL TrainBatch: the rows in order, the rollout logprobs in their
+    columns, and the advantages from the driver's estimator (None for PPO: its value head
+    estimates them on the trainer)."""
+    rewards = torch.cat([s.rewards for s in shares])
+    versions = torch.cat([torch.full((s.size,), s.version) for s in shares])
+    layout = sequence_layout([p for s in shares for p in s.prompt_ids], torch.cat([s.tokens for s in shares]),
+                             torch.cat([s.lengths for s in shares]), pad_id)
+    return TrainBatch(
+        **layout, rewards=rewards, current_version=versions == trainer_version,
+        old_logprobs=completion_columns(layout["input_ids"].shape[1], torch.cat([s.logprobs for s in shares])),
+        advantages=None if estimator is None else estimator(rewards, group_size),
+    )
+
+
+def sft_batch(prompts: list, answers: list[str], tokenizer) -> TrainBatch:
     """Prompts followed by their correct answers and the stop token, loss on the answers."""
     completions = [tokenizer.encode(a) + [tokenizer.eos_id] for a in answers]
     width = max(len(c) for c in completions)
@@ -75,4 +105,4 @@ def sft_batch(prompts: list, answers: list[str], tokenizer) -> dict[str, torch.T
     for i, c in enumerate(completions):
         tokens[i, : len(c)] = torch.tensor(c)
     lengths = torch.tensor([len(c) for c in completions])
-    return train_batch(encode_prompts(prompts, tokenizer), tokens, lengths, tokenizer.pad_id)
+    return TrainBatch(**sequence_layout(encode_prompts(prompts, tokenizer), tokens, lengths, tokenizer.pad_id))

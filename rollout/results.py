@@ -1,8 +1,5 @@
 """What a rollout worker hands back across the actor boundary (typed, so the driver reads fields,
-not dict keys).
-
-The weight-swap stats inside (`sync`) stay the plain dict that the worker builds from
-sync/receiver.py's commit stats (rollout/worker.py).
+not dict keys). Its weight updates' stats are sync/payloads.py SyncStats.
 """
 from __future__ import annotations
 
@@ -10,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from sync.payloads import SyncStats
 
 
 @dataclass
@@ -35,7 +34,7 @@ class RolloutBatch:
     prompts: list[Any] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
     gen_s: float = 0.0
-    sync: dict = field(default_factory=dict)  # the weight swap before this batch ({} when none)
+    sync: SyncStats | None = None  # the weight swap before this batch (None when none)
 
     @property
     def size(self) -> int:

@@ -6,6 +6,7 @@
 - slices.py: which trainer rank publishes which elements (the slice plan and its keys)
 - publisher.py: one rank's side of a publish (its slice, encoded part by part)
 - transport.py: the driver's ShardedPublisher over the Ray object store (+ WeightPublisher, one process)
+- payloads.py: what crosses actor boundaries (WeightUpdate, PublishStats, SyncStats); checksum.py: state checksums
 - receiver.py: WeightReceiver: pipelined fetch, verify into a shadow, commit
 - policy.py: sparse or dense per publish, from measured end-to-end times
 - cli.py: `python -m sync encode|apply|inspect` on safetensors files
@@ -21,7 +22,8 @@ _EXPORTS = {
     "encode": "sync.codec", "apply": "sync.codec", "inspect_payload": "sync.codec",
     "SyncConfig": "sync.config",
     "WeightPublisher": "sync.transport", "ShardedPublisher": "sync.transport", "WeightReceiver": "sync.receiver",
-    "WeightUpdate": "sync.transport", "state_checksum": "sync.transport",
+    "WeightUpdate": "sync.payloads", "SyncStats": "sync.payloads", "PublishStats": "sync.payloads",
+    "state_checksum": "sync.checksum",
     "SyncError": "sync.errors", "CorruptBucketError": "sync.errors", "VersionMismatchError": "sync.errors",
     "TensorMismatchError": "sync.errors", "NotADeltaError": "sync.errors", "BadInputError": "sync.errors",
     "UpdateUnavailableError": "sync.errors", "LimitError": "sync.errors", "CorruptTargetError": "sync.errors",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sync.checksum import checksum_entries
 from sync.codec import encode
 from sync.config import SyncConfig
 from sync.convert import published_copy
@@ -52,7 +53,7 @@ class PartStats:
     dense_bytes: int
     changed: int
     encode_s: float  # copy, hash and encode
-    checksums: dict[str, str]  # the part's keys -> checksum entry (sync.transport.checksum_entries)
+    checksums: dict[str, str]  # the part's keys -> checksum entry (sync/checksum.py)
     nonzero: int  # nonzero elements of the part's copy
 
 
@@ -124,8 +125,6 @@ class SlicePublisher:
     def encode_part(self, index: int, version: int | None = None) -> tuple[list[bytes], PartStats]:
         """Part `index` of the staged publish. `version`: the version the caller's weights are
         at now; a part is refused (ValueError) when it is not the staged one."""
-        from sync.transport import checksum_entries
-
         staged = self._staged
         if staged is None or not 0 <= index < len(staged.parts):
             raise ValueError(f"no staged publish with a part {index}")

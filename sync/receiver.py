@@ -27,14 +27,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sync.checksum import checksum_entry, combine_checksums
 from sync.delta_kernels import scatter
 from sync.dtypes import info_for, tensor_from_bits
 from sync.errors import (CorruptBucketError, CorruptTargetError, SyncError, TensorMismatchError,
                          UpdateUnavailableError, VersionMismatchError)
+from sync.payloads import Part, SyncStats, WeightUpdate
 from sync.slices import parse_key, target_views
 from sync.staging import Base, KeyChange, patched_digest, stage_payload
 from sync.workspace import workers
-from sync.transport import Part, WeightUpdate, checksum_entry, combine_checksums
 
 log = logging.getLogger(__name__)
 # A mirrored (device) target: bytes compared with the mirror per commit, beyond the changes.
@@ -373,9 +374,10 @@ class WeightReceiver:
         return all(base.digest(k) == cached.get(k, base.digest(k)) for k in self._meta)
 
     # ------------------------------------------------------------ commit
-    def commit(self, staged: StagedUpdate) -> dict:
+    def commit(self, staged: StagedUpdate) -> SyncStats:
         """Write a verified update into the target (or own state). Cheap for a delta: a
-        scatter of the changed elements."""
+        scatter of the changed elements. The stats carry the checksum of the committed state
+        (from the digests verified while staging: no re-read)."""
         if staged is not self._pending:
             raise SyncError("commit of an update that is not the receiver's pending one (stale or already committed)")
         t0 = time.perf_counter()
@@ -401,11 +403,9 @@ class WeightReceiver:
         self._pending = None
         if self._mirror_on:
             self._commit_mirror(staged)
-        return {
-            "version": self.version, "kind": staged.kind, "payload_bytes": staged.payload_bytes,
-            "transfer_s": staged.transfer_s, "decode_s": staged.decode_s, "apply_s": time.perf_counter() - t0,
-            "staged_bytes": staged.staged_bytes,
-        }
+        return SyncStats(version=self.version, kind=staged.kind, payload_bytes=staged.payload_bytes,
+                         transfer_s=staged.transfer_s, decode_s=staged.decode_s, apply_s=time.perf_counter() - t0,
+                         staged_bytes=staged.staged_bytes, checksum=self.state_checksum())
 
     def _commit_mirror(self, staged: StagedUpdate) -> None:
         """The committed changes into the mirror; then the device's bits at every changed
@@ -452,7 +452,7 @@ class WeightReceiver:
         start, stop = lo_byte // item, -(-hi_byte // item)
         return np.array_equal(self._read_target(key, start, stop), mirror[start:stop])
 
-    def apply(self, update: WeightUpdate) -> dict:
+    def apply(self, update: WeightUpdate) -> SyncStats:
         return self.commit(self.fetch(update))
 
     def state_checksum(self) -> str:

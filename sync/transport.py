@@ -24,92 +24,16 @@ WeightPublisher is the same publisher in one process (a single rank, tests and t
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-import xxhash
 
+from sync.checksum import combine_checksums
 from sync.config import SyncConfig
-from sync.dtypes import bits_of, info_for
 from sync.errors import SyncError, UpdateUnavailableError
-from sync.format import digest
+from sync.payloads import Part, PublishStats, WeightUpdate
 from sync.policy import ModeChooser
 from sync.publisher import PartStats, SlicePublisher, StagedSlice
-
-
-# ---------------------------------------------------------------- checksums
-
-
-def checksum_entry(key: str, dtype_name: str, shape, xxh: str) -> str:
-    """One key's part of a state checksum: its name, dtype, shape and bit-pattern digest."""
-    return f"{key}|{dtype_name}|{list(shape)}|{xxh};"
-
-
-def checksum_entries(state: dict[str, torch.Tensor], digests: dict[str, str] | None = None) -> dict[str, str]:
-    """Per tensor (or slice) key: its checksum entry (digests from `digests` where given).
-    Ranks compute these for their slices; the union gives the checksum of the whole published
-    state."""
-    digests = digests or {}
-    return {name: checksum_entry(name, info_for(t.dtype, name).name, t.shape, digests.get(name) or digest(bits_of(t)))
-            for name, t in state.items()}
-
-
-def combine_checksums(entries: dict[str, str]) -> str:
-    h = xxhash.xxh3_64()
-    for name in sorted(entries):
-        h.update(entries[name].encode())
-    return h.hexdigest()
-
-
-def state_checksum(state: dict[str, torch.Tensor]) -> str:
-    """Digest of names, dtypes, shapes and bit patterns of a state dict (order-independent)."""
-    return combine_checksums(checksum_entries(state))
-
-
-# ---------------------------------------------------------------- what crosses to receivers
-
-
-@dataclass
-class Part:
-    """One independent payload: the slice keys it covers and an ObjectRef to its bucket list."""
-
-    keys: list[str]
-    ref: Any
-
-
-@dataclass
-class WeightUpdate:
-    """A small picklable handle. `steps` are applied in order (one for a delta or a snapshot,
-    several for a chain); each step is the parts of every trainer rank for one version."""
-
-    kind: str  # "none" | "delta" | "chain" | "snapshot"
-    base_version: int | None
-    target_version: int | None
-    payload_bytes: int  # known sizes only (a version still encoding counts 0)
-    steps: list[list[Part]] = field(default_factory=list)
-    fetch_timeout_s: float | None = None  # sync.fetch_timeout_s: a receiver's wait for one part
-    fetch_attempts: int | None = None  # sync.fetch_attempts: such waits before giving up
-
-
-@dataclass
-class PublishStats:
-    version: int
-    kind: str  # "delta" | "snapshot" (dense or first)
-    dense: bool
-    payload_bytes: int
-    dense_bytes: int
-    ratio: float
-    changed: int  # elements whose bits changed (0 for snapshots)
-    encode_s: float  # the slowest rank's encode time
-    parts: int
-    checksum: str
-    density: float  # nonzero fraction of the published weights
-
-    def as_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
 
 
 @dataclass
@@ -189,9 +113,16 @@ class LocalChannel:
 
 class ShardedPublisher:
     def __init__(self, channels: list, cfg: SyncConfig | None = None):
-        self.channels = channels
         self.cfg = cfg or SyncConfig()
         self.chooser = ModeChooser(self.cfg.mode)
+        self.reconnect(channels)
+
+    def reconnect(self, channels: list) -> None:
+        """Publish through `channels` from now on, e.g. the ranks of a restarted trainer group:
+        what the old ranks published died with them, so nothing published before is offered
+        (receivers get a full send of the next publish); the sparse/dense choice keeps what it
+        has measured."""
+        self.channels = channels
         self.version: int | None = None
         self._history: deque[_Record] = deque(maxlen=max(1, self.cfg.history))
         self._snapshot: _Record | None = None
@@ -347,7 +278,8 @@ class ShardedPublisher:
             return WeightUpdate("chain", receiver_version, self.version, chain_bytes, [list(r.parts) for r in chain])
         return WeightUpdate("snapshot", None, self.version, snap.payload_bytes or 0, [list(snap.parts)])
 
-    def updates_for(self, receiver_versions: list[int | None]) -> dict:
+    def updates_for(self, receiver_versions: list[int | None]) -> dict[int | None, WeightUpdate]:
+        """update_for each of `receiver_versions` (async offers: a worker may be at any of them)."""
         return {v: self.update_for(v) for v in receiver_versions}
 
     def _size(self, rec: _Record) -> int:
@@ -392,12 +324,15 @@ class WeightPublisher:
     def version(self) -> int | None:
         return self._sharded.version
 
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> dict:
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> PublishStats:
         self._channel.state, self._channel.version = state, version
-        return self._sharded.publish().as_dict()
+        return self._sharded.publish()
 
     def update_for(self, receiver_version: int | None) -> WeightUpdate:
         return self._sharded.update_for(receiver_version)
+
+    def updates_for(self, receiver_versions: list[int | None]) -> dict[int | None, WeightUpdate]:
+        return self._sharded.updates_for(receiver_versions)
 
     def state_checksum(self) -> str:
         return self._sharded.state_checksum()
@@ -405,11 +340,3 @@ class WeightPublisher:
     def pinned_bytes(self) -> int:
         return self._sharded.pinned_bytes()
 
-
-def __getattr__(name: str):
-    # The receiver lives in sync/receiver.py (it imports this module); old imports keep working.
-    if name in ("WeightReceiver", "StagedUpdate"):
-        from sync import receiver
-
-        return getattr(receiver, name)
-    raise AttributeError(f"module 'sync.transport' has no attribute {name!r}")

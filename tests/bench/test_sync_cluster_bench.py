@@ -59,7 +59,8 @@ def test_the_benchmarks_check_rereads_every_receivers_weights_and_catches_an_alt
 
     from models import ModelConfig, build_model
     from sync.config import SyncConfig
-    from sync.transport import WeightPublisher, state_checksum
+    from sync.checksum import state_checksum
+    from sync.transport import WeightPublisher
 
     mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
     torch.manual_seed(1)

@@ -123,12 +123,12 @@ def test_rl_hf_model_2_4_two_workers_end_bit_identical_to_the_trainer(arch, hf_d
     steps = 2
     seen = {}
 
-    def at_last_step(step, rollouts):
+    def at_last_step(step, job):
         if step != steps:
             return
         # Sync mode: after the step the trainer has published and every worker applied it.
-        seen["published"] = ray.get(rollouts.publisher.channels[0].handle.published_state.remote("bfloat16"))
-        seen["workers"] = [ray.get(w.weights.remote()) for w in rollouts.workers]
+        seen["published"] = ray.get(job.trainers.workers[0].published_state.remote("bfloat16"))
+        seen["workers"] = [ray.get(w.weights.remote()) for w in job.rollouts.workers]
 
     run_dir = tmp_path / "run"
     summary = run_rl_job(rl_config(hf_dirs[arch], "sparsity=nm", f"rl.steps={steps}"), run_dir, at_last_step)

@@ -6,7 +6,9 @@ import random
 import pytest
 import torch
 
-from launch.rl import DriverState, assemble
+from launch.rl_job import DriverState
+from launch.rl_metrics import rollout_metrics
+from rollout.batch import rl_batch
 from rollout.results import RolloutBatch
 from rollout.tasks import TaskConfig, build_task
 from trainer.algos.advantages import EMABaseline, group_advantages
@@ -41,18 +43,27 @@ def _share(version, rewards, lengths, G=2):
                         prompts=["p"] * (n // G), completions=["c"] * n, gen_s=0.5)
 
 
-def test_assemble_batch_and_rollout_metrics():
+def test_rl_batch_and_rollout_metrics():
     shares = [_share(4, [1.0, 1.0, 0.0, 1.0], [1, 3, 2, 2]), _share(3, [0.0, 0.0, 0.5, 0.5], [3, 3, 1, 1])]
-    batch, m = assemble(shares, 4, lambda r, g: group_advantages(r, g), 2, pad_id=0)
+    batch = rl_batch(shares, 4, lambda r, g: group_advantages(r, g), 2, pad_id=0)
+    m = rollout_metrics(shares, 4, 2)
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5])
-    assert torch.equal(batch["rewards"], rewards)
-    assert torch.allclose(batch["advantages"], group_advantages(rewards, 2))
-    assert batch["current_version"].tolist() == [True] * 4 + [False] * 4
+    assert torch.equal(batch.rewards, rewards)
+    assert torch.allclose(batch.advantages, group_advantages(rewards, 2))
+    assert batch.current_version.tolist() == [True] * 4 + [False] * 4
+    # rows: 2 prompt tokens then 3 completion columns; the rollout logprobs sit in those columns,
+    # the loss covers each row's own completion length
+    assert batch.input_ids.shape == (8, 5) and torch.equal(batch.old_logprobs[:, 2:], torch.full((8, 3), -1.0))
+    assert batch.loss_mask.sum(1).tolist() == [1, 3, 2, 2, 3, 3, 1, 1]
+    halves = batch.shard(2)
+    assert [h.rows for h in halves] == [4, 4] and torch.equal(torch.cat([h.rewards for h in halves]), rewards)
+    with pytest.raises(ValueError, match="8 rows does not split into 3"):
+        batch.shard(3)
     assert m["reward/mean"] == pytest.approx(4.0 / 8)
     assert m["reward/std"] == pytest.approx(float(rewards.std()))
     assert m["reward/zero_std_frac"] == pytest.approx(3 / 4)  # groups (1,1), (0,0), (.5,.5) carry no signal
     assert m["response/length_max"] == 3 and m["response/length_mean"] == pytest.approx(16 / 8)
     assert m["reward/exact_match"] == pytest.approx(0.5)
     assert m["staleness/max"] == 1 and m["staleness/mean"] == pytest.approx(0.5)
-    no_estimator, _ = assemble(shares, 4, None, 2, pad_id=0)  # PPO: the trainer estimates
-    assert "advantages" not in no_estimator
+    no_estimator = rl_batch(shares, 4, None, 2, pad_id=0)  # PPO: the trainer estimates
+    assert no_estimator.advantages is None and "advantages" not in no_estimator.tensors()

@@ -31,9 +31,9 @@ def test_sync_mode_two_nodes_survives_a_killed_rollout_worker(ray_cluster, tmp_p
 
     killed = []
 
-    def kill_once(step, rollouts):
+    def kill_once(step, job):
         if step == 3 and not killed:
-            ray.kill(rollouts.workers[1], no_restart=True)
+            ray.kill(job.rollouts.workers[1], no_restart=True)
             killed.append(step)
 
     summary = run_rl(small_config("rl.steps=6"), tmp_path, on_step=kill_once)
@@ -76,9 +76,9 @@ def test_sparse_policy_with_ppo_reaches_the_workers_exactly_2_of_4(ray_cluster, 
 
     captured = {}
 
-    def grab(step, rollouts):
+    def grab(step, job):
         if step == 4:
-            captured["state"] = ray.get(rollouts.workers[0].weights.remote())
+            captured["state"] = ray.get(job.rollouts.workers[0].weights.remote())
 
     cfg = small_config("rl.steps=4", "sparsity=nm", "algo=ppo", "algo.kl_coef=0.05")
     summary = run_rl(cfg, tmp_path, on_step=grab)

@@ -9,7 +9,7 @@ import pytest
 from launch.rl_metrics import make_summary, step_metrics
 from launch.rl_config import compose_rl_config
 from launch.trainer_group import merge_metrics
-from sync.transport import PublishStats
+from sync.payloads import PublishStats, SyncStats
 from trainer.worker import _MetricSums
 
 
@@ -32,7 +32,11 @@ def test_micro_batch_sums_average_each_key_over_the_micro_batches_that_report_it
 def test_step_metrics_name_the_engine_parity_and_the_sync_ratio():
     pub = PublishStats(version=7, kind="delta", dense=False, payload_bytes=100, dense_bytes=2500, ratio=25.0,
                        changed=10, encode_s=0.01, parts=1, checksum="c", density=1.0)
-    sync_stats = [{"pause_s": 0.2, "weights_wait_s": 0.1}, {"pause_s": 0.5}, {}]
+    def swap(**timings) -> SyncStats:
+        return SyncStats(version=7, kind="delta", payload_bytes=100, transfer_s=0.0, decode_s=0.0, apply_s=0.0,
+                         staged_bytes=0, checksum="c", **timings)
+
+    sync_stats = [swap(pause_s=0.2, weights_wait_s=0.1), swap(pause_s=0.5), swap()]
     metrics = step_metrics({"reward/mean": 0.5}, {"loss": 1.0, "logprob_mismatch": 0.003, "logprob_mismatch_max": 0.04,
                                                   "distill/kl": 0.2},
                            pub, sync_stats, {"step_s": 1.5}, version=7, trainer_restarts=0)
@@ -61,7 +65,7 @@ def test_summary_takes_the_last_tenth_of_steps_and_counts_failed_weight_checks()
 def test_verify_workers_counts_a_wrong_digest_and_an_engine_off_its_weights():
     from types import SimpleNamespace
 
-    from launch.rl import verify_workers
+    from launch.rl_job import RLJob
     from launch.rl_metrics import new_totals
     from rollout.results import WeightCheck
 
@@ -71,7 +75,7 @@ def test_verify_workers_counts_a_wrong_digest_and_an_engine_off_its_weights():
     job = SimpleNamespace(cfg=cfg, checksums={5: "good"}, state=SimpleNamespace(totals=new_totals()),
                           rollouts=SimpleNamespace(verify_all=lambda: checks,
                                                    resync_snapshot=lambda i, reason: resynced.append(i)))
-    bad, versions = verify_workers(job)
+    bad, versions = RLJob.verify_workers(job)
     assert bad == 2 and versions == [5] * 4  # the wrong digest, and the engine 0.2 off (> 0.05)
     assert resynced == [1]  # the worker whose re-read weights were wrong is restored by snapshot
     assert job.state.totals["verify_checks"] == 4 and job.state.totals["verify_mismatches"] == 2

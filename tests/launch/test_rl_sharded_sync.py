@@ -26,9 +26,9 @@ def test_two_trainer_ranks_publish_slices_and_workers_end_bit_identical(ray_clus
 
     seen = {}
 
-    def check_workers(step, rollouts):
+    def check_workers(step, job):
         if step == 4:  # the workers' own tensors, independently of the sync checksums
-            seen["weights"] = ray.get(rollouts.workers[0].weights.remote())
+            seen["weights"] = ray.get(job.rollouts.workers[0].weights.remote())
 
     summary = run_rl(compose_rl_config([*SMALL, f"sparsity={sparsity}", "rl.steps=4"]), tmp_path, on_step=check_workers)
     assert summary["sync.checksum_mismatches"] == 0

@@ -23,10 +23,10 @@ def test_killed_trainer_restarts_from_its_checkpoint(ray_cluster, tmp_path):
 
     seen: dict[str, object] = {}
 
-    def kill_trainer_once(step, rollouts):
+    def kill_trainer_once(step, job):
         if step == 3 and "killed_at" not in seen:
-            seen["versions_before"] = ray.get([w.version.remote() for w in rollouts.workers])
-            ray.kill(rollouts.publisher.channels[0].handle, no_restart=True)  # trainer rank 0
+            seen["versions_before"] = ray.get([w.version.remote() for w in job.rollouts.workers])
+            ray.kill(job.trainers.workers[0], no_restart=True)  # trainer rank 0
             seen["killed_at"] = step
 
     # 3 warm-up steps -> RL starts at version 3; checkpoints at RL steps 0, 2, 4 (versions 3, 5, 7).
@@ -57,9 +57,9 @@ def test_trainer_restarts_are_bounded(ray_cluster, tmp_path):
 
     from launch.rl_trainers import TrainerLost
 
-    def kill_trainer(step, rollouts):
+    def kill_trainer(step, job):
         if step == 2:
-            ray.kill(rollouts.publisher.channels[0].handle, no_restart=True)
+            ray.kill(job.trainers.workers[0], no_restart=True)
 
     cfg = compose_rl_config([*SMALL, "rl.steps=3", "rl.checkpoint_every=2", "rl.max_trainer_restarts=0"])
     with pytest.raises(TrainerLost, match="rl.max_trainer_restarts=0"):
@@ -71,9 +71,9 @@ def test_async_mode_recovers_from_a_killed_trainer(ray_cluster, tmp_path):
 
     killed = []
 
-    def kill_trainer_once(step, rollouts):
+    def kill_trainer_once(step, job):
         if step == 3 and not killed:
-            ray.kill(rollouts.publisher.channels[0].handle, no_restart=True)
+            ray.kill(job.trainers.workers[0], no_restart=True)
             killed.append(step)
 
     cfg = compose_rl_config([*SMALL, "rl.mode=async", "rl.max_staleness=1", "rl.steps=5", "rl.checkpoint_every=2"])

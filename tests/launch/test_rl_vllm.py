@@ -58,9 +58,9 @@ def test_rl_on_vllm_receives_sparse_deltas_exactly_and_survives_a_killed_worker(
 
     killed = []
 
-    def kill_once(step, rollouts):
+    def kill_once(step, job):
         if step == 2 and not killed:
-            ray.kill(rollouts.workers[1], no_restart=True)
+            ray.kill(job.rollouts.workers[1], no_restart=True)
             killed.append(step)
 
     summary = run_rl(vllm_config(tiny_llama, "rl.steps=4"), tmp_path, on_step=kill_once)
@@ -95,7 +95,7 @@ def test_rl_on_vllm_async_with_a_2_4_policy(ray_cluster, tiny_llama, tmp_path):
 def test_rl_engine_vllm_refuses_bad_input_before_ray_starts(tiny_llama, tmp_path, monkeypatch):
     import importlib.util
 
-    from launch.rl import plan_run
+    from launch.rl_job import plan_run
     from launch.rl_config import RLConfigError
     from rollout.config import RolloutConfigError
 

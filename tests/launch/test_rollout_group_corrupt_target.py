@@ -11,14 +11,6 @@ from cluster_nodes import SECOND_NODE
 pytestmark = pytest.mark.ray
 
 
-class _Publisher:
-    def __init__(self, pub):
-        self.pub = pub
-        self.cfg = pub.cfg  # sync.apply_timeout_s bounds the group's waits
-
-    def update_for(self, version):
-        return self.pub.update_for(version)
-
 
 def test_a_follower_with_an_altered_target_is_caught_and_resynced_by_snapshot(ray_cluster):
     import ray
@@ -28,11 +20,12 @@ def test_a_follower_with_an_altered_target_is_caught_and_resynced_by_snapshot(ra
     from rollout.config import RolloutConfig
     from rollout.tasks import TaskConfig
     from sync.config import SyncConfig
-    from sync.transport import WeightPublisher, state_checksum
+    from sync.checksum import state_checksum
+    from sync.transport import WeightPublisher
 
     def alter(worker) -> None:  # runs inside the actor: one bit of a tensor the next delta leaves alone
         with torch.no_grad():
-            worker.receiver.target["h.0.mlp.c_fc.weight"].data.view(-1).view(torch.int16)[3] ^= 1
+            worker.slot.receiver.target["h.0.mlp.c_fc.weight"].data.view(-1).view(torch.int16)[3] ^= 1
 
     mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
     torch.manual_seed(0)
@@ -42,17 +35,17 @@ def test_a_follower_with_an_altered_target_is_caught_and_resynced_by_snapshot(ra
     pub.publish(state, 1)
     # three workers on one node: the first stages each update, the other two adopt its staging
     cfg = RolloutConfig(workers=3, num_cpus=0.25, max_restarts=0, resources={SECOND_NODE: 0.01})
-    group = RolloutGroup(mc, cfg, TaskConfig(name="reverse", length=3), _Publisher(pub))
+    group = RolloutGroup(mc, cfg, TaskConfig(name="reverse", length=3), pub, pub.cfg.apply_timeout_s)
     try:
-        assert [s["version"] for s in group.apply_all()] == [1, 1, 1]
+        assert [s.version for s in group.apply_all()] == [1, 1, 1]
         ray.get(group.workers[2].__ray_call__.remote(alter))
         assert ray.get(group.workers[2].state_checksum.remote()) == state_checksum(state)  # cached: blind
         assert group.verify_all()[2].checksum != state_checksum(state)  # re-read: not
         state["wte.weight"][:2] += 1
         pub.publish(state, 2)
         stats = group.apply_all()
-        assert [s["version"] for s in stats] == [2, 2, 2]
-        assert stats[1].get("shared") and stats[2]["kind"] == "snapshot"
+        assert [s.version for s in stats] == [2, 2, 2]
+        assert stats[1].shared and stats[2].kind == "snapshot"
         assert group.corrupt_resyncs == 1 and group.restarts == 0
         assert [c.checksum for c in group.verify_all()] == [state_checksum(state)] * 3
     finally:
@@ -74,16 +67,17 @@ def test_a_shared_staging_that_never_arrives_does_not_hang_the_group(ray_cluster
     from rollout.config import RolloutConfig
     from rollout.tasks import TaskConfig
     from sync.config import SyncConfig
-    from sync.transport import WeightPublisher, state_checksum
+    from sync.checksum import state_checksum
+    from sync.transport import WeightPublisher
 
     def stall_staging(worker) -> None:  # runs inside the actor: its next fetch stalls for 60 s
-        original = worker.receiver.fetch
+        original = worker.slot.receiver.fetch
 
         def slow(update):
             time.sleep(60)
             return original(update)
 
-        worker.receiver.fetch = slow
+        worker.slot.receiver.fetch = slow
 
     mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
     torch.manual_seed(0)
@@ -92,15 +86,15 @@ def test_a_shared_staging_that_never_arrives_does_not_hang_the_group(ray_cluster
     pub = WeightPublisher(SyncConfig(mode="sparse", apply_timeout_s=4.0))
     pub.publish(state, 1)
     cfg = RolloutConfig(workers=3, num_cpus=0.25, max_restarts=1, resources={SECOND_NODE: 0.01})
-    group = RolloutGroup(mc, cfg, TaskConfig(name="reverse", length=3), _Publisher(pub))
+    group = RolloutGroup(mc, cfg, TaskConfig(name="reverse", length=3), pub, pub.cfg.apply_timeout_s)
     try:
-        assert [s["version"] for s in group.apply_all()] == [1, 1, 1]
+        assert [s.version for s in group.apply_all()] == [1, 1, 1]
         ray.get(group.workers[0].__ray_call__.remote(stall_staging))
         state["wte.weight"][:2] += 1
         pub.publish(state, 2)
         stats = group.apply_all()  # returns (it does not wait out the 60 s): the lead was replaced
-        assert [s["version"] for s in stats] == [2, 2, 2]
-        assert group.restarts == 1 and stats[0]["kind"] == "snapshot"
+        assert [s.version for s in stats] == [2, 2, 2]
+        assert group.restarts == 1 and stats[0].kind == "snapshot"
         assert [c.checksum for c in group.verify_all()] == [state_checksum(state)] * 3
     finally:
         group.shutdown()

@@ -9,16 +9,6 @@ import torch
 pytestmark = pytest.mark.ray
 
 
-class _Publisher:
-    """The driver-side publisher the group asks for updates (a single in-process WeightPublisher)."""
-
-    def __init__(self, pub):
-        self.pub = pub
-        self.cfg = pub.cfg  # sync.apply_timeout_s bounds the group's waits
-
-    def update_for(self, version):
-        return self.pub.update_for(version)
-
 
 def test_a_worker_whose_engine_fails_an_update_is_rebuilt_from_a_snapshot(ray_cluster):
     import ray
@@ -28,7 +18,8 @@ def test_a_worker_whose_engine_fails_an_update_is_rebuilt_from_a_snapshot(ray_cl
     from rollout.config import RolloutConfig
     from rollout.tasks import TaskConfig
     from sync.config import SyncConfig
-    from sync.transport import WeightPublisher, state_checksum
+    from sync.checksum import state_checksum
+    from sync.transport import WeightPublisher
 
     def break_engine(worker) -> None:  # runs inside the actor (pickled by value: a local function)
         def broken(names):
@@ -43,15 +34,15 @@ def test_a_worker_whose_engine_fails_an_update_is_rebuilt_from_a_snapshot(ray_cl
     pub = WeightPublisher(SyncConfig(mode="sparse"))
     pub.publish(state, 1)
     group = RolloutGroup(mc, RolloutConfig(workers=2, num_cpus=0.25, max_restarts=2), TaskConfig(name="reverse", length=3),
-                         _Publisher(pub))
+                         pub, pub.cfg.apply_timeout_s)
     try:
-        assert [s["version"] for s in group.apply_all()] == [1, 1]
+        assert [s.version for s in group.apply_all()] == [1, 1]
         ray.get(group.workers[1].__ray_call__.remote(break_engine))
         state["wte.weight"][:4] += 1
         pub.publish(state, 2)
         stats = group.apply_all()
-        assert [s["version"] for s in stats] == [2, 2]
-        assert stats[1]["kind"] == "snapshot"  # the rebuilt worker caught up by a full snapshot
+        assert [s.version for s in stats] == [2, 2]
+        assert stats[1].kind == "snapshot"  # the rebuilt worker caught up by a full snapshot
         assert group.restarts == 1 and group.engine_failures == 1
         assert [c.checksum for c in group.verify_all()] == [state_checksum(state)] * 2
         assert group.generate_all([2, 2], 2)[1].version == 2
@@ -73,4 +64,4 @@ def test_a_worker_whose_engine_cannot_start_is_a_named_error_before_training(ray
     cfg = RolloutConfig(engine="vllm", workers=1, prompts_per_step=1, num_cpus=0.25,
                         vllm=VLLMConfig(kv_cache_memory_bytes=4096))
     with pytest.raises(RolloutStartError, match="rollout.vllm.kv_cache_memory_bytes"):
-        RolloutGroup(ModelConfig(kind="hf", path=str(path)), cfg, TaskConfig(name="reverse", length=3), None)
+        RolloutGroup(ModelConfig(kind="hf", path=str(path)), cfg, TaskConfig(name="reverse", length=3), None, 60.0)

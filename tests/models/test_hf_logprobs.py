@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from models import ModelConfig
-from rollout.batch import completion_columns, train_batch
+from rollout.batch import completion_columns, sequence_layout
 from rollout.config import RolloutConfig
 from rollout.tasks import TaskConfig
 from rollout.worker import RolloutWorker
 from sync.codec import encode
-from sync.transport import state_checksum
+from sync.checksum import state_checksum
 from trainer.algos.logprobs import token_logprobs
 from trainer.config import OptimizerConfig, TrainerConfig
 from trainer.distributed import free_port
@@ -43,7 +43,7 @@ def trainer_and_rollout(llama_dir):
     rollout = RolloutWorker(0, model_cfg, RolloutConfig(workers=1, prompts_per_step=8, samples_per_prompt=4,
                                                         max_new_tokens=12, temperature=0.9),
                             TaskConfig(name="reverse", length=6))
-    receiver = rollout.receiver
+    receiver = rollout.slot.receiver
     receiver.commit(receiver.stage_buckets([encode(None, published, base_version=None, target_version=1, level="fast")],
                                            kind="snapshot"))
     yield trainer, rollout, published
@@ -64,7 +64,7 @@ def test_trainer_and_rollout_logprobs_of_the_same_tokens_agree(trainer_and_rollo
     trainer, rollout, _ = trainer_and_rollout
     temperature = rollout.cfg.temperature
     result = rollout.generate(8, 4)
-    batch = train_batch(result.prompt_ids, result.tokens, result.lengths, rollout.tokenizer.pad_id)
+    batch = sequence_layout(result.prompt_ids, result.tokens, result.lengths, rollout.tokenizer.pad_id)
     rollout_logp = completion_columns(batch["input_ids"].shape[1], result.logprobs)
     mask = batch["loss_mask"]
     assert mask.sum() >= 32  # enough sampled tokens to compare

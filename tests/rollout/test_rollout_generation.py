@@ -2,7 +2,7 @@
 import torch
 
 from models import GPT, GPTConfig
-from rollout.batch import completion_columns, train_batch
+from rollout.batch import completion_columns, sequence_layout
 from rollout.generation import SamplingConfig, generate, left_pad, top_p_filter
 from trainer.algos.logprobs import token_logprobs
 
@@ -39,7 +39,7 @@ def test_trainer_batch_recomputes_the_rollout_logprobs():
     prompts = _prompts()
     g = generate(m, prompts, SamplingConfig(max_new_tokens=5), stop_ids=[EOS], pad_id=PAD,
                  generator=torch.Generator().manual_seed(2))
-    b = train_batch(prompts, g.tokens, g.lengths, PAD)
+    b = sequence_layout(prompts, g.tokens, g.lengths, PAD)
     old = completion_columns(b["input_ids"].shape[1], g.logprobs)
     new = token_logprobs(m, b["input_ids"], b["attention_mask"])
     mask = b["loss_mask"].bool()

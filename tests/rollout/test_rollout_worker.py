@@ -18,7 +18,8 @@ def _published(model, bump: float = 0.0):
 def test_worker_generates_scores_and_swaps_offered_weights(ray_cluster):
     from rollout.worker import RolloutWorker
     from sync.config import SyncConfig
-    from sync.transport import WeightPublisher, state_checksum
+    from sync.checksum import state_checksum
+    from sync.transport import WeightPublisher
 
     mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
     torch.manual_seed(0)
@@ -30,7 +31,7 @@ def test_worker_generates_scores_and_swaps_offered_weights(ray_cluster):
     with pytest.raises(RuntimeError, match="no weights yet"):
         worker.generate(1, 1)
     stats = worker.apply_update(pub.update_for(None))
-    assert stats["version"] == 1 and stats["checksum"] == state_checksum(v1)
+    assert stats.version == 1 and stats.checksum == state_checksum(v1)
 
     out = worker.generate(3, 2)
     assert out.version == 1 and out.tokens.shape == (6, 4) and out.logprobs.shape == (6, 4)
@@ -46,11 +47,11 @@ def test_worker_generates_scores_and_swaps_offered_weights(ray_cluster):
     worker.offer_update({1: pub.update_for(1)})
     out = worker.generate(1, 2, min_version=2)  # waits for the background fetch, then swaps
     assert out.version == 2
-    assert out.sync["version"] == 2 and out.sync["pause_s"] >= 0 and "fetch_s" in out.sync
-    assert out.sync["checksum"] == state_checksum(v2)
+    assert out.sync is not None and out.sync.version == 2 and out.sync.pause_s >= 0 and out.sync.fetch_s is not None
+    assert out.sync.checksum == state_checksum(v2)
     assert torch.equal(worker.weights()["wte.weight"], v2["wte.weight"])
 
     pub.publish(_published(model, bump=1.0), 3)
     worker.offer_update({0: pub.update_for(0)})  # nothing for version 2: nothing staged
     out = worker.generate(1, 1, min_version=3, wait_timeout_s=5.0)
-    assert out.version == 2 and out.sync == {}
+    assert out.version == 2 and out.sync is None

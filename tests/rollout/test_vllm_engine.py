@@ -60,14 +60,14 @@ def _published(model) -> dict[str, torch.Tensor]:
 def _reference_logprob_diff(mc, published: dict[str, torch.Tensor], batch) -> float:
     """Mean |engine logprob - the HF model's logprob (published weights) of the same token|."""
     from models import build_model
-    from rollout.batch import completion_columns, train_batch
+    from rollout.batch import completion_columns, sequence_layout
     from trainer.algos.logprobs import masked_mean, policy_forward
 
     model, tok = build_model(mc)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in published.items()}, strict=False)
     assert not unexpected and all(model.get_parameter(k) is not None for k in published)
     with torch.no_grad():
-        tb = train_batch(batch.prompt_ids, batch.tokens, batch.lengths, tok.pad_id)
+        tb = sequence_layout(batch.prompt_ids, batch.tokens, batch.lengths, tok.pad_id)
         ref = policy_forward(model.eval(), tb["input_ids"], tb["attention_mask"]).logp
     engine = completion_columns(tb["input_ids"].shape[1], batch.logprobs)
     return float(masked_mean((ref - engine).abs(), tb["loss_mask"]))
@@ -78,7 +78,8 @@ def test_vllm_worker_follows_snapshots_and_deltas_exactly(family, ray_cluster, t
     from models import build_model
     from rollout.worker import RolloutWorker
     from sync.config import SyncConfig
-    from sync.transport import WeightPublisher, state_checksum
+    from sync.checksum import state_checksum
+    from sync.transport import WeightPublisher
 
     mc, rc, tc = _cfgs(FAMILIES[family](tmp_path / family))
     torch.manual_seed(0)
@@ -91,7 +92,7 @@ def test_vllm_worker_follows_snapshots_and_deltas_exactly(family, ray_cluster, t
     worker = RolloutWorker(0, mc, rc, tc)
     closing(worker.engine)
     stats = worker.apply_update(pub.update_for(None))
-    assert stats["kind"] == "snapshot" and stats["checksum"] == state_checksum(v1)
+    assert stats.kind == "snapshot" and stats.checksum == state_checksum(v1)
     batch = worker.generate(4, 4)
     assert batch.tokens.shape == (16, 8) and bool((batch.lengths >= 1).all())
     assert _reference_logprob_diff(mc, v1, batch) < TOL
@@ -108,7 +109,7 @@ def test_vllm_worker_follows_snapshots_and_deltas_exactly(family, ray_cluster, t
         v2[n] = _redrawn(v2[n], g)
     pub.publish(v2, 2)
     stats = worker.apply_update(pub.update_for(1))
-    assert stats["kind"] == "delta" and stats["version"] == 2 and stats["checksum"] == state_checksum(v2)
+    assert stats.kind == "delta" and stats.version == 2 and stats.checksum == state_checksum(v2)
     check = worker.verify_weights()  # re-read, not cached; and the engine's side against it
     assert (check.version, check.checksum) == (2, state_checksum(v2)) and check.engine_logprob_diff < TOL
     batch = worker.generate(4, 4)

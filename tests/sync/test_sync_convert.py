@@ -58,7 +58,7 @@ def test_publisher_reuses_its_buffers_and_every_delta_stays_exact():
     from sync.config import SyncConfig
     from sync.publisher import SlicePublisher
     from sync.receiver import WeightReceiver
-    from sync.transport import state_checksum
+    from sync.checksum import state_checksum
 
     gen = torch.Generator().manual_seed(5)
     state = {k: torch.randn(2048, generator=gen) for k in "abc"}  # 4 KB each in bf16: one part each
@@ -110,7 +110,7 @@ def test_one_thread_stages_deltas_of_several_dtypes():
     the same thread must not be patched in the fp32 entry's array (a valid payload refused)."""
     from sync.codec import encode
     from sync.receiver import WeightReceiver
-    from sync.transport import state_checksum
+    from sync.checksum import state_checksum
 
     gen = torch.Generator().manual_seed(6)
     old = {"f32": torch.randn(5000, generator=gen), "bf16": torch.randn(5000, generator=gen).to(torch.bfloat16),
@@ -168,7 +168,7 @@ def test_a_publisher_given_masks_publishes_the_masked_weights():
     from sync.config import SyncConfig
     from sync.publisher import SlicePublisher
     from sync.receiver import WeightReceiver
-    from sync.transport import state_checksum
+    from sync.checksum import state_checksum
 
     gen = torch.Generator().manual_seed(6)
     state = {"w": torch.randn(256, 64, generator=gen) * 0.02, "b": torch.randn(64, generator=gen)}

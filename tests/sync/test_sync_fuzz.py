@@ -160,7 +160,7 @@ def test_fuzz_receiver_staging(monkeypatch):
     mutated payloads raise SyncError subclasses only and leave the target and the version exactly
     as they were; a payload it accepts gives exactly the sender's weights."""
     from sync.receiver import WeightReceiver
-    from sync.transport import state_checksum
+    from sync.checksum import state_checksum
 
     monkeypatch.setattr(encoder, "GAP_ALSO_MAX_ELEMS", 0)
     old, new = _states()

@@ -428,7 +428,7 @@ def test_ray_receiver_refuses_a_delta_relabelled_to_another_dtype(relabel_base):
     """The receiver case of issue 11: a delta whose entry says float16 where the receiver holds
     bfloat16 (same width, checksums consistent) used to commit weights that differ from the
     verified staging copy. Now it is refused and target, shadow and version stay as they were."""
-    from sync.transport import WeightReceiver
+    from sync.receiver import WeightReceiver
 
     old, new = _states()
     new = {k: new.get(k, v) for k, v in old.items()}  # a receiver with a target keeps its tensor names
@@ -460,7 +460,7 @@ def _relabel(parts, name, dtype):
 
 
 def codec_state_checksum(state):
-    from sync.transport import state_checksum
+    from sync.checksum import state_checksum
 
     return state_checksum(state)
 

@@ -11,7 +11,9 @@ from sync.policy import ModeChooser
 from sync.publisher import SlicePublisher
 from sync.receiver import WeightReceiver
 from sync.slices import parse_key, slice_range, take_slice, target_views
-from sync.transport import LocalChannel, Part, ShardedPublisher, WeightUpdate, state_checksum
+from sync.checksum import state_checksum
+from sync.payloads import Part, WeightUpdate
+from sync.transport import LocalChannel, ShardedPublisher
 
 WORLD = 2
 
@@ -83,12 +85,12 @@ def test_two_ranks_publish_slices_and_receivers_end_bit_identical(ray_cluster):
         assert stats.parts > WORLD  # several parts per rank: receivers can pipeline
         published = {k: v.to(torch.bfloat16) for k, v in state.items()}
         # the publisher's checksum over both ranks' slices is the receiver's over its views
-        kinds.append(rec.apply(ranks.publisher.update_for(rec.version))["kind"])
+        kinds.append(rec.apply(ranks.publisher.update_for(rec.version)).kind)
         assert rec.version == version and rec.state_checksum() == ranks.publisher.state_checksum()
         for k in published:  # an independent check: the target tensors equal the bf16 cast bit for bit
             assert torch.equal(target[k].view(torch.int16), published[k].view(torch.int16)), k
         if version in (2, 7):
-            lag_kinds.append(lag.apply(ranks.publisher.update_for(lag.version))["kind"])
+            lag_kinds.append(lag.apply(ranks.publisher.update_for(lag.version)).kind)
             assert all(torch.equal(lagging_target[k].view(torch.int16), published[k].view(torch.int16)) for k in published)
     assert kinds == ["snapshot"] + ["delta"] * 7
     assert lag_kinds[0] == "snapshot" and lag_kinds[1] in ("chain", "snapshot")

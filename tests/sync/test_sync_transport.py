@@ -11,7 +11,10 @@ import torch
 
 from sync.config import SyncConfig
 from sync.errors import SyncError, VersionMismatchError
-from sync.transport import Part, WeightPublisher, WeightReceiver, WeightUpdate, state_checksum
+from sync.checksum import state_checksum
+from sync.payloads import Part, WeightUpdate
+from sync.receiver import WeightReceiver
+from sync.transport import WeightPublisher
 from cluster_nodes import HEAD_NODE, SECOND_NODE
 
 # Test modules are not importable on Ray workers: ship this module's classes by value.
@@ -97,16 +100,16 @@ def test_three_receivers_on_second_node_follow_twenty_publishes(ray_cluster):
     for r in rollouts:
         assert ray.get(r.version.remote()) == 19
         assert ray.get(r.checksums.remote()) == (want, want)
-    kinds = [s["kind"] for s in applied[2]]
+    kinds = [s.kind for s in applied[2]]
     assert kinds == ["snapshot", "chain", "snapshot"]
-    assert [s["kind"] for s in applied[0]] == ["snapshot"] + ["delta"] * 19
+    assert [s.kind for s in applied[0]] == ["snapshot"] + ["delta"] * 19
     # bytes moved: deltas are much smaller than the dense bf16 weights at this learning rate
-    deltas = [p for p in publishes if p["kind"] == "delta"]
-    assert all(p["ratio"] > 3 for p in deltas)
-    moved = sum(s["payload_bytes"] for s in applied[0] + applied[1] + applied[2])
-    dense = publishes[0]["dense_bytes"]
+    deltas = [p for p in publishes if p.kind == "delta"]
+    assert all(p.ratio > 3 for p in deltas)
+    moved = sum(s.payload_bytes for s in applied[0] + applied[1] + applied[2])
+    dense = publishes[0].dense_bytes
     print(f"moved {moved} bytes for 20+20+3 updates; dense bf16 state {dense} bytes; "
-          f"mean delta ratio {sum(p['ratio'] for p in deltas) / len(deltas):.1f}x")
+          f"mean delta ratio {sum(p.ratio for p in deltas) / len(deltas):.1f}x")
     assert moved < dense * (3 + 2 * 19 / 3)
     for r in rollouts + [trainer]:
         ray.kill(r)
@@ -163,7 +166,7 @@ def test_receivers_at_the_same_version_adopt_one_staged_update():
     from sync.codec import encode
     from sync.errors import TensorMismatchError, VersionMismatchError
     from sync.receiver import WeightReceiver
-    from sync.transport import state_checksum
+    from sync.checksum import state_checksum
 
     gen = torch.Generator().manual_seed(4)
     v1 = {"w": (torch.randn(300_000, generator=gen) * 0.02).to(torch.bfloat16), "b": torch.zeros(7, dtype=torch.bfloat16)}

@@ -68,7 +68,7 @@ def test_published_slice_is_views_and_masks_and_publishes_exactly_the_masked_wei
     from sync.config import SyncConfig
     from sync.publisher import SlicePublisher
     from sync.receiver import WeightReceiver
-    from sync.transport import state_checksum
+    from sync.checksum import state_checksum
 
     w = make_worker(SparsityConfig(method="nm", n=2, m=4))
     for i in range(3):

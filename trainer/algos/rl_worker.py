@@ -6,7 +6,7 @@ Built by launch/trainer_group.py (`worker_cls=RLTrainerWorker`), then configured
     sft_step(batch)   supervised warm-up on the task's answers (rl.sft_warmup_steps of them)
     begin_rl()        switch the objective to the RL algorithm (reference policy frozen here),
                       plus the distillation term with distill=squarehead|kl
-    train_step(batch) one RL optimizer step (TrainerWorker's step with the RL objective)
+    rl_step(batch)    one RL optimizer step (TrainerWorker's train_step with the RL objective)
     sync_stage(dense)  plan publishing this rank's slice of the weights (masked) as version =
                        step (+ offset); sync_encode(i) copies part i to bf16 and encodes it,
                        sync_snapshot(i) re-sends a part of the last version (sync/publisher.py);
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from trainer.algos.batch import TrainBatch
 from trainer.algos.config import AlgoConfig, build_objective
 from trainer.algos.distill import with_distillation
 from trainer.algos.sft import SFT
@@ -52,9 +53,9 @@ class RLTrainerWorker(TrainerWorker):
 
         self.slice_publisher = SlicePublisher(sync_cfg)
 
-    def sft_step(self, batch: dict) -> dict[str, float]:
+    def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         self.objective, self.opt_cfg = SFT(), self.sft_opt
-        return self.train_step(batch)
+        return super().train_step(batch.tensors())
 
     def begin_rl(self, rl_steps_done: int = 0) -> None:
         """Switch to the RL objective. The SFT-phase Adam moments are dropped
@@ -78,13 +79,13 @@ class RLTrainerWorker(TrainerWorker):
         masks = None if self.sparsifier is None else {n: layer.mask for n, layer in self.sparsifier.layers.items()}
         return frozen_copy(self.module, lambda: build_model(self.model_cfg)[0], masks)
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """One RL step; the lr ramps up linearly over the first rl_warmup_steps RL steps
+    def rl_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One RL optimizer step on this rank's share; the lr ramps up linearly over the first rl_warmup_steps RL steps
         (a fresh Adam moves every weight by ~lr on its first steps)."""
         if self.rl_start_step is not None and self.rl_warmup_steps:
             k = self.step - self.rl_start_step
             self.opt_cfg = constant_lr(self.rl_opt, self.rl_lr * min(1.0, (k + 1) / self.rl_warmup_steps))
-        return super().train_step(batch)
+        return super().train_step(batch.tensors())
 
     def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
         """The TrainerWorker checkpoint plus the algorithm's own state (PPO's value head)."""

@@ -19,9 +19,20 @@ partitions may hold padding only past `numel`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:
+    # For the type checker only: the attributes DeepSpeed's ZeRO-3 adds to what it partitions.
+    class Zero3Partition(torch.Tensor):
+        ds_numel: int  # P, the partition's element count (padding included)
+
+    class Zero3Parameter(torch.nn.Parameter):
+        ds_id: int
+        ds_numel: int  # the full parameter's element count
+        ds_shape: torch.Size  # the full parameter's shape
+        ds_tensor: Zero3Partition  # this rank's partition, in the working dtype
 
 OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's moments
 
@@ -52,11 +63,12 @@ def partition_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, min(start + size, numel)
 
 
-def _zero3(p: torch.Tensor) -> bool:
+def is_zero3(p: torch.Tensor) -> TypeGuard[Zero3Parameter]:
+    """True for a parameter ZeRO-3 has partitioned (it carries DeepSpeed's `ds_*` attributes)."""
     return hasattr(p, "ds_id")
 
 
-def _zero3_partition(p: torch.nn.Parameter) -> tuple[int, int, int]:
+def _zero3_partition(p: Zero3Parameter) -> tuple[int, int, int]:
     """(start, end, P) of this rank's ZeRO-3 partition of `p` (P counts padding)."""
     import torch.distributed as dist
 
@@ -96,7 +108,7 @@ class DeepSpeedParamAccess:
 
         p = self._param(name)
         full = safe_get_full_fp32_param(p)
-        if full is None and _zero3(p):  # a frozen ZeRO-3 parameter has no master: gather the weight
+        if full is None and is_zero3(p):  # a frozen ZeRO-3 parameter has no master: gather the weight
             from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
             with GatheredParameters([p]):
@@ -106,7 +118,7 @@ class DeepSpeedParamAccess:
 
     def set(self, name: str, value: torch.Tensor) -> None:
         p = self._param(name)
-        if _zero3(p):
+        if is_zero3(p):
             self._set_zero3(p, value)
             return
         from deepspeed.utils import safe_set_full_fp32_param
@@ -120,7 +132,7 @@ class DeepSpeedParamAccess:
             p.data.copy_(value.to(p.dtype))
 
     @staticmethod
-    def _set_zero3(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    def _set_zero3(p: Zero3Parameter, value: torch.Tensor) -> None:
         # Each rank writes its own partition from the full value (no communication).
         # deepspeed.utils.safe_set_full_fp32_param does the same but reads past the end of the
         # value on the last rank when the parameter is padded, and leaves the working copy stale.
@@ -142,7 +154,7 @@ class DeepSpeedParamAccess:
         from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
         p = self._param(name)
-        if _zero3(p):
+        if is_zero3(p):
             self._reset_zero3(p, positions)
             return
         for key in OPTIMIZER_STATE_KEYS:
@@ -158,7 +170,7 @@ class DeepSpeedParamAccess:
                     _zero_at(state, positions)
 
     @staticmethod
-    def _reset_zero3(p: torch.nn.Parameter, positions: torch.Tensor) -> None:
+    def _reset_zero3(p: Zero3Parameter, positions: torch.Tensor) -> None:
         # The moments are partitioned like the master: each rank zeroes its own slice of them.
         from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_optimizer_state
 
@@ -191,7 +203,7 @@ class DeepSpeedParamAccess:
         The matching slice of a mask (or of any full tensor of the parameter's shape) is
         `mask.reshape(-1)[start:end]`."""
         p = self._param(name)
-        if _zero3(p):
+        if is_zero3(p):
             from deepspeed.utils import safe_get_local_fp32_param
 
             start, end, _ = _zero3_partition(p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,13 @@ from trainer.distributed import (destroy_distributed, unlink_shm_buffer, free_po
 from trainer.lr_schedule import lr_at
 from trainer.objectives import LanguageModelingObjective, Objective
 
-DS_TAG = "ds"
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from trainer.sparsity import Sparsifier
+    from trainer.sparsity.masked_forward import SparseLayer
+
+DS_TAG = "ds"  # DeepSpeed's sub-directory inside one checkpoint directory
 
 
 @dataclass
@@ -39,7 +46,7 @@ class PublishedSlice:
     def masked(self) -> dict[str, torch.Tensor]:
         """tensor * mask per key (copies of the masked ones: tests and tools, not publishing)."""
         return {k: t * self.masks[k].reshape(t.shape).to(t.device, t.dtype) if k in self.masks else t
-                for k, t in self.tensors.items()}  # DeepSpeed's sub-directory inside one checkpoint directory
+                for k, t in self.tensors.items()}
 
 
 class TrainerWorker:
@@ -53,8 +60,15 @@ class TrainerWorker:
         self.rank = rank
         self.world_size = world_size
         self.step = 0  # optimizer steps taken
-        self.engine = None
-        self.sparsifier = None
+        self._engine: DeepSpeedEngine | None = None
+        self.sparsifier: Sparsifier | None = None
+
+    @property
+    def engine(self) -> DeepSpeedEngine:
+        """The DeepSpeed engine wrapping the model; exists once `setup` has run."""
+        if self._engine is None:
+            raise RuntimeError(f"trainer rank {self.rank}: setup() has not run, there is no DeepSpeed engine yet")
+        return self._engine
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -93,9 +107,9 @@ class TrainerWorker:
             self.sparsifier.attach()
         self.optimizer = torch.optim.AdamW(  # a torch optimizer: DeepSpeed's fused ones JIT-compile on CPU
             _param_groups(model, self.opt_cfg.weight_decay), lr=lr_at(0, self.opt_cfg, self.cfg.max_steps),
-            betas=tuple(self.opt_cfg.betas), eps=self.opt_cfg.eps,
+            betas=(self.opt_cfg.betas[0], self.opt_cfg.betas[1]), eps=self.opt_cfg.eps,  # two: trainer/config.py
         )
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self._ds_config())
+        self._engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self._ds_config())
         if self.device == "cpu":
             import torch.distributed as dist
 
@@ -210,7 +224,7 @@ class TrainerWorker:
         them in bf16 gives anyway."""
         from sync.slices import slice_key, slice_range
 
-        layers = self.sparsifier.layers if self.sparsifier is not None else {}
+        layers: dict[str, SparseLayer] = self.sparsifier.layers if self.sparsifier is not None else {}
         out, masks = {}, {}
         with torch.no_grad():
             for name, p in self.module.named_parameters():

@@ -216,7 +216,7 @@ class NMSparsifier(Sparsifier):
                 weight = weight_of(layer)
                 forward_mask = self._forward_mask(layer, weight, n, m)
                 backward_mask = self._backward_mask(layer, weight, forward_mask, n, m, step)
-                device = layer.module.weight.device
+                device = layer.weight.device
                 layer.record_mask(forward_mask.to(device))
                 layer.backward_mask = None if backward_mask is None else backward_mask.to(device)
                 layer.extra["current"] = [n, m]
@@ -248,14 +248,17 @@ class NMSparsifier(Sparsifier):
             factor = 1.0 - self.lr * self.decay_lambda()
             for name, layer in self.layers.items():
                 weight = params.get(name).float()
-                mask = masks_used[name].to(weight.device)
+                mask_used = masks_used[name]
+                if mask_used is None:  # before_forward(step) installs the masks of every sparse step
+                    raise RuntimeError(f"NMSparsifier: {name} has no mask at sparse step {step}")
+                mask = mask_used.to(weight.device)
                 decayed = torch.where(mask, weight, weight * factor)
                 params.set(name, decayed)
                 masters[name] = decayed
 
         def master(layer: SparseLayer) -> torch.Tensor:
             if layer.name not in masters:
-                weight = layer.module.weight
+                weight = layer.weight
                 if weight.dtype == torch.float32 and not hasattr(weight, "ds_id"):
                     # fp32 working copy, not partitioned (ZeRO 0-2): after the optimizer step it
                     # holds the masters' exact values; reading it saves a collective per layer.
@@ -368,7 +371,7 @@ class NMSparsifier(Sparsifier):
         backward_masks = state.get("backward_masks", {})
         for name, layer in self.layers.items():
             saved = backward_masks.get(name)
-            layer.backward_mask = None if saved is None else saved.to(layer.module.weight.device)
+            layer.backward_mask = None if saved is None else saved.to(layer.weight.device)
         for layer in self.layers.values():
             layer.beta = self.beta
             layer.sr_ste_lambda = self.coupled_lambda

@@ -115,6 +115,10 @@ class RLTrainers:
 
 
 def shard(batch: dict, world: int) -> list[dict]:
-    """Split every tensor of `batch` into `world` equal row blocks, one per rank."""
-    rows = next(iter(batch.values())).shape[0] // world
+    """Split every tensor of `batch` into `world` equal row blocks, one per rank, in order.
+    ValueError when the rows do not divide evenly (launch/rl_config.py makes them divide)."""
+    total = next(iter(batch.values())).shape[0]
+    if total % world:
+        raise ValueError(f"a batch of {total} rows does not split into {world} equal rank shares")
+    rows = total // world
     return [{k: v[r * rows:(r + 1) * rows] for k, v in batch.items()} for r in range(world)]

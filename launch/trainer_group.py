@@ -116,6 +116,8 @@ class TrainerGroup:
 
 
 def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One metrics dict from every rank's: `sum/*` keys add up, `*_max` keys take the maximum,
+    the rest average over the ranks that reported them."""
     keys = {k for m in per_rank for k in m}
     out = {}
     for k in keys:

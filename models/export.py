@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from models.nm_pattern import nm_violations, parse_nm
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -54,23 +56,15 @@ class ExportError(ValueError):
     pass
 
 
-def parse_nm(pattern: str) -> tuple[int, int]:
+def _claimed_nm(pattern: object) -> tuple[int, int]:
+    """(N, M) of a sparsity.json pattern claim: 'N:M' with 0 < N <= M (N = M: dense)."""
     try:
-        n, m = (int(x) for x in pattern.split(":"))
-    except ValueError:
-        raise ExportError(f"sparsity pattern {pattern!r} is not of the form 'N:M'") from None
+        n, m = parse_nm(pattern)
+    except ValueError as e:
+        raise ExportError(f"sparsity pattern {e}") from None
     if not 0 < n <= m:
         raise ExportError(f"sparsity pattern {pattern!r} needs 0 < N <= M")
     return n, m
-
-
-def nm_violations(weight: torch.Tensor, n: int, m: int, dim: int) -> int:
-    """Number of groups of M consecutive entries along `dim` holding more than N nonzeros."""
-    w = weight.detach().movedim(dim, -1)
-    if w.shape[-1] % m:
-        raise ExportError(f"M={m} does not divide dimension {dim} (size {w.shape[-1]}) of a {tuple(weight.shape)} tensor")
-    groups = (w != 0).reshape(-1, m).sum(-1)
-    return int((groups > n).sum())
 
 
 def normalize_claim(claim: dict) -> dict:
@@ -94,10 +88,13 @@ def _checked_sparsity_info(state: dict[str, torch.Tensor], info: dict[str, dict]
         claim = normalize_claim(claim)
         entry = dict(claim)
         if "pattern" in claim:
-            n, m = parse_nm(str(claim["pattern"]))
+            n, m = _claimed_nm(claim["pattern"])
             if "dim" not in claim:
                 raise ExportError(f"sparsity info for {name!r}: an N:M pattern needs 'dim' (the input axis)")
-            bad = nm_violations(t, n, m, int(claim["dim"]))
+            try:
+                bad = nm_violations(t, n, m, int(claim["dim"]))
+            except ValueError as e:  # M does not divide the claimed dim
+                raise ExportError(str(e)) from None
             if bad:
                 raise ExportError(
                     f"tensor {name!r} is not {n}:{m} sparse along dim {claim['dim']}: {bad} groups have more than {n} nonzeros"

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from models.nm_pattern import nm_group_counts, parse_nm
 from trainer.sparsity.base import Sparsifier, pruned_to_kept_norm
 from trainer.sparsity.config import SparsityConfig, effective_estimator, sr_ste_decay
 from trainer.sparsity.errors import SparsityConfigError, SparsityPatternError
@@ -37,12 +38,11 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, input_dim: int = 1) -> torch.T
     return mask.reshape(w.shape).movedim(-1, input_dim)
 
 
-def parse_nm(text: str) -> tuple[int, int]:
+def _sdgf_stage(text: str) -> tuple[int, int]:
     try:
-        n, m = (int(v) for v in str(text).split(":"))
-    except ValueError:
-        raise SparsityConfigError(f"sparsity.sdgf_stages entry {text!r} is not 'N:M'") from None
-    return n, m
+        return parse_nm(text)
+    except ValueError as e:
+        raise SparsityConfigError(f"sparsity.sdgf_stages entry {e}") from None
 
 
 def sdgf_stages(n: int, m: int, schedule: str, custom: list[str] | None = None) -> list[tuple[int, int]]:
@@ -66,7 +66,7 @@ def sdgf_stages(n: int, m: int, schedule: str, custom: list[str] | None = None) 
     if schedule == "fine":
         return [(n * 2 ** (3 - i), m * 2 ** (3 - i)) for i in range(4)]
     if schedule == "custom":
-        return [parse_nm(s) for s in (custom or [])]
+        return [_sdgf_stage(s) for s in (custom or [])]
     raise SparsityConfigError(f"sparsity.sdgf_schedule={schedule!r}; expected sparsify|densify|fine|custom")
 
 
@@ -312,12 +312,11 @@ class NMSparsifier(Sparsifier):
         if self.cfg.backward == "transposable":
             dims.append(("output", 1 - layer.input_dim))
         for label, dim in dims:
-            groups = value.detach().movedim(dim, -1).reshape(-1, m)
-            counts = (groups != 0).sum(dim=1)
+            counts = nm_group_counts(value, m, dim)
             bad = int((counts > n).sum())
             if bad:
                 raise SparsityPatternError(
-                    f"{layer.name}: {bad} of {groups.shape[0]} groups of {m} along the {label} dim hold "
+                    f"{layer.name}: {bad} of {counts.numel()} groups of {m} along the {label} dim hold "
                     f"more than {n} nonzeros (max {int(counts.max())})"
                 )
 

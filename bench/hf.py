@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         skeleton, tok = load_hf_skeleton(model_cfg)
         q = args.quick
         started = time.perf_counter()
-        result = {
+        result: dict[str, Any] = {
             "model": {"path": str(args.model) if args.model else "tiny Llama-style (tests/hf_fixtures.py)",
                       "architecture": type(skeleton).__name__,
                       "config": {k: getattr(skeleton.config, k, None) for k in

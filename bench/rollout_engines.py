@@ -82,13 +82,14 @@ def measure_engines(sizes: list[str], workdir: Path) -> list[dict]:
         path, n_params = save_llama(workdir / size, SIZES[size])
         mc = ModelConfig(kind="hf", path=str(path))
         for engine_name in ("torch", "vllm"):
+            engine: TorchEngine | VLLMEngine
             if engine_name == "torch":
                 model, tok = build_model(mc)
                 engine = TorchEngine(model, tok, device="cpu", dtype="bfloat16")
             else:
                 engine = VLLMEngine(mc, RolloutConfig(engine="vllm", vllm=VLLMConfig(kv_cache_memory_bytes=1 << 30)), 0)
             rate, rates = tokens_per_s(engine, prompts)
-            if engine_name == "vllm":
+            if isinstance(engine, VLLMEngine):
                 engine.close()
             del engine
             results.append({"engine": engine_name, "model": size, "model_params": n_params, "batch": BATCH,

@@ -26,6 +26,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from launch.env import set_runtime_defaults
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-TARGETS = {
+TARGETS: dict[str, dict[str, Any]] = {  # SparsityConfig keyword arguments
     "2:4": dict(method="nm", n=2, m=4),
     "50% unstructured": dict(method="static", density=0.5, distribution="uniform", init="magnitude"),
     "70% unstructured": dict(method="static", density=0.3, distribution="uniform", init="magnitude"),
@@ -128,7 +129,7 @@ def run(args) -> dict:
     for target, kwargs in TARGETS.items():
         cfg = SparsityConfig(**kwargs)
         oneshot = None
-        row = {"target": target, "sparsity_config": kwargs}
+        row: dict[str, Any] = {"target": target, "sparsity_config": kwargs}
         for variant, objective in [
             ("finetune", LanguageModelingObjective()),
             ("finetune + squarehead", DistillationObjective(DistillConfig(name="squarehead", teacher_dtype="float32"), model_cfg)),

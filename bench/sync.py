@@ -23,6 +23,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,8 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 
 def iid_estimate_bytes(old: dict, new: dict) -> float:
     """n*H2(p) + k*H(zigzag(new_bits - old_bits)) over all elements alike, in bytes."""
-    n, k, hist = 0, 0, {}
+    n, k = 0, 0
+    hist: dict[int, int] = {}
     for name in new:
         o, x = _bits(old[name]).astype(np.int32), _bits(new[name]).astype(np.int32)
         d = x - o
@@ -64,8 +66,8 @@ def iid_estimate_bytes(old: dict, new: dict) -> float:
         return 0.0
     p = k / n
     h2 = 0.0 if p >= 1 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
-    c = np.array(list(hist.values()), dtype=np.float64) / k
-    return (n * h2 + k * float(-(c * np.log2(c)).sum())) / 8
+    probs = np.array(list(hist.values()), dtype=np.float64) / k
+    return (n * h2 + k * float(-(probs * np.log2(probs)).sum())) / 8
 
 
 def conditional_estimate_bytes(old: dict, new: dict) -> float:
@@ -129,10 +131,10 @@ def measure(old: dict, new: dict, reps: int, levels=("fast", "best"), receiver_p
         "iid_estimate_bytes": iid, "iid_estimate_ratio": dense / iid if iid else None,
     }
     row.update(peer_payloads(old, new))
-    times = {"zstd1_s": []}
+    times: dict[str | tuple[str, str], list[float]] = {"zstd1_s": []}
     for level in levels:
         times.update({(level, "encode_s"): [], (level, "apply_s"): [], (level, "receiver_apply_s"): []})
-    payloads = {}
+    payloads: dict[str, list[bytes]] = {}
     for rep in range(reps):
         t, z = _timed(lambda: zstandard.ZstdCompressor(level=1).compress(dense_bytes), 1)
         times["zstd1_s"].append(t)
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     n = 4_000_000 if args.quick else 100_000_000
     reps = 2 if args.quick else 3
-    result = {"machine": {"threads": torch.get_num_threads()}, "synthetic": {}, "real": {}, "bar": {}}
+    result: dict[str, Any] = {"machine": {"threads": torch.get_num_threads()}, "synthetic": {}, "real": {}, "bar": {}}
     print(f"{'delta':34s} {'changed':>8s} {'fast':>8s} {'best':>8s} {'iid est':>8s} {'i32+v zstd':>10s} "
           f"{'enc fast':>9s} {'app fast':>9s} {'recv app':>9s} {'zstd-1':>8s}")
 

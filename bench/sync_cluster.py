@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import statistics
@@ -39,6 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sync.payloads import SyncStats
 from trainer.algos.rl_worker import RLTrainerWorker
@@ -229,7 +231,7 @@ def drive(args) -> dict:
     from bench.netlab import NetLab
 
     lab = NetLab(args.lab)
-    ray.init(address=args.address, logging_level="ERROR")
+    ray.init(address=args.address, logging_level=logging.ERROR)
     deadline = time.time() + 600  # the second node registers once its raylet is up (slow on a busy machine)
     while not {TRAINER_RES, ROLLOUT_RES} <= set(ray.cluster_resources()):
         if time.time() > deadline:
@@ -245,7 +247,8 @@ def drive(args) -> dict:
     group = TrainerGroup(cluster, model_cfg, trainer_cfg, opt_cfg, sparsity_cfg, worker_cls=BenchRank)
     group.call("configure_rl", AlgoConfig(), sync_cfg, 1e-6, 1e-6)
     publisher = ShardedPublisher([ActorChannel(w) for w in group.workers], sync_cfg)
-    receivers = [ray.remote(BenchReceiver).options(num_cpus=0.5, resources={ROLLOUT_RES: 1}).remote(model_cfg)
+    # Actor handles: their methods resolve at run time (Ray's ActorHandle types every attribute as Never).
+    receivers: list[Any] = [ray.remote(BenchReceiver).options(num_cpus=0.5, resources={ROLLOUT_RES: 1}).remote(model_cfg)
                  for _ in range(3)]
     params = group.info[0]["parameters"]
     slice_bytes = group.call("slice_bytes")
@@ -314,7 +317,7 @@ def drive(args) -> dict:
     rows, all_sparse, all_dense, all_runs = [], [], [], [first]
     for rate in args.links:
         lab.limit(rate)
-        runs = {"sparse": [], "dense": [], "auto": []}
+        runs: dict[str, list[dict]] = {"sparse": [], "dense": [], "auto": []}
         choosers["auto"] = ModeChooser("auto")  # nothing carried over from other links or forced runs
         for mode, count in (("sparse", args.publishes), ("dense", args.full_publishes), ("auto", args.publishes + 2)):
             for _ in range(count):
@@ -523,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     procs = []
-    with NetLab(args.lab) as lab, tempfile.TemporaryDirectory(prefix="stb") as tmp:
-        tmp = Path(tmp)
+    with NetLab(args.lab) as lab, tempfile.TemporaryDirectory(prefix="stb") as tmp_name:
+        tmp = Path(tmp_name)
         head = f"{lab.ip['a']}:{PORT}"
         common = ["--num-cpus=4", "--disable-usage-stats",
                   f"--object-store-memory={(3 if args.quick else 6) << 30}"]

@@ -93,7 +93,9 @@ def resolve_text_files(patterns: list[str]) -> list[Path]:
 def _tokenize_documents(files, keys, what, cfg: DataConfig, tokenizer: Tokenizer) -> TokenCorpus:
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     eos = np.array([tokenizer.eos_id], dtype=dtype)
-    train_docs, eval_docs, all_docs = [], [], []
+    train_docs: list[np.ndarray] = []
+    eval_docs: list[np.ndarray] = []
+    all_docs: list[np.ndarray] = []
     threshold = int(cfg.eval_fraction * 2**32)
     read = 0
     for path, key in zip(files, keys):

@@ -58,7 +58,7 @@ def schema_keys(schema: type, prefix: str = "") -> dict[str, bool]:
     for f in fields(schema):
         name = f"{prefix}{f.name}"
         hint = _unwrap_optional(hints.get(f.name, Any))
-        if is_dataclass(hint):
+        if isinstance(hint, type) and is_dataclass(hint):
             keys[name] = False
             keys.update(schema_keys(hint, name + "."))
         else:
@@ -128,6 +128,8 @@ def preflight(spec: JobSpec, argv: list[str]) -> Preflight | None:
         # os.path.abspath, as Hydra: `a/../b` is b, `~` is not expanded
         run_dir = Path(os.path.abspath(str(OmegaConf.select(cfg, "hydra.run.dir"))))
         with_hydra = OmegaConf.to_container(cfg, resolve=False)
+        if not isinstance(with_hydra, dict):  # compose() always gives a mapping
+            raise TypeError(f"the composed {spec.name} config is a {type(with_hydra).__name__}, not a mapping")
         with_hydra.pop("hydra", None)
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.schema), with_hydra))
     anchor = run_dir

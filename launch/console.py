@@ -12,6 +12,7 @@ import io
 import re
 import sys
 from pathlib import Path
+from typing import TextIO
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -44,8 +45,9 @@ class _Tee(io.TextIOBase):
     def fileno(self) -> int:
         return self.stream.fileno()
 
+    # typeshed declares encoding a plain attribute; io.TextIOBase makes it read-only, so a property.
     @property
-    def encoding(self) -> str:
+    def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.stream, "encoding", "utf-8")
 
 
@@ -58,8 +60,8 @@ class RunConsole:
     def __init__(self, run_dir: Path, log_name: str):
         self.run_dir = Path(run_dir)
         self.log_path = self.run_dir / log_name
-        self.log = None
-        self.saved = None
+        self.log: TextIO | None = None
+        self.saved: tuple[TextIO, TextIO] | None = None
         self.header_pending = True
 
     def __enter__(self) -> "RunConsole":

@@ -16,6 +16,13 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+WandbMode = Literal["offline", "online", "disabled"]
+WANDB_MODES: tuple[WandbMode, ...] = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -35,9 +42,16 @@ class LoggerConfigError(ValueError):
     pass
 
 
+def wandb_mode(mode: str) -> WandbMode:
+    """`logger.mode` as one of wandb's modes; LoggerConfigError for anything else."""
+    for known in WANDB_MODES:
+        if mode == known:
+            return known
+    raise LoggerConfigError(f"logger.mode={mode!r}: expected offline, online or disabled")
+
+
 def validate_logger_config(cfg: LoggerConfig) -> None:
-    if cfg.mode not in ("offline", "online", "disabled"):
-        raise LoggerConfigError(f"logger.mode={cfg.mode!r}: expected offline, online or disabled")
+    wandb_mode(cfg.mode)
     if not cfg.summary_file:
         raise LoggerConfigError("logger.summary_file must name a file")
     if cfg.samples_every < 0:
@@ -72,7 +86,7 @@ class WandbBackend:
         id_file.write_text(run_id)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, tags=list(cfg.tags), name=cfg.name, config=config,
-            dir=str(run_dir), mode=cfg.mode, id=run_id, resume="allow", reinit="finish_previous",
+            dir=str(run_dir), mode=wandb_mode(cfg.mode), id=run_id, resume="allow", reinit="finish_previous",
         )
 
     def log(self, metrics: dict, step: int) -> None:
@@ -81,7 +95,8 @@ class WandbBackend:
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         import wandb
 
-        self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+        header: list[str | int] = list(columns)
+        self.run.log({name: wandb.Table(columns=header, data=rows)}, step=step)
 
     def summary(self, final: dict) -> None:
         for k, v in final.items():
@@ -89,6 +104,16 @@ class WandbBackend:
 
     def close(self) -> None:
         self.run.finish()
+
+
+class MetricsBackend(Protocol):
+    def log(self, metrics: dict, step: int) -> None: ...
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None: ...
+
+    def summary(self, final: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ConsoleBackend:
@@ -102,24 +127,25 @@ class ConsoleBackend:
 
     def __init__(self, total_steps: int, start_step: int, desc: str = "train"):
         self.total, self.desc = total_steps, desc
-        self.bar = None
+        self.bar: tqdm | None = None
         self.last_step = start_step
         self.shown: dict[str, str] = {}
 
-    def start(self) -> None:
+    def start(self) -> tqdm:
+        """The progress bar, started now unless it runs already."""
         if self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, initial=self.last_step, desc=self.desc, unit="step",
                             dynamic_ncols=True)
+        return self.bar
 
     def log(self, metrics: dict, step: int) -> None:
         for k, label in self.SHOWN.items():
             if k in metrics:
                 self.shown[label] = f"{metrics[k]:.4g}"
         if step > self.last_step:
-            self.start()
-            self.bar.update(step - self.last_step)
+            self.start().update(step - self.last_step)
             self.last_step = step
         if self.bar is not None:
             self.bar.set_postfix(self.shown, refresh=False)
@@ -141,7 +167,7 @@ class MetricsLogger:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.backends = []
+        self.backends: list[MetricsBackend] = []
         if cfg.wandb and cfg.mode != "disabled":
             self.backends.append(WandbBackend(cfg, self.run_dir, config or {}))
         if cfg.console:

@@ -223,7 +223,7 @@ def _job_spec():
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
     from launch.cli import run_job
 
     return run_job(_job_spec(), cfg)

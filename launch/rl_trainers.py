@@ -90,4 +90,3 @@ class RLTrainers:
 
     def shutdown(self) -> None:
         self.group.shutdown()
-

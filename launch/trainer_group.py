@@ -7,7 +7,7 @@ Rank 0's node IP and a free port there become every rank's MASTER_ADDR/PORT.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launch.cluster import ClusterConfig, reserve, trainer_bundle
 from models import ModelConfig
@@ -15,15 +15,18 @@ from trainer.config import OptimizerConfig, TrainerConfig
 from trainer.objectives import Objective
 from trainer.worker import TrainerWorker
 
+if TYPE_CHECKING:
+    from ray.actor import ActorClass
 
 
 class TrainerSetupTimeout(RuntimeError):
     """The trainer ranks did not finish their setup in time."""
 
+
 class TrainerGroup:
     def __init__(self, cluster_cfg: ClusterConfig, model_cfg: ModelConfig, trainer_cfg: TrainerConfig,
                  optimizer_cfg: OptimizerConfig, sparsity_cfg=None, objective: Objective | None = None,
-                 placement_group=None, worker_cls: type = TrainerWorker):
+                 placement_group=None, worker_cls: type[TrainerWorker] = TrainerWorker):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -33,8 +36,10 @@ class TrainerGroup:
         self.placement_group = placement_group or reserve(
             [bundle] * self.world_size, cluster_cfg.placement_strategy, cluster_cfg.placement_timeout_s,
             f"cluster.trainers={self.world_size} trainer actors")
-        remote_cls = ray.remote(worker_cls)
-        self.workers = [
+        remote_cls: ActorClass[TrainerWorker] = ray.remote(worker_cls)
+        # Actor handles: their methods resolve at run time (Ray's ActorHandle types every attribute
+        # as Never, which would end type checking of the code using them).
+        self.workers: list[Any] = [
             remote_cls.options(
                 num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
@@ -111,6 +116,8 @@ class TrainerGroup:
 
 
 def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One metrics dict from every rank's: `sum/*` keys add up, `*_max` keys take the maximum,
+    the rest average over the ranks that reported them."""
     keys = {k for m in per_rank for k in m}
     out = {}
     for k in keys:

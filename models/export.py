@@ -30,8 +30,17 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
+
+from models.nm_pattern import nm_violations, parse_nm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from models.gpt import GPT
 
 SPARSITY_FILE = "sparsity.json"
 SPARSITY_FORMAT = "sparsetrain-sparsity/1"
@@ -47,23 +56,15 @@ class ExportError(ValueError):
     pass
 
 
-def parse_nm(pattern: str) -> tuple[int, int]:
+def _claimed_nm(pattern: object) -> tuple[int, int]:
+    """(N, M) of a sparsity.json pattern claim: 'N:M' with 0 < N <= M (N = M: dense)."""
     try:
-        n, m = (int(x) for x in pattern.split(":"))
-    except ValueError:
-        raise ExportError(f"sparsity pattern {pattern!r} is not of the form 'N:M'") from None
+        n, m = parse_nm(pattern)
+    except ValueError as e:
+        raise ExportError(f"sparsity pattern {e}") from None
     if not 0 < n <= m:
         raise ExportError(f"sparsity pattern {pattern!r} needs 0 < N <= M")
     return n, m
-
-
-def nm_violations(weight: torch.Tensor, n: int, m: int, dim: int) -> int:
-    """Number of groups of M consecutive entries along `dim` holding more than N nonzeros."""
-    w = weight.detach().movedim(dim, -1)
-    if w.shape[-1] % m:
-        raise ExportError(f"M={m} does not divide dimension {dim} (size {w.shape[-1]}) of a {tuple(weight.shape)} tensor")
-    groups = (w != 0).reshape(-1, m).sum(-1)
-    return int((groups > n).sum())
 
 
 def normalize_claim(claim: dict) -> dict:
@@ -87,10 +88,13 @@ def _checked_sparsity_info(state: dict[str, torch.Tensor], info: dict[str, dict]
         claim = normalize_claim(claim)
         entry = dict(claim)
         if "pattern" in claim:
-            n, m = parse_nm(str(claim["pattern"]))
+            n, m = _claimed_nm(claim["pattern"])
             if "dim" not in claim:
                 raise ExportError(f"sparsity info for {name!r}: an N:M pattern needs 'dim' (the input axis)")
-            bad = nm_violations(t, n, m, int(claim["dim"]))
+            try:
+                bad = nm_violations(t, n, m, int(claim["dim"]))
+            except ValueError as e:  # M does not divide the claimed dim
+                raise ExportError(str(e)) from None
             if bad:
                 raise ExportError(
                     f"tensor {name!r} is not {n}:{m} sparse along dim {claim['dim']}: {bad} groups have more than {n} nonzeros"
@@ -109,6 +113,22 @@ def _write_sparsity(out: Path, state: dict[str, torch.Tensor], info: dict[str, d
         for key, value in (meta or {}).items():  # e.g. the method and its config, for readers
             doc.setdefault(key, value)
         (out / SPARSITY_FILE).write_text(json.dumps(doc, indent=1))
+
+
+def _as_hf_model(model: nn.Module) -> PreTrainedModel:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ExportError(f"expected a transformers model (save_pretrained), got {type(model).__name__}")
+    return model
+
+
+def _as_gpt(model: nn.Module) -> GPT:
+    from models.gpt import GPT
+
+    if not isinstance(model, GPT):
+        raise ExportError(f"expected the built-in GPT (models/gpt.py), got {type(model).__name__}")
+    return model
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -188,17 +208,18 @@ def export_hf_directory(
     Tokenizer files are copied from `tokenizer_source_dir` (the model's own directory); when it
     has none, the model ran on the byte tokenizer, which is written as equivalent HF tokenizer
     files. None: no tokenizer files at all."""
+    hf_model = _as_hf_model(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = _canonical_state(model, state)
+    tensors = _canonical_state(hf_model, state)
     # save_pretrained writes config.json from model.config (dtype taken from the module): keep
     # the live model's config untouched and record the dtype actually written.
-    saved_config = model.config
-    model.config = copy.deepcopy(saved_config)
+    saved_config = hf_model.config
+    hf_model.config = copy.deepcopy(saved_config)
     try:
-        model.save_pretrained(str(out), state_dict=dict(tensors))  # it may consume the dict
+        hf_model.save_pretrained(str(out), state_dict=dict(tensors))  # it may consume the dict
     finally:
-        model.config = saved_config
+        hf_model.config = saved_config
     dtype = _floating_dtype(tensors)
     if dtype is not None:
         cfg_path = out / "config.json"
@@ -236,7 +257,7 @@ def export_gpt_directory(
     out.mkdir(parents=True, exist_ok=True)
     tensors = _canonical_state(model, state)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = {"model_type": GPT_MODEL_TYPE, "gpt_config": asdict(model.config)}
+    config = {"model_type": GPT_MODEL_TYPE, "gpt_config": asdict(_as_gpt(model).config)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
     _weights_readable_like_the_rest(out)
@@ -295,7 +316,7 @@ def gpt_state_to_gpt2(model: nn.Module, state: dict[str, torch.Tensor] | None = 
     """Map built-in GPT tensors to GPT-2 names: ({gpt2 name: tensor}, {gpt name: (gpt2 name,
     transposed)}). Linear weights become Conv1D weights ([out, in] -> [in, out]); a GPT built
     with bias=False gets zero biases (the same function)."""
-    own = dict(model.named_parameters())
+    own: dict[str, torch.Tensor] = dict(model.named_parameters())
     state = own if state is None else state
     missing = sorted(set(own) - set(state))
     if missing:
@@ -313,7 +334,7 @@ def gpt_state_to_gpt2(model: nn.Module, state: dict[str, torch.Tensor] | None = 
             new = "transformer." + name
         out[new] = t.detach().T.contiguous() if transposed else t.detach()
         names[name] = (new, transposed)
-    cfg = model.config
+    cfg = _as_gpt(model).config
     if not cfg.bias:  # GPT-2 always has biases: zeros compute the same function
         for i in range(cfg.n_layer):
             for sub, width in (("ln_1", cfg.n_embd), ("ln_2", cfg.n_embd), ("attn.c_attn", 3 * cfg.n_embd),

@@ -28,7 +28,8 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 def attention_shape(model: nn.Module) -> tuple[int, int]:
     """(layers, attention width = heads x head dim) of the built-in GPT or an HF decoder."""
-    cfg = model.config
+    # The built-in GPTConfig or any transformers config: its field names depend on the family.
+    cfg = getattr(model, "config")
     if hasattr(cfg, "n_layer") and hasattr(cfg, "n_embd"):  # built-in GPT, GPT-2
         return int(cfg.n_layer), int(cfg.n_embd)
     layers = int(cfg.num_hidden_layers)

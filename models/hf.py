@@ -134,7 +134,8 @@ def load_hf_weights(path: str | Path, dtype: str = "float32", config=None) -> nn
 
     config = load_hf_config(path) if config is None else config
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        # transformers types the result as the model alone; output_loading_info=True makes it a pair.
+        loaded: tuple[nn.Module, dict[str, list]] = AutoModelForCausalLM.from_pretrained(  # type: ignore[assignment]
             str(path), config=config, local_files_only=True, trust_remote_code=False,
             dtype=torch_dtype(dtype), output_loading_info=True,
             # Shape mismatches are collected below and raised with their names, not re-initialised.
@@ -144,6 +145,7 @@ def load_hf_weights(path: str | Path, dtype: str = "float32", config=None) -> nn
         raise
     except (OSError, ValueError, RuntimeError) as e:  # no weights file, unreadable safetensors, ...
         raise ModelConfigError(f"model.path={str(path)!r}: weights could not be loaded: {e}") from e
+    model, info = loaded
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(kind) or ())
@@ -186,7 +188,7 @@ def follow_call_convention(model: nn.Module) -> nn.Module:
     Returns the same module; parameter names are unchanged."""
     if not getattr(model, "_follows_call_convention", False):
         model.register_forward_pre_hook(_positions_from_attention_mask, with_kwargs=True)
-        model._follows_call_convention = True
+        setattr(model, "_follows_call_convention", True)
     return model
 
 

@@ -60,7 +60,7 @@ class HFTokenizer:
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """Token ids of an RL prompt for any Tokenizer: through the chat template when there is one
     (the template decides about BOS), else `[bos_id] + encode(prompt)`."""
-    if getattr(tokenizer, "has_chat_template", False):
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.has_chat_template:
         return tokenizer.encode(tokenizer.apply_chat_template(prompt))
     return [tokenizer.bos_id] + tokenizer.encode(prompt)
 

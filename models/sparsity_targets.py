@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import re
 
+import torch
 import torch.nn as nn
 
 from models.build import ModelConfigError
@@ -48,6 +49,14 @@ def input_dim(module: nn.Module) -> int:
     if conv1d is not None and isinstance(module, conv1d):
         return 0
     raise ModelConfigError(f"{type(module).__name__} is not a Linear or Conv1D projection")
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """`module.weight` of a projection; ModelConfigError when the module holds no weight tensor."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ModelConfigError(f"{type(module).__name__} has no weight tensor")
+    return weight
 
 
 def default_sparsity_targets(model: nn.Module) -> list[str]:
@@ -89,7 +98,7 @@ def match_sparsity_targets(model: nn.Module, patterns: list[str]) -> dict[str, n
 def check_group_size(targets: dict[str, nn.Module], m: int) -> None:
     """Raise ModelConfigError when M does not divide a chosen layer's input dimension."""
     for name, module in targets.items():
-        size = module.weight.shape[input_dim(module)]
+        size = projection_weight(module).shape[input_dim(module)]
         if size % m:
             raise ModelConfigError(
                 f"N:M group size M={m} does not divide the input dimension {size} of layer {name!r}"

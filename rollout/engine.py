@@ -31,6 +31,7 @@ from rollout.generation import Generation, SamplingConfig
 
 if TYPE_CHECKING:
     from models import ModelConfig
+    from models.tokenizer import Tokenizer
     from rollout.config import RolloutConfig
 
 class EngineUpdateError(RuntimeError):
@@ -43,7 +44,7 @@ class EngineStartError(RuntimeError):
 
 
 class RolloutEngine(Protocol):
-    tokenizer: object
+    tokenizer: Tokenizer
 
     def weights(self) -> dict[str, torch.Tensor]: ...
 

@@ -70,6 +70,8 @@ def load_reward_fn(spec: str, what: str = "task.reward_fns") -> RewardFn:
         module = sys.modules.get(name)
         if module is None:
             module_spec = importlib.util.spec_from_file_location(name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise RewardFunctionError(f"{what}: {spec!r}: {where!r} cannot be imported as a Python module")
             module = importlib.util.module_from_spec(module_spec)
             try:
                 module_spec.loader.exec_module(module)

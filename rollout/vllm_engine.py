@@ -78,13 +78,14 @@ class VLLMEngine:
         self._reference_model: torch.nn.Module | None = None  # logprob_diff_vs_committed's, built on first use
         self._lock = threading.Lock()  # vLLM's LLM is not thread-safe (async mode swaps from the generate thread)
         self.cfg = cfg
-        v = cfg.vllm
+        vcfg = cfg.vllm
         try:
             with _llvmlite_hidden_from_kernel_scan():
-                self.llm = LLM(model=str(model_cfg.path), skip_tokenizer_init=True, dtype=cfg.dtype, seed=seed,
-                               gpu_memory_utilization=v.gpu_memory_utilization,
-                               kv_cache_memory_bytes=v.kv_cache_memory_bytes, max_model_len=v.max_model_len,
-                               enforce_eager=v.enforce_eager, logprobs_mode="processed_logprobs",
+                self.llm = LLM(model=str(model_cfg.path), skip_tokenizer_init=True,
+                               dtype=cfg.dtype,  # type: ignore[arg-type]  # one of vLLM's names (rollout/config.py checks it)
+                               seed=seed, gpu_memory_utilization=vcfg.gpu_memory_utilization,
+                               kv_cache_memory_bytes=vcfg.kv_cache_memory_bytes, max_model_len=vcfg.max_model_len,
+                               enforce_eager=vcfg.enforce_eager, logprobs_mode="processed_logprobs",
                                trust_remote_code=False)
             # One token now: kernels that do not support this model (e.g. a head size the CPU
             # attention lacks) fail here, before training, not at the first rollout.
@@ -121,7 +122,7 @@ class VLLMEngine:
         sides: ~1e-3 when the engine holds the committed weights."""
         reference = self._reference()
         length = min(length, self.llm.model_config.max_model_len - 1)
-        vocab = min(reference.config.vocab_size, self.tokenizer.vocab_size)
+        vocab = min(reference.config.vocab_size, self.tokenizer.vocab_size)  # type: ignore[union-attr]  # an HF model's config
         g = torch.Generator().manual_seed(1234)
         ids = torch.randint(0, vocab, (rows, length), generator=g)
         ids[:, 0] = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else ids[:, 0]
@@ -131,7 +132,9 @@ class VLLMEngine:
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         with self._lock:
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=r.tolist()) for r in ids], params, use_tqdm=False)
-        engine = torch.tensor([[out.prompt_logprobs[t][int(ids[i, t])].logprob for t in range(1, length)]
+        # prompt_logprobs=0 above: vLLM fills every prompt position after the first
+        engine = torch.tensor([[out.prompt_logprobs[t][int(ids[i, t])].logprob  # type: ignore[index]
+                                for t in range(1, length)]
                                for i, out in enumerate(outs)])
         with torch.no_grad():
             logits = reference(ids).logits[:, :-1].float()
@@ -210,7 +213,8 @@ class VLLMEngine:
             ids = list(c.token_ids)[:T]
             n = len(ids)
             tokens[i, :n] = torch.tensor(ids, dtype=torch.long)
-            logprobs[i, :n] = torch.tensor([c.logprobs[t][tok].logprob for t, tok in enumerate(ids)])
+            # logprobs=0 in the sampling params: vLLM reports every sampled token's logprob
+            logprobs[i, :n] = torch.tensor([c.logprobs[t][tok].logprob for t, tok in enumerate(ids)])  # type: ignore[index]
             lengths[i] = n
             finished[i] = n > 0 and ids[-1] == eos
         return Generation(tokens, logprobs, lengths, finished)

@@ -82,7 +82,8 @@ def readme_commands(path: Path = README) -> list[Command]:
 
 
 def _split_and(tokens: list[str]) -> list[list[str]]:
-    parts, current = [], []
+    parts: list[list[str]] = []
+    current: list[str] = []
     for t in tokens:
         if t == "&&":
             parts.append(current)
@@ -163,6 +164,8 @@ def _largest(value: str | None) -> int:
 
 def job_argv(cmd: Command, s: Standins) -> tuple[list[str], Path | None]:
     """The job's full command line under the check, and its run directory."""
+    if cmd.job is None:
+        raise ValueError(f"README:{cmd.line} runs no job: {cmd.text}")
     overrides = substitute(cmd.overrides, s)
     if cmd.kind == "cluster":
         overrides = [("cluster.trainers=2" if o == "cluster.trainers=8" else o) for o in overrides]
@@ -198,7 +201,7 @@ def compose_all(commands: list[Command]) -> list[tuple[Command, str | None]]:
     from launch.cli import preflight
 
     specs = {"rl": rl._job_spec(), "pretrain": pretrain._job_spec()}
-    results = []
+    results: list[tuple[Command, str | None]] = []
     with tempfile.TemporaryDirectory() as tmp:
         s = Standins(Path(tmp), Path(tmp) / "tiny-llama", Path(tmp) / "corpus", first_rl_run=Path(tmp) / "first")
         for cmd in commands:
@@ -241,11 +244,11 @@ def run_all(commands: list[Command], work: Path, cluster: bool, timeout_s: float
             argv = [sys.executable, *[a.replace("/tmp/tiny-llama", str(s.tiny_model)) for a in cmd.argv[1:]]]
             run_dir = None
         elif cmd.kind == "cluster" and cmd.job is None:
-            argv = cluster_argv(cmd)
-            if argv is None:
+            cluster_cmd = cluster_argv(cmd)
+            if cluster_cmd is None:
                 results.append({"line": cmd.line, "command": cmd.text, "status": "not run (another node, or the venv's activation)"})
                 continue
-            run_dir = None
+            argv, run_dir = cluster_cmd, None
         else:
             argv, run_dir = job_argv(cmd, s)
             if cmd.kind == "cluster":
@@ -293,12 +296,12 @@ def main() -> int:
     if args.lines:
         commands = [c for c in commands if c.line in args.lines]
     if not args.run:
-        failed = 0
+        n_failed = 0
         for cmd, error in compose_all(commands):
-            failed += error is not None
+            n_failed += error is not None
             print(f"{'ok' if error is None else 'FAILED':6s} README:{cmd.line}  {cmd.text[:100]}"
                   + ("" if error is None else f"\n       {error}"))
-        return 1 if failed else 0
+        return 1 if n_failed else 0
     work = Path(tempfile.mkdtemp(prefix="readme-check-"))
     try:
         results = run_all(commands, work, args.cluster, args.timeout)

@@ -21,6 +21,7 @@ import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zstandard
@@ -31,6 +32,9 @@ from sync.errors import CorruptBucketError, LimitError, NotADeltaError, SyncErro
 from sync.format import (DELTA_ENCODINGS, DENSE_ENCODINGS, MAX_CHUNK_ELEMS, MAX_DIMS, MAX_HEADER_BYTES, MAX_NAME_CHARS,
                          MAX_VERSION, RESERVED_NAMES, Bucket, digest, parse_bucket)
 from sync.workspace import PARALLEL_MIN_ELEMS, scratch, workers
+
+if TYPE_CHECKING:
+    import torch
 
 # Bytes of tensors one payload may create (a snapshot; new tensors in a delta) unless the
 # caller passes max_bytes: a sanity bound far above real models' slices. The CLI's default is
@@ -364,9 +368,9 @@ def _decode_checked(state, version, parsed, plan: PayloadPlan, in_place) -> Deco
     try:
         _decode_entries(state, parsed, plan, out, in_place)
         for name, t in plan.tensors.items():
-            h = digest(out.arrays[name]) if name in out.arrays else base_xxh.get(name)
-            if h != t.xxh:
-                raise CorruptBucketError(f"tensor {name!r}: decoded result checksum {h} != sender's {t.xxh}")
+            result_xxh = digest(out.arrays[name]) if name in out.arrays else base_xxh.get(name)
+            if result_xxh != t.xxh:
+                raise CorruptBucketError(f"tensor {name!r}: decoded result checksum {result_xxh} != sender's {t.xxh}")
     except BaseException:
         out.rollback()
         raise
@@ -400,7 +404,7 @@ def _entry_task(state, body, e: EntrySpec, spec: TensorSpec, out: DecodedPayload
     chunk = body[e.off : e.off + e.length]
     changed = e.changed
     out.dense_bytes += (stop - start) * info.width // 8
-    task = {"spec": e, "decode": None, "whole": spec.kind == "whole"}
+    task: dict[str, Any] = {"spec": e, "decode": None, "whole": spec.kind == "whole"}
     if task["whole"]:
         arr = out.arrays.get(name)
         if arr is None:
@@ -442,7 +446,11 @@ def _entry_task(state, body, e: EntrySpec, spec: TensorSpec, out: DecodedPayload
             if in_place or dst is base:
                 task["decode"] = lambda: decode_delta_chunk(enc, chunk, changed, base, info, where)
             else:  # fresh result array: the unchanged elements come from the base
-                task["decode"] = lambda: (np.copyto(dst, base), decode_delta_chunk(enc, chunk, changed, base, info, where))[1]
+                def copy_then_decode(dst=dst, base=base, enc=enc, chunk=chunk, changed=changed, where=where):
+                    np.copyto(dst, base)
+                    return decode_delta_chunk(enc, chunk, changed, base, info, where)
+
+                task["decode"] = copy_then_decode
         elif enc in DENSE_ENCODINGS:
             task["decode"] = lambda: decode_dense_chunk(enc, chunk, stop - start, info, where)
     task["arr"] = arr
@@ -578,13 +586,13 @@ def decode_delta_chunk(enc: str, body: memoryview, changed: int, old: np.ndarray
         raise CorruptBucketError(f"{where}: {changed} changes in a chunk of {old.shape[0]} elements")
     buf = np.frombuffer(body, dtype=np.uint8)
     pos = np.empty(changed, np.int64)
-    vals = np.empty(changed, info.uint)
+    vals: np.ndarray = np.empty(changed, info.uint)
     params = kernel_params(info)
     if enc == "gap8":
         ga, va = _gap8_frames(buf, changed, info.width // 8, where)
         status = K.decode_gap8(old, ga, va, changed, info.width // 8, params[-1], pos, vals)
     elif enc == "gap":
-        n1 = struct.unpack_from("<I", buf, 0)[0] if len(buf) >= 4 else -1
+        n1 = struct.unpack_from("<I", buf, 0)[0] if len(buf) >= 4 else -1  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
         if n1 < 0 or 4 + n1 > len(buf):
             raise CorruptBucketError(f"{where}: gap stream length {n1} does not fit a body of {len(buf)} bytes")
         status = K.decode_gap_positions(old.shape[0], buf[4 : 4 + n1], changed, pos, K.gap_prior(changed, old.shape[0]))
@@ -607,17 +615,17 @@ def _gap8_frames(buf: np.ndarray, changed: int, wb: int, where: str) -> tuple[np
     count (and the escapes the bytes announce) before and after decompressing."""
     if len(buf) < 4:
         raise CorruptBucketError(f"{where}: gap8 body of {len(buf)} bytes has no frame length")
-    la = struct.unpack_from("<I", buf, 0)[0]
+    la = struct.unpack_from("<I", buf, 0)[0]  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
     if 4 + la > len(buf):
         raise CorruptBucketError(f"{where}: gap8 frame length {la} does not fit a body of {len(buf)} bytes")
     out = []
     for frame, esc_bytes, what in ((buf[4 : 4 + la], 4, "gap"), (buf[4 + la :], wb, "value")):
         try:
-            size = zstandard.frame_content_size(frame)
+            size = zstandard.frame_content_size(frame)  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
             if size < changed or size > changed * (1 + esc_bytes) or (size - changed) % esc_bytes:
                 raise CorruptBucketError(f"{where}: gap8 {what} frame holds {size} bytes, expected {changed} "
                                          f"+ a multiple of {esc_bytes} up to {changed * (1 + esc_bytes)}")
-            data = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8)
+            data = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), np.uint8)  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
         except zstandard.ZstdError as e:
             raise CorruptBucketError(f"{where}: gap8 {what} frame is corrupt ({e})") from None
         if data.shape[0] != size:

@@ -19,6 +19,7 @@ import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,12 +54,14 @@ def chunk_ranges(numel: int, info: DtypeInfo, bucket_bytes: int) -> list[tuple[i
 
 # ---------------------------------------------------------------- chunk encoders
 
+Body = bytes | memoryview  # an entry's encoded bytes (a full send's raw body is a view, not a copy)
 
-def _encode_dense(n: np.ndarray, level: str) -> tuple[str, bytes]:
+
+def _encode_dense(n: np.ndarray, level: str) -> tuple[str, Body]:
     isz = n.itemsize
     raw = n.view(np.uint8)
     if level == "raw":  # a full send: uncompressed, copied once, into its bucket (format.pack_bucket)
-        return "raw", memoryview(np.ascontiguousarray(raw))
+        return "raw", memoryview(np.ascontiguousarray(raw))  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
     planes = raw.reshape(-1, isz).T.tobytes() if isz > 1 else raw.tobytes()
     z = zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL[level]).compress(planes)
     if len(z) < raw.nbytes:
@@ -78,7 +81,7 @@ def _encode_mask(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) ->
     used = K.encode_mask(o, n, info.width, kernel_params(info)[-1], buf, tmp, changed, esc, nib)
     if used < 0:
         raise RuntimeError("tensor changed while it was being encoded")
-    return zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL["fast"], write_content_size=True).compress(buf[:used])
+    return zstandard.ZstdCompressor(level=DENSE_ZSTD_LEVEL["fast"], write_content_size=True).compress(buf[:used])  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
 
 
 def _gap8_body(o: np.ndarray, n: np.ndarray, info: DtypeInfo, cap: int) -> tuple[int, bytes] | None:
@@ -117,7 +120,7 @@ def _gap_body(o: np.ndarray, n: np.ndarray, info: DtypeInfo, changed: int) -> by
     return b"".join((struct.pack("<I", n1), out[:n1].tobytes(), out2[:n2].tobytes()))
 
 
-def _encode_delta(o: np.ndarray, n: np.ndarray, info: DtypeInfo, level: str) -> tuple[str, bytes, int]:
+def _encode_delta(o: np.ndarray, n: np.ndarray, info: DtypeInfo, level: str) -> tuple[str, Body, int]:
     raw_len = n.nbytes
     body = None
     if level == "fast":
@@ -172,13 +175,14 @@ class _Job:
     new: np.ndarray
 
 
-def _run_job(job: _Job, level: str) -> tuple[dict, bytes]:
+def _run_job(job: _Job, level: str) -> tuple[dict, Body]:
     n = job.new[job.start : job.stop]
     entry = {
         "name": job.name, "dtype": job.info.name, "shape": job.shape, "kind": job.kind,
         "start": job.start, "stop": job.stop, "xxh": digest(n),
     }
     if job.kind == "delta":
+        assert job.old is not None, "a delta job carries its base"
         enc, body, changed = _encode_delta(job.old[job.start : job.stop], n, job.info, level)
     else:
         enc, body = _encode_dense(n, level)
@@ -216,7 +220,7 @@ def encode(
         old = None
     if old is None:
         base_version = None
-    elif target_version <= base_version:
+    elif base_version is not None and target_version <= base_version:  # an int here (checked above)
         raise ValueError(f"target_version {target_version} must be greater than base_version {base_version}")
     if bucket_bytes < 4096:
         raise ValueError(f"bucket_bytes must be >= 4096, got {bucket_bytes}")
@@ -229,7 +233,7 @@ def encode(
         info = info_for(t.dtype, name)
         nbits = bits_of(t)
         shape = list(t.shape)
-        item = {"name": name, "dtype": info.name, "shape": shape, "xxh": digests.get(name) or digest(nbits), "base": None}
+        item: dict[str, Any] = {"name": name, "dtype": info.name, "shape": shape, "xxh": digests.get(name) or digest(nbits), "base": None}
         kind, obits = "whole", None
         if old is not None and name in old:
             o = old[name]
@@ -257,7 +261,9 @@ def encode(
 
 
 def _pack(results, manifest, removed, base_version, target_version, level, bucket_bytes, metadata) -> list[bytes]:
-    groups, cur, size = [], [], 0
+    groups: list[list[tuple[dict, Body]]] = []
+    cur: list[tuple[dict, Body]] = []
+    size = 0
     for entry, body in results:
         cost = len(body) + ENTRY_HEADER_BYTES
         if cur and size + cost > bucket_bytes:

@@ -16,7 +16,7 @@ from typing import Any
 class Part:
     """One independent payload: the slice keys it covers and an ObjectRef to its bucket list."""
 
-    keys: list[str]
+    keys: list[str] | None  # None: every tensor the payload holds (a whole-state payload)
     ref: Any
 
 

@@ -60,7 +60,9 @@ class PartStats:
 def plan_parts(sizes: dict[str, int], part_bytes: int) -> list[list[str]]:
     """Consecutive groups of keys of about `part_bytes` dense bytes each (at least one key),
     from each key's size in bytes."""
-    parts, cur, size = [], [], 0
+    parts: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
     for key, nbytes in sizes.items():
         if cur and size + nbytes > part_bytes:
             parts.append(cur)
@@ -132,21 +134,25 @@ class SlicePublisher:
             raise ValueError(f"the weights moved to version {version} after version {staged.version} was staged "
                              "for publishing; the publish is void")
         keys = staged.parts[index]
+        nxt = self._next
+        assert nxt is not None, "stage() starts the copies of a publish"
         t0 = time.perf_counter()
         nonzero = 0
         for k in keys:
             # each tensor is hashed once per publish: the checksum, the payload's manifest and,
             # at the next publish, the delta's base all use this digest
             copy, nz = published_copy(self._source[k], self.dtype, out=self._spare.pop(k, None), mask=self._masks.get(k))
-            self._next[k], self._next_digests[k] = copy, digest(bits_of(copy))
+            nxt[k], self._next_digests[k] = copy, digest(bits_of(copy))
             nonzero += nz
-        new = {k: self._next[k] for k in keys}
+        new = {k: nxt[k] for k in keys}
         if staged.base_version is None:
             buckets = encode(None, new, base_version=None, target_version=staged.version,
                              level="raw" if staged.dense else self.cfg.level, bucket_bytes=self.cfg.bucket_bytes,
                              digests=self._next_digests)
         else:
-            old = {k: self._last[k] for k in keys if k in self._last}
+            last = self._last
+            assert last is not None, "a delta has a last published version"
+            old = {k: last[k] for k in keys if k in last}
             buckets = encode(old, new, base_version=staged.base_version, target_version=staged.version,
                              level=self.cfg.level, bucket_bytes=self.cfg.bucket_bytes,
                              digests=self._next_digests, base_digests=self._last_digests)
@@ -162,7 +168,7 @@ class SlicePublisher:
 
     def snapshot_part(self, index: int) -> tuple[list[bytes], PartStats]:
         """Part `index` of the last published version as a snapshot (a receiver that is behind)."""
-        if self._last is None or not 0 <= index < len(self._last_parts):
+        if self._last is None or self.version is None or not 0 <= index < len(self._last_parts):
             raise ValueError(f"nothing published with a part {index}")
         t0 = time.perf_counter()
         new = {k: self._last[k] for k in self._last_parts[index]}

@@ -182,7 +182,8 @@ class WeightReceiver:
 
     def _stage(self, staged: StagedUpdate, steps: list[list[Part]], get) -> StagedUpdate:
         self._ensure_mirror()
-        version, meta, changes = self.version, dict(self._meta), {}
+        version, meta = self.version, dict(self._meta)
+        changes: dict[str, KeyChange] = {}
         parts = [p for step in steps for p in step]
         fetched = _prefetch(parts, get)
         try:
@@ -201,7 +202,7 @@ class WeightReceiver:
             if self.target is not None and changes:
                 staged.views = self._views_for_target(meta)
             for key, ch in changes.items():  # commit's scatter trusts the (sorted) positions
-                if ch.changed and (ch.pos[0] < 0 or ch.pos[-1] >= int(np.prod(ch.shape, dtype=np.int64))):
+                if ch.pos is not None and ch.changed and (ch.pos[0] < 0 or ch.pos[-1] >= int(np.prod(ch.shape, dtype=np.int64))):
                     raise TensorMismatchError(f"tensor {key!r}: staged positions outside its {list(ch.shape)} elements")
         finally:
             fetched.close()
@@ -210,7 +211,7 @@ class WeightReceiver:
         return staged
 
     def _stage_step(self, staged: StagedUpdate, step: list[Part], version: int | None, meta: dict,
-                    changes: dict, fetched) -> tuple[int, dict, dict]:
+                    changes: dict, fetched) -> tuple[int | None, dict, dict]:
         """Stage one version's parts (disjoint groups of keys) over the changes of the steps
         before it. A delta step must cover every key, a snapshot step defines them."""
         if not step:
@@ -284,6 +285,7 @@ class WeightReceiver:
         return arr
 
     def _views_for_target(self, meta: dict) -> dict[str, torch.Tensor]:
+        assert self.target is not None, "only a receiver with a target has views into it"
         views = target_views(self.target, list(meta))
         for key, (_, shape) in meta.items():
             if tuple(views[key].shape) != tuple(shape):
@@ -482,6 +484,7 @@ def _write(t: torch.Tensor, ch: KeyChange) -> None:
         return
     if ch.pos is None or ch.pos.shape[0] == 0:
         return
+    assert ch.vals is not None, "a change is a whole key or positions and values"
     if t.device.type == "cpu" and t.dtype == info.torch_dtype and t.is_contiguous():
         # a numba scatter into a view of the target: several times faster than numpy's fancy
         # assignment or torch's index_put for scattered elements
@@ -502,6 +505,7 @@ def _prefetch(parts: list[Part], get):
     try:
         future = pool.submit(get, parts[0]) if parts else None
         for i in range(len(parts)):
+            assert future is not None  # submitted for every part
             buckets = future.result()
             future = pool.submit(get, parts[i + 1]) if i + 1 < len(parts) else None
             yield buckets

@@ -56,15 +56,17 @@ def take_slice(name: str, tensor: torch.Tensor, rank: int, world_size: int) -> t
 def target_views(target: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
     """Views of `target`'s tensors under the published keys. The keys must cover every target
     tensor exactly once (disjoint slices that tile it); otherwise TensorMismatchError."""
-    views, covered = {}, {}
+    views: dict[str, torch.Tensor] = {}
+    covered: dict[str, list[tuple[int, int]]] = {}
     for key in keys:
-        name, start, stop = parse_key(key)
+        name, first, end = parse_key(key)
         if name not in target:
             raise TensorMismatchError(f"update has slice {key!r} of tensor {name!r}, which the receiver does not have")
         t = target[name]
-        if start is None:
+        if first is None or end is None:
             start, stop, view = 0, t.numel(), t
         else:
+            start, stop = first, end
             if not (0 <= start < stop <= t.numel()):
                 raise TensorMismatchError(f"update's slice {key!r} is outside tensor {name!r} of {t.numel()} elements")
             if not t.is_contiguous():

@@ -51,7 +51,7 @@ class KeyChange:
     def nbytes(self) -> int:
         if self.whole is not None:
             return self.whole.nbytes
-        return 0 if self.pos is None else self.pos.nbytes + self.vals.nbytes
+        return 0 if self.pos is None or self.vals is None else self.pos.nbytes + self.vals.nbytes
 
 
 @dataclass
@@ -184,6 +184,7 @@ def _stage_entry(body, e, spec, ch: KeyChange, base: Base):
     chunk = body[e.off : e.off + e.length]
     count = stop - start
     if spec.kind == "whole":
+        assert ch.whole is not None, "a whole key's array is allocated before its entries are staged"
         ch.whole[start:stop] = decode_dense_chunk(enc, chunk, count, info, where)
         result, out = ch.whole[start:stop], None
     else:
@@ -226,7 +227,7 @@ def patched_digest(old: np.ndarray, rel: np.ndarray, vals: np.ndarray) -> str:
         np.copyto(out, old[lo:hi])
         if cuts[b + 1] > cuts[b]:
             K.scatter(out, rel[cuts[b] : cuts[b + 1]], vals[cuts[b] : cuts[b + 1]], lo)
-        h.update(out)
+        h.update(out)  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
     return h.hexdigest()
 
 

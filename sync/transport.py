@@ -296,6 +296,7 @@ class ShardedPublisher:
     def _snapshot_now(self) -> _Record:
         if self._snapshot is not None and self._snapshot.target_version == self.version:
             return self._snapshot
+        assert self.version is not None, "a snapshot of a version that was published"
         plan = self._history[-1].plan
         parts, stats_refs = [], []
         for r, i, keys in round_robin(plan):

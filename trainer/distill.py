@@ -123,11 +123,13 @@ def squarehead_loss(student: list[torch.Tensor] | tuple, teacher: list[torch.Ten
     """sum_l MSE(t_l, s_l) / MSE(t_l, 0), in fp32."""
     if len(student) != len(teacher):
         raise ValueError(f"squarehead: {len(student)} student layers vs {len(teacher)} teacher layers")
-    total = None
+    total: torch.Tensor | None = None
     for s, t in zip(student, teacher):
         s, t = s.float(), t.float().detach()
         term = (s - t).pow(2).mean() / t.pow(2).mean().clamp(min=torch.finfo(torch.float32).tiny)
         total = term if total is None else total + term
+    if total is None:
+        raise ValueError("squarehead: no layers to compare")
     return total
 
 

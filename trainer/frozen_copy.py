@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn as nn
 
+from trainer.param_access import is_zero3
+
 
 def frozen_copy(module: nn.Module, build: Callable[[], nn.Module],
                 masks: Mapping[str, torch.Tensor | None] | None = None) -> nn.Module:
@@ -23,12 +25,14 @@ def frozen_copy(module: nn.Module, build: Callable[[], nn.Module],
     current mask (None: dense), applied to the copied weights under ZeRO-3 (elsewhere the deep
     copy keeps the masked forward). Collective under ZeRO-3: every rank must call it."""
     params = list(module.named_parameters())
-    if not any(hasattr(p, "ds_id") for _, p in params):
+    if not any(is_zero3(p) for _, p in params):
         return copy.deepcopy(module)
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     reference = build()
     first = params[0][1]
+    if not is_zero3(first):
+        raise ValueError(f"frozen_copy: ZeRO-3 partitions some of the module's parameters but not {params[0][0]!r}")
     reference.to(device=first.device, dtype=first.ds_tensor.dtype)
     targets = dict(reference.named_parameters())
     missing = sorted(set(name for name, _ in params) ^ set(targets))

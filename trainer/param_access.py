@@ -4,7 +4,8 @@ Sparsity methods read and write master weights (and zero optimizer moments of re
 positions) through this small protocol, so they never see ZeRO's flat partitions:
 `get(name) -> fp32 tensor`, `set(name, value)`, `reset_optimizer_state(name, positions)`.
 `local_partition(name)` is the other direction: the slice of the fp32 master this rank owns,
-for work that each rank does on its own share (the sharded publish).
+for work that each rank does on its own share; `published_slice` is that share of every
+parameter as the sharded publish (sync/slices.py) takes it.
 
 Under ZeRO 1/2, ZeRO-3 and the bf16 optimizer `get` is collective (DeepSpeed gathers the
 fragments): every rank must make the same calls in the same order. `set`,
@@ -19,9 +20,24 @@ partitions may hold padding only past `numel`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, TypeGuard
 
 import torch
+
+from sync.slices import slice_key, slice_range
+
+if TYPE_CHECKING:
+    # For the type checker only: the attributes DeepSpeed's ZeRO-3 adds to what it partitions.
+    class Zero3Partition(torch.Tensor):
+        ds_numel: int  # P, the partition's element count (padding included)
+
+    class Zero3Parameter(torch.nn.Parameter):
+        ds_id: int
+        ds_numel: int  # the full parameter's element count
+        ds_shape: torch.Size  # the full parameter's shape
+        ds_tensor: Zero3Partition  # this rank's partition, in the working dtype
 
 OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's moments
 
@@ -44,6 +60,20 @@ class LocalPartition(NamedTuple):
         return self.fp32 * mask.reshape(-1)[self.start:self.end].to(self.fp32.device)
 
 
+@dataclass
+class PublishedSlice:
+    """A rank's share of the published weights (DeepSpeedParamAccess.published_slice): views of
+    its tensors by slice key, and for the sparsified ones the bool masks of the same elements."""
+
+    tensors: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+
+    def masked(self) -> dict[str, torch.Tensor]:
+        """tensor * mask per key (copies of the masked ones: tests and tools, not publishing)."""
+        return {k: t * self.masks[k].reshape(t.shape).to(t.device, t.dtype) if k in self.masks else t
+                for k, t in self.tensors.items()}
+
+
 def partition_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
     """ZeRO-3's partition of `numel` elements for `rank`: [r * P, (r + 1) * P) with
     P = ceil(numel / world_size), clipped to `numel` (the padding is not part of the parameter)."""
@@ -52,11 +82,12 @@ def partition_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, min(start + size, numel)
 
 
-def _zero3(p: torch.Tensor) -> bool:
+def is_zero3(p: torch.Tensor) -> TypeGuard[Zero3Parameter]:
+    """True for a parameter ZeRO-3 has partitioned (it carries DeepSpeed's `ds_*` attributes)."""
     return hasattr(p, "ds_id")
 
 
-def _zero3_partition(p: torch.nn.Parameter) -> tuple[int, int, int]:
+def _zero3_partition(p: Zero3Parameter) -> tuple[int, int, int]:
     """(start, end, P) of this rank's ZeRO-3 partition of `p` (P counts padding)."""
     import torch.distributed as dist
 
@@ -96,7 +127,7 @@ class DeepSpeedParamAccess:
 
         p = self._param(name)
         full = safe_get_full_fp32_param(p)
-        if full is None and _zero3(p):  # a frozen ZeRO-3 parameter has no master: gather the weight
+        if full is None and is_zero3(p):  # a frozen ZeRO-3 parameter has no master: gather the weight
             from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
             with GatheredParameters([p]):
@@ -106,7 +137,7 @@ class DeepSpeedParamAccess:
 
     def set(self, name: str, value: torch.Tensor) -> None:
         p = self._param(name)
-        if _zero3(p):
+        if is_zero3(p):
             self._set_zero3(p, value)
             return
         from deepspeed.utils import safe_set_full_fp32_param
@@ -120,7 +151,7 @@ class DeepSpeedParamAccess:
             p.data.copy_(value.to(p.dtype))
 
     @staticmethod
-    def _set_zero3(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    def _set_zero3(p: Zero3Parameter, value: torch.Tensor) -> None:
         # Each rank writes its own partition from the full value (no communication).
         # deepspeed.utils.safe_set_full_fp32_param does the same but reads past the end of the
         # value on the last rank when the parameter is padded, and leaves the working copy stale.
@@ -142,7 +173,7 @@ class DeepSpeedParamAccess:
         from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
         p = self._param(name)
-        if _zero3(p):
+        if is_zero3(p):
             self._reset_zero3(p, positions)
             return
         for key in OPTIMIZER_STATE_KEYS:
@@ -158,7 +189,7 @@ class DeepSpeedParamAccess:
                     _zero_at(state, positions)
 
     @staticmethod
-    def _reset_zero3(p: torch.nn.Parameter, positions: torch.Tensor) -> None:
+    def _reset_zero3(p: Zero3Parameter, positions: torch.Tensor) -> None:
         # The moments are partitioned like the master: each rank zeroes its own slice of them.
         from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_optimizer_state
 
@@ -181,6 +212,42 @@ class DeepSpeedParamAccess:
             state[local.to(state.device)] = 0
             safe_set_local_optimizer_state(p, state, key)
 
+    def published_slice(self, masks: Mapping[str, torch.Tensor | None], rank: int, world_size: int) -> PublishedSlice:
+        """Rank `rank`'s share of the published weights (sync/slices.py): the flat element range
+        [rank * ceil(n / W), ...) of every parameter, keyed `name[start:stop]` (the plain name
+        when one rank owns all of it), with the ranges of `masks` (parameter name -> the
+        sparsifier's mask; absent or None: dense) beside them (what is published is tensor *
+        mask: sync/publisher.py applies the mask while converting to the published dtype).
+        Local, no collective, no copy at all (views): under ZeRO-3 the rank's own partition;
+        under ZeRO 0-2 cut from the rank's full working copy, whose values are the masters
+        rounded to the working dtype, which is what publishing them in bf16 gives anyway."""
+        out: dict[str, torch.Tensor] = {}
+        out_masks: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, p in self._params.items():
+                flat: torch.Tensor
+                if is_zero3(p):  # this rank's own partition of the fp32 masters
+                    numel, shape = p.ds_numel, tuple(p.ds_shape)
+                    start, stop, flat = self.local_partition(name)
+                    assert (start, stop) == slice_range(numel, rank, world_size) or start == stop
+                else:
+                    numel, shape = p.numel(), tuple(p.shape)
+                    start, stop = slice_range(numel, rank, world_size)
+                    flat = p.detach().reshape(-1)[start:stop]
+                if numel == 0:
+                    if rank == 0:
+                        out[name] = p.detach()
+                    continue
+                if start == stop:
+                    continue
+                key = slice_key(name, start, stop, numel)
+                out[key] = flat.reshape(shape) if key == name else flat
+                mask = masks.get(name)
+                if mask is not None:
+                    part = mask.reshape(-1)[start:stop]
+                    out_masks[key] = part if part.dtype == torch.bool else part != 0
+        return PublishedSlice(out, out_masks)
+
     def local_partition(self, name: str) -> LocalPartition:
         """This rank's share of `name`'s fp32 master, without communication.
 
@@ -191,7 +258,7 @@ class DeepSpeedParamAccess:
         The matching slice of a mask (or of any full tensor of the parameter's shape) is
         `mask.reshape(-1)[start:end]`."""
         p = self._param(name)
-        if _zero3(p):
+        if is_zero3(p):
             from deepspeed.utils import safe_get_local_fp32_param
 
             start, end, _ = _zero3_partition(p)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,22 +25,14 @@ from trainer.distributed import (destroy_distributed, unlink_shm_buffer, free_po
                                  set_distributed_env)
 from trainer.lr_schedule import lr_at
 from trainer.objectives import LanguageModelingObjective, Objective
+from trainer.param_access import PublishedSlice
 
-DS_TAG = "ds"
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
+    from trainer.sparsity import Sparsifier
 
-@dataclass
-class PublishedSlice:
-    """A rank's share of the published weights (TrainerWorker.published_slice): views of its
-    tensors by slice key, and for the sparsified ones the bool masks of the same elements."""
-
-    tensors: dict[str, torch.Tensor]
-    masks: dict[str, torch.Tensor]
-
-    def masked(self) -> dict[str, torch.Tensor]:
-        """tensor * mask per key (copies of the masked ones: tests and tools, not publishing)."""
-        return {k: t * self.masks[k].reshape(t.shape).to(t.device, t.dtype) if k in self.masks else t
-                for k, t in self.tensors.items()}  # DeepSpeed's sub-directory inside one checkpoint directory
+DS_TAG = "ds"  # DeepSpeed's sub-directory inside one checkpoint directory
 
 
 class TrainerWorker:
@@ -53,8 +46,15 @@ class TrainerWorker:
         self.rank = rank
         self.world_size = world_size
         self.step = 0  # optimizer steps taken
-        self.engine = None
-        self.sparsifier = None
+        self._engine: DeepSpeedEngine | None = None
+        self.sparsifier: Sparsifier | None = None
+
+    @property
+    def engine(self) -> DeepSpeedEngine:
+        """The DeepSpeed engine wrapping the model; exists once `setup` has run."""
+        if self._engine is None:
+            raise RuntimeError(f"trainer rank {self.rank}: setup() has not run, there is no DeepSpeed engine yet")
+        return self._engine
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -93,9 +93,9 @@ class TrainerWorker:
             self.sparsifier.attach()
         self.optimizer = torch.optim.AdamW(  # a torch optimizer: DeepSpeed's fused ones JIT-compile on CPU
             _param_groups(model, self.opt_cfg.weight_decay), lr=lr_at(0, self.opt_cfg, self.cfg.max_steps),
-            betas=tuple(self.opt_cfg.betas), eps=self.opt_cfg.eps,
+            betas=(self.opt_cfg.betas[0], self.opt_cfg.betas[1]), eps=self.opt_cfg.eps,  # two: trainer/config.py
         )
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self._ds_config())
+        self._engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self._ds_config())
         if self.device == "cpu":
             import torch.distributed as dist
 
@@ -200,41 +200,10 @@ class TrainerWorker:
         return {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}
 
     def published_slice(self) -> PublishedSlice:
-        """This rank's share of the published weights (sync/slices.py): the flat element range
-        [rank * ceil(n / W), ...) of every parameter, keyed `name[start:stop]` (the plain name
-        when one rank owns all of it), with the sparsifier's masks of the same ranges beside
-        them (what is published is tensor * mask: sync/publisher.py applies the mask while
-        converting to the published dtype). Local, no collective, no copy at all (views): under
-        ZeRO-3 the rank's own partition; under ZeRO 0-2 cut from the rank's full working copy,
-        whose values are the masters rounded to the working dtype, which is what publishing
-        them in bf16 gives anyway."""
-        from sync.slices import slice_key, slice_range
-
-        layers = self.sparsifier.layers if self.sparsifier is not None else {}
-        out, masks = {}, {}
-        with torch.no_grad():
-            for name, p in self.module.named_parameters():
-                if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's own partition of the fp32 masters
-                    numel, shape = p.ds_numel, tuple(p.ds_shape)
-                    start, stop, flat = self.param_access.local_partition(name)
-                    assert (start, stop) == slice_range(numel, self.rank, self.world_size) or start == stop
-                else:
-                    numel, shape = p.numel(), tuple(p.shape)
-                    start, stop = slice_range(numel, self.rank, self.world_size)
-                    flat = p.detach().reshape(-1)[start:stop]
-                if numel == 0:
-                    if self.rank == 0:
-                        out[name] = p.detach()
-                    continue
-                if start == stop:
-                    continue
-                key = slice_key(name, start, stop, numel)
-                out[key] = flat.reshape(shape) if key == name else flat
-                layer = layers.get(name)
-                if layer is not None and layer.mask is not None:
-                    mask = layer.mask.reshape(-1)[start:stop]
-                    masks[key] = mask if mask.dtype == torch.bool else mask != 0
-        return PublishedSlice(out, masks)
+        """This rank's share of the published weights, views with the sparsifier's masks of the
+        same ranges (trainer/param_access.py DeepSpeedParamAccess.published_slice). Local."""
+        masks = {} if self.sparsifier is None else {name: layer.mask for name, layer in self.sparsifier.layers.items()}
+        return self.param_access.published_slice(masks, self.rank, self.world_size)
 
     def export(self, path: str, dtype: str = "float32") -> str | None:
         """Write the final weights (the fp32 masters, masked, cast to `dtype`: "float32" keeps

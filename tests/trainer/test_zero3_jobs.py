@@ -66,8 +66,8 @@ def test_rl_two_ranks_zero3_sparse_workers_end_identical(ray_cluster, tmp_path, 
 
     captured = {}
 
-    def grab(step, rollouts):
-        captured["state"] = ray.get(rollouts.workers[0].weights.remote())
+    def grab(step, job):
+        captured["state"] = ray.get(job.rollouts.workers[0].weights.remote())
 
     extra = ["sparsity.density=0.3", "sparsity.update_interval=2", "sparsity.end_fraction=1.0"] if method == "rigl" else []
     cfg = compose_rl_config([
@@ -142,8 +142,8 @@ def test_rl_zero3_scl_masks_freeze_when_rl_starts(ray_cluster, tmp_path):
 
     patterns = []
 
-    def grab(step, rollouts):
-        state = ray.get(rollouts.workers[0].weights.remote())
+    def grab(step, job):
+        state = ray.get(job.rollouts.workers[0].weights.remote())
         patterns.append({n: w != 0 for n, w in state.items() if n.startswith("h.") and w.dim() == 2})
 
     cfg = compose_rl_config([

@@ -43,8 +43,9 @@ class PPO:
     def set_reference(self, model: torch.nn.Module) -> None:
         self.reference = model.eval().requires_grad_(False)
 
-    def _head(self, width: int, device) -> torch.nn.Linear:
-        if self.value_head is None:
+    def _head(self, width: int, device) -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
+        """The value head and its optimizer, made on first use."""
+        if self.value_head is None or self.value_opt is None:
             self.value_head = torch.nn.Linear(width, 1).to(device)
             torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at first: advantages = discounted rewards
             torch.nn.init.zeros_(self.value_head.bias)
@@ -55,14 +56,15 @@ class PPO:
                 for k, v in state.items():
                     if torch.is_tensor(v) and v.dim() > 0:
                         state[k] = v.to(device)
-        return self.value_head
+        return self.value_head, self.value_opt
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         cfg = self.cfg
         mask = batch["loss_mask"].float()
         out = policy_forward(model, batch["input_ids"], batch["attention_mask"], cfg.temperature, with_hidden=True)
+        assert out.hidden is not None  # with_hidden=True
         features = out.hidden.detach().float()
-        head = self._head(features.shape[-1], features.device)
+        head, opt = self._head(features.shape[-1], features.device)
         with torch.no_grad():
             old_values = head(features).squeeze(-1) * mask
             adv, returns = gae(batch["rewards"], old_values, mask, cfg.gamma, cfg.lam)
@@ -71,28 +73,30 @@ class PPO:
                 std = masked_mean((adv - mean) ** 2, mask).sqrt()
                 adv = (adv - mean) / (std + EPS) * mask
         loss, metrics = clipped_policy_loss(out, batch, adv, cfg, self.reference)
-        metrics["value_loss"] = self._fit_values(features, old_values, returns, mask)
+        metrics["value_loss"] = self._fit_values(head, opt, features, old_values, returns, mask)
         metrics["value_mean"] = float(masked_mean(old_values, mask))
         return loss, metrics
 
-    def _fit_values(self, features, old_values, returns, mask) -> float:
+    def _fit_values(self, head: torch.nn.Linear, opt: torch.optim.Optimizer, features, old_values, returns,
+                    mask) -> float:
         """Train the head (when gradients are on); the loss before this batch's first update."""
-        first = None
+        first: float | None = None
         with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
             for _ in range(self.cfg.value_epochs if torch.is_grad_enabled() else 1):
-                values = self.value_head(features).squeeze(-1)
+                values = head(features).squeeze(-1)
                 loss = clipped_value_loss(values, old_values, returns, mask, self.cfg.value_clip)
                 first = float(loss.detach()) if first is None else first
                 if not torch.is_grad_enabled():
                     break
-                self.value_opt.zero_grad()
+                opt.zero_grad()
                 loss.backward()
-                _average_over_ranks(self.value_head)
-                self.value_opt.step()
+                _average_over_ranks(head)
+                opt.step()
+        assert first is not None  # algo.value_epochs >= 1 (trainer/algos/config.py)
         return first
 
     def state_dict(self) -> dict:
-        if self.value_head is None:
+        if self.value_head is None or self.value_opt is None:
             return {}
         return {"value_head": {k: v.cpu() for k, v in self.value_head.state_dict().items()},
                 "value_opt": self.value_opt.state_dict()}
@@ -102,9 +106,9 @@ class PPO:
             return
         weight = state["value_head"]["weight"]
         self.value_head = None
-        head = self._head(weight.shape[1], "cpu")
+        head, opt = self._head(weight.shape[1], "cpu")
         head.load_state_dict(state["value_head"])
-        self.value_opt.load_state_dict(state["value_opt"])
+        opt.load_state_dict(state["value_opt"])
 
 
 def _average_over_ranks(module: torch.nn.Module) -> None:

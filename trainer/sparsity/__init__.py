@@ -23,6 +23,8 @@ from collections.abc import Mapping
 
 import torch.nn as nn
 
+from models.sparsity_targets import projection_weight
+
 from trainer.sparsity.base import ParamAccess, Sparsifier, TorchParamAccess
 from trainer.sparsity.config import (
     BACKWARD_MODES, DISTRIBUTIONS, DROP_SCHEDULES, ESTIMATORS, GRADIENT_FLOWS, INIT_SCALES, INITS, METHODS, SDGF_SCHEDULES,
@@ -247,9 +249,12 @@ def build_sparsifier(model: nn.Module, cfg: SparsityConfig, total_steps: int,
     for module_name in chosen:
         module = modules[module_name]
         override = layer_override(cfg, module_name)
+        kind = module_kind(module)
+        if kind is None:  # select_layers picks among module_shapes' modules, which all have a kind
+            raise SparsityConfigError(f"sparsity target {module_name!r} is not a layer type that can be sparsified")
         layer = SparseLayer(
             name=f"{module_name}.weight" if module_name else "weight", module_name=module_name,
-            module=module, kind=module_kind(module), shape=tuple(module.weight.shape),
+            module=module, kind=kind, shape=tuple(projection_weight(module).shape),
         )
         layer.extra["target_n"] = int(override.get("n", cfg.n))
         layer.extra["target_m"] = int(override.get("m", cfg.m))

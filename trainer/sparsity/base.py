@@ -141,9 +141,10 @@ class Sparsifier:
             total += numel
             active += n_active
             if layer.initial_mask is not None:
-                sad += int(layer.sad_last)
-                sad_total += int(layer.sad_total)
-                ever += int(layer.ever_flipped.sum())
+                ever_flipped, layer_sad, layer_sad_total = layer.flip_history()
+                sad += int(layer_sad)
+                sad_total += int(layer_sad_total)
+                ever += int(ever_flipped.sum())
                 if layer.mask is not None:
                     since += int((layer.mask ^ layer.initial_mask).sum())
         if self.model_numel:
@@ -219,7 +220,7 @@ class Sparsifier:
                 raise SparsityStateError(
                     f"sparsifier state mask of {name} has shape {tuple(mask.shape)}, expected {layer.shape}"
                 )
-            device = layer.module.weight.device
+            device = layer.weight.device
             to = (lambda t: None if t is None else t.to(device))  # noqa: E731
             layer.mask = to(mask)
             layer.initial_mask = to(entry["initial_mask"])
@@ -254,7 +255,7 @@ def check_unstructured(layer: SparseLayer, value: torch.Tensor, active: int) -> 
 def zero_inactive(layer: SparseLayer, params: ParamAccess) -> None:
     """Set the master weight and optimizer moments to 0 where the layer's mask is off."""
     weight = params.get(layer.name)
-    mask = layer.mask.to(weight.device)
+    mask = layer.current_mask().to(weight.device)
     params.set(layer.name, weight * mask)
     params.reset_optimizer_state(layer.name, ~mask)
 

@@ -102,7 +102,7 @@ class DynamicSparsifier(Sparsifier):
         )
 
     def random_scores(self, layer: SparseLayer) -> torch.Tensor:
-        return torch.rand(layer.shape, generator=self.generator).to(layer.module.weight.device)
+        return torch.rand(layer.shape, generator=self.generator).to(layer.weight.device)
 
     def attach(self) -> None:
         # Initial masks unless a state was loaded: the largest |w| of the starting weights
@@ -118,8 +118,8 @@ class DynamicSparsifier(Sparsifier):
                 layer.record_mask(topk_mask(scores, layer.extra["active"]))
                 if self.cfg.init_scale == "fan_in":
                     with torch.no_grad():
-                        scale = fan_in_scale(layer.mask, layer.input_dim).to(weight.device, weight.dtype)
-                        layer.module.weight.mul_(scale)
+                        scale = fan_in_scale(layer.current_mask(), layer.input_dim).to(weight.device, weight.dtype)
+                        layer.weight.mul_(scale)
         super().attach()
 
     def before_forward(self, step: int) -> None:
@@ -145,7 +145,7 @@ class DynamicSparsifier(Sparsifier):
             layer.dense_grad = None
 
     def update_layer(self, layer: SparseLayer, params: ParamAccess) -> None:
-        old = layer.mask
+        old = layer.current_mask()
         weight = params.get(layer.name)
         device = weight.device
         old_d = old.to(device)

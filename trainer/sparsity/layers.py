@@ -19,14 +19,24 @@ from trainer.sparsity.config import SparsityConfig
 from trainer.sparsity.errors import SparsityConfigError
 
 
-def _linear_forward(module: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight, module.bias)
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.bias is a {type(bias).__name__}, not a tensor")
+    return bias
+
+
+def _linear_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, _bias(module))
 
 
 def _conv1d_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # transformers.pytorch_utils.Conv1D (GPT-2): weight [in, out], y = x @ W + b
-    size_out = x.size()[:-1] + (module.nf,)
-    return torch.addmm(module.bias, x.view(-1, x.size(-1)), weight).view(size_out)
+    # transformers.pytorch_utils.Conv1D (GPT-2): weight [in, out], y = x @ W + b (always has a bias)
+    bias = _bias(module)
+    if bias is None:
+        raise TypeError(f"{type(module).__name__} has no bias; transformers' Conv1D always has one")
+    size_out = x.size()[:-1] + (weight.shape[1],)  # Conv1D's nf
+    return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(size_out)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ class MagnitudeSparsifier(Sparsifier):
             new = topk_mask(scores, keep)
             params.set(layer.name, weight * new)
             params.reset_optimizer_state(layer.name, ~new if old is None else old & ~new)
-            layer.record_mask(new.to(layer.module.weight.device))
+            layer.record_mask(new.to(layer.weight.device))
         progress = min(1.0, (step - self.start) / (self.n * self.interval))
         self.sparsity_level = 1.0 - (1.0 - progress) ** 3
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.sparsity_targets import projection_weight
 from trainer.sparsity.layers import ModuleKind
 
 
@@ -56,6 +57,23 @@ class SparseLayer:
     def input_dim(self) -> int:
         return self.kind.input_dim
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The module's weight: the parameter this layer sparsifies."""
+        return projection_weight(self.module)
+
+    def current_mask(self) -> torch.Tensor:
+        """The mask in force; RuntimeError when none is (the sparsifier's attach() installs one)."""
+        if self.mask is None:
+            raise RuntimeError(f"sparse layer {self.name} has no mask: the sparsifier has not attached it")
+        return self.mask
+
+    def flip_history(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ever_flipped, sad_last, sad_total), set together by the first `record_mask`."""
+        if self.ever_flipped is None or self.sad_last is None or self.sad_total is None:
+            raise RuntimeError(f"sparse layer {self.name} has no mask history: no mask was recorded")
+        return self.ever_flipped, self.sad_last, self.sad_total
+
     def record_mask(self, new_mask: torch.Tensor) -> None:
         """Install a new mask and update SAD / ever-flipped (device tensors: no host sync)."""
         if self.initial_mask is None:
@@ -64,10 +82,11 @@ class SparseLayer:
             self.sad_last = torch.zeros((), dtype=torch.long, device=new_mask.device)
             self.sad_total = torch.zeros((), dtype=torch.long, device=new_mask.device)
         elif self.mask is not None:
+            ever_flipped, _, sad_total = self.flip_history()
             flipped = new_mask ^ self.mask
             self.sad_last = flipped.sum()
-            self.sad_total = self.sad_total + self.sad_last
-            self.ever_flipped |= flipped
+            self.sad_total = sad_total + self.sad_last
+            ever_flipped |= flipped
         self.mask = new_mask
 
     def add_dense_grad(self, grad: torch.Tensor) -> None:
@@ -141,7 +160,7 @@ class InputGradMasked(torch.autograd.Function):
 
 
 def _masked_module_forward(module: nn.Module, layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
-    weight = module.weight
+    weight = layer.weight
     if layer.mask is not None:
         if layer.mask.device != weight.device:  # the model moved after attach
             layer.mask = layer.mask.to(weight.device)
@@ -149,7 +168,7 @@ def _masked_module_forward(module: nn.Module, layer: SparseLayer, x: torch.Tenso
         weight = MaskedWeight.apply(weight, layer.mask, layer, beta)
         if layer.backward_mask is not None and torch.is_grad_enabled():
             # bidirectional N:M: the input gradient runs through W . M_b, not through W . M_f
-            backward_weight = module.weight.detach() * layer.backward_mask.to(weight.device)
+            backward_weight = layer.weight.detach() * layer.backward_mask.to(weight.device)
             return InputGradMasked.apply(x, weight, module.bias, backward_weight, layer.input_dim)
     return layer.kind.forward(module, x, weight)
 

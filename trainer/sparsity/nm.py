@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from models.nm_pattern import nm_group_counts, parse_nm
 from trainer.sparsity.base import Sparsifier, pruned_to_kept_norm
 from trainer.sparsity.config import SparsityConfig, effective_estimator, sr_ste_decay
 from trainer.sparsity.errors import SparsityConfigError, SparsityPatternError
@@ -37,12 +38,11 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, input_dim: int = 1) -> torch.T
     return mask.reshape(w.shape).movedim(-1, input_dim)
 
 
-def parse_nm(text: str) -> tuple[int, int]:
+def _sdgf_stage(text: str) -> tuple[int, int]:
     try:
-        n, m = (int(v) for v in str(text).split(":"))
-    except ValueError:
-        raise SparsityConfigError(f"sparsity.sdgf_stages entry {text!r} is not 'N:M'") from None
-    return n, m
+        return parse_nm(text)
+    except ValueError as e:
+        raise SparsityConfigError(f"sparsity.sdgf_stages entry {e}") from None
 
 
 def sdgf_stages(n: int, m: int, schedule: str, custom: list[str] | None = None) -> list[tuple[int, int]]:
@@ -66,7 +66,7 @@ def sdgf_stages(n: int, m: int, schedule: str, custom: list[str] | None = None) 
     if schedule == "fine":
         return [(n * 2 ** (3 - i), m * 2 ** (3 - i)) for i in range(4)]
     if schedule == "custom":
-        return [parse_nm(s) for s in (custom or [])]
+        return [_sdgf_stage(s) for s in (custom or [])]
     raise SparsityConfigError(f"sparsity.sdgf_schedule={schedule!r}; expected sparsify|densify|fine|custom")
 
 
@@ -216,7 +216,7 @@ class NMSparsifier(Sparsifier):
                 weight = weight_of(layer)
                 forward_mask = self._forward_mask(layer, weight, n, m)
                 backward_mask = self._backward_mask(layer, weight, forward_mask, n, m, step)
-                device = layer.module.weight.device
+                device = layer.weight.device
                 layer.record_mask(forward_mask.to(device))
                 layer.backward_mask = None if backward_mask is None else backward_mask.to(device)
                 layer.extra["current"] = [n, m]
@@ -248,14 +248,17 @@ class NMSparsifier(Sparsifier):
             factor = 1.0 - self.lr * self.decay_lambda()
             for name, layer in self.layers.items():
                 weight = params.get(name).float()
-                mask = masks_used[name].to(weight.device)
+                mask_used = masks_used[name]
+                if mask_used is None:  # before_forward(step) installs the masks of every sparse step
+                    raise RuntimeError(f"NMSparsifier: {name} has no mask at sparse step {step}")
+                mask = mask_used.to(weight.device)
                 decayed = torch.where(mask, weight, weight * factor)
                 params.set(name, decayed)
                 masters[name] = decayed
 
         def master(layer: SparseLayer) -> torch.Tensor:
             if layer.name not in masters:
-                weight = layer.module.weight
+                weight = layer.weight
                 if weight.dtype == torch.float32 and not hasattr(weight, "ds_id"):
                     # fp32 working copy, not partitioned (ZeRO 0-2): after the optimizer step it
                     # holds the masters' exact values; reading it saves a collective per layer.
@@ -309,12 +312,11 @@ class NMSparsifier(Sparsifier):
         if self.cfg.backward == "transposable":
             dims.append(("output", 1 - layer.input_dim))
         for label, dim in dims:
-            groups = value.detach().movedim(dim, -1).reshape(-1, m)
-            counts = (groups != 0).sum(dim=1)
+            counts = nm_group_counts(value, m, dim)
             bad = int((counts > n).sum())
             if bad:
                 raise SparsityPatternError(
-                    f"{layer.name}: {bad} of {groups.shape[0]} groups of {m} along the {label} dim hold "
+                    f"{layer.name}: {bad} of {counts.numel()} groups of {m} along the {label} dim hold "
                     f"more than {n} nonzeros (max {int(counts.max())})"
                 )
 
@@ -368,7 +370,7 @@ class NMSparsifier(Sparsifier):
         backward_masks = state.get("backward_masks", {})
         for name, layer in self.layers.items():
             saved = backward_masks.get(name)
-            layer.backward_mask = None if saved is None else saved.to(layer.module.weight.device)
+            layer.backward_mask = None if saved is None else saved.to(layer.weight.device)
         for layer in self.layers.values():
             layer.beta = self.beta
             layer.sr_ste_lambda = self.coupled_lambda

@@ -110,7 +110,7 @@ def transposable_mask(weight: torch.Tensor, n: int, m: int, algorithm: str = "au
         chosen = _greedy(blocks, n, m)
     else:
         raise ValueError(f"transposable mask algorithm {algorithm!r}; expected auto|exact|greedy")
-    return _unblocks(chosen, tuple(weight.shape), m)
+    return _unblocks(chosen, (weight.shape[0], weight.shape[1]), m)
 
 
 def _greedy(blocks: torch.Tensor, n: int, m: int) -> torch.Tensor:

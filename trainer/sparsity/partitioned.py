@@ -27,7 +27,7 @@ def full_weight(layer: SparseLayer) -> torch.Tensor:
     Under ZeRO-3 this all-gathers the weight into a private copy: collective, every rank must call
     it for the same layers in the same order (the sparsifier hooks already run on every rank).
     Elsewhere it is the parameter itself, without a copy."""
-    weight = layer.module.weight
+    weight = layer.weight
     if not is_partitioned(weight):
         return weight.detach()
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters

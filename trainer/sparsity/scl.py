@@ -97,7 +97,7 @@ class SCLSparsifier(Sparsifier):
         self.freeze_step = total_steps - int(cfg.fine_tune_fraction * total_steps)
         self.scores: dict[str, torch.Tensor] = {}  # the mask variables m, fp32, on the module's device
         self.controlled = cfg.scl_lambda is None
-        self.coefficient = 0.0 if self.controlled else float(cfg.scl_lambda)
+        self.coefficient = 0.0 if cfg.scl_lambda is None else float(cfg.scl_lambda)
         self.target = 1.0
         self.frozen_for_rl = False
         for layer in self.layers.values():
@@ -138,7 +138,7 @@ class SCLSparsifier(Sparsifier):
 
     def density(self) -> float:
         total = sum(layer.numel for layer in self.layers.values())
-        active = sum(int(layer.mask.sum()) for layer in self.layers.values())
+        active = sum(int(layer.current_mask().sum()) for layer in self.layers.values())
         return active / total if total else 1.0
 
     def after_optimizer_step(self, step: int, params: ParamAccess) -> None:
@@ -160,13 +160,13 @@ class SCLSparsifier(Sparsifier):
             grad = _all_reduce_mean(layer.mask_grad.to(score.device))
             score.sub_(lr * (normalise_per_feature(grad, layer.input_dim) + self.coefficient))
             layer.mask_grad = None
-            layer.record_mask((score > 0).to(layer.module.weight.device))
+            layer.record_mask((score > 0).to(layer.weight.device))
 
     def pattern(self, layer: SparseLayer) -> dict[str, Any]:
-        return {"kind": "unstructured", "density": int(layer.mask.sum()) / layer.numel}
+        return {"kind": "unstructured", "density": int(layer.current_mask().sum()) / layer.numel}
 
     def _check_layer(self, layer: SparseLayer, value: torch.Tensor) -> None:
-        check_unstructured(layer, value, int(layer.mask.sum()))
+        check_unstructured(layer, value, int(layer.current_mask().sum()))
 
     def describe(self) -> dict[str, Any]:
         return {"scl_lambda": self.coefficient, "controller": self.controlled,
@@ -186,7 +186,7 @@ class SCLSparsifier(Sparsifier):
 
     def _load_family_state(self, state: dict) -> None:
         for name, layer in self.layers.items():
-            self.scores[name] = state["scores"][name].to(layer.module.weight.device, torch.float32)
+            self.scores[name] = state["scores"][name].to(layer.weight.device, torch.float32)
         self.coefficient = state["coefficient"]
         self.target = state["target"]
         self.frozen_for_rl = state["frozen_for_rl"]

@@ -250,7 +250,7 @@ def drive(args) -> dict:
     # Actor handles: their methods resolve at run time (Ray's ActorHandle types every attribute as Never).
     receivers: list[Any] = [ray.remote(BenchReceiver).options(num_cpus=0.5, resources={ROLLOUT_RES: 1}).remote(model_cfg)
                  for _ in range(3)]
-    params = group.info[0]["parameters"]
+    params = group.info[0].parameters
     slice_bytes = group.call("slice_bytes")
     gen = torch.Generator().manual_seed(0)
     versions: list[int | None] = [None] * len(receivers)

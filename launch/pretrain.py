@@ -154,7 +154,7 @@ def finish(group, plan: RunPlan, state: dict, logger, wall_s: float) -> dict:
     summary = {
         "steps": state["step"], "world_size": group.world_size, "sparsity_method": plan.cfg.sparsity.method,
         "distill": plan.cfg.distill.name,
-        "trainer_nodes": [i["node_id"] for i in group.info], "device": group.info[0]["device"],
+        "trainer_nodes": [i.node_id for i in group.info], "device": group.info[0].device,
         "eval/loss_first": state["first_eval_loss"], "eval/loss_final": state["last_eval_loss"],
         "train/loss_final": state["train_loss_final"],
         "tokens_per_s_mean": sum(rates) / len(rates) if rates else None,

@@ -13,7 +13,7 @@ from launch.cluster import ClusterConfig, reserve, trainer_bundle
 from models import ModelConfig
 from trainer.config import OptimizerConfig, TrainerConfig
 from trainer.objectives import Objective
-from trainer.worker import TrainerWorker
+from trainer.worker import RankInfo, TrainerWorker
 
 if TYPE_CHECKING:
     from ray.actor import ActorClass
@@ -52,7 +52,7 @@ class TrainerGroup:
             master_addr, master_port = ray.get(self.workers[0].rendezvous_address.remote())
             self.master = (master_addr, master_port)
             try:
-                self.info = ray.get([w.setup.remote(master_addr, master_port) for w in self.workers],
+                self.info: list[RankInfo] = ray.get([w.setup.remote(master_addr, master_port) for w in self.workers],
                                     timeout=cluster_cfg.setup_timeout_s)
             except ray.exceptions.GetTimeoutError:
                 raise TrainerSetupTimeout(

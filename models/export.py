@@ -6,6 +6,7 @@
   `AutoModelForCausalLM.from_pretrained(out_dir)` loads.
 - `export_gpt_directory` / `load_gpt_directory`: the built-in GPT as model.safetensors plus a
   config.json holding its GPTConfig.
+- `export_state`: a state dict by the model config's kind (one of the two above).
 
 Both write `sparsity.json` when given sparsity info:
 
@@ -29,7 +30,6 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +40,7 @@ from models.nm_pattern import nm_violations, parse_nm
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from models.config import ModelConfig
     from models.gpt import GPT
 
 SPARSITY_FILE = "sparsity.json"
@@ -262,6 +263,18 @@ def export_gpt_directory(
     _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
     _weights_readable_like_the_rest(out)
     return out
+
+
+def export_state(model_cfg: ModelConfig, out_dir: str | Path, state: dict[str, torch.Tensor]) -> Path:
+    """`state` (the model's parameter names) written the way `model_cfg`'s kind exports: a
+    save_pretrained directory for model=hf, export_gpt_directory's layout for the built-in GPT."""
+    from models.build import build_model
+
+    with torch.device("meta"):
+        skeleton, _ = build_model(model_cfg)
+    if model_cfg.kind == "hf":
+        return export_hf_directory(skeleton, model_cfg.path, out_dir, state)
+    return export_gpt_directory(skeleton, out_dir, state)
 
 
 def load_gpt_directory(path: str | Path, device: str | torch.device = "cpu"):

@@ -1,13 +1,9 @@
-"""A rollout worker: a policy copy at a known weight version that completes the prompts the driver
-sends (data/prompts.py Samples), scores them with the task's reward functions (rollout/rewards.py,
-once per batch) and returns a RolloutBatch (rollout/results.py); `evaluate` gives greedy rewards
-and pass@k on eval prompts.
-
-A plain class; launch/rl_rollouts.py applies `ray.remote(...)` where it builds the group (with
-`max_concurrency=2` so an update can be offered while a batch is generating), and tests use it
-directly. It generates with the engine `rollout.engine` names (rollout/engine.py: our KV-cache
-loop, or vLLM); its weights and their updates live in a WeightSlot (rollout/weight_slot.py), whose
-calls the actor methods below pass through.
+"""A rollout worker: a policy copy at a known weight version that completes the driver's prompts
+(data/prompts.py Samples) with the engine `rollout.engine` names (rollout/engine.py), scores them
+once per batch (rollout/rewards.py) and returns a RolloutBatch (rollout/results.py); `evaluate`
+gives greedy rewards and pass@k. Its weights and their updates live in a WeightSlot
+(rollout/weight_slot.py). A plain class: launch/rl_rollouts.py makes it an actor (max_concurrency=2,
+so an update can be offered while a batch generates); tests use it directly.
 """
 from __future__ import annotations
 
@@ -88,20 +84,13 @@ class RolloutWorker:
     def node_id(self) -> str:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id()  # the group decodes an update once per node
 
     def export_final(self, out_dir: str) -> str:
-        """Write the committed weights (what the engine was handed) as the trainer's export lays
-        them out (models/export.py)."""
-        from models import build_model
-        from models.export import export_gpt_directory, export_hf_directory
+        """Write the committed weights (what the engine was handed) as the trainer exports them."""
+        from models.export import export_state
 
-        state = self.slot.committed_copy()
-        with torch.device("meta"):
-            skeleton, _ = build_model(self.model_cfg)
-        if self.model_cfg.kind == "hf":
-            return str(export_hf_directory(skeleton, self.model_cfg.path, out_dir, state))
-        return str(export_gpt_directory(skeleton, out_dir, state))
+        return str(export_state(self.model_cfg, out_dir, self.slot.committed_copy()))
 
     # -- sampling ------------------------------------------------------------------------------
 

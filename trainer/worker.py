@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +33,16 @@ if TYPE_CHECKING:
     from trainer.sparsity import Sparsifier
 
 DS_TAG = "ds"  # DeepSpeed's sub-directory inside one checkpoint directory
+
+
+@dataclass
+class RankInfo:
+    """What a rank reports once set up (TrainerWorker.setup)."""
+    rank: int
+    device: str
+    node_ip: str
+    node_id: str | None  # None outside Ray (a worker used directly)
+    parameters: int  # the model's parameter count (every rank builds the whole model)
 
 
 class TrainerWorker:
@@ -62,7 +72,7 @@ class TrainerWorker:
         """(this node's IP, a free port): rank 0's answer becomes MASTER_ADDR/PORT for all."""
         return node_ip(), free_port()
 
-    def setup(self, master_addr: str, master_port: int) -> dict:
+    def setup(self, master_addr: str, master_port: int) -> RankInfo:
         """Join the process group and build model, sparsifier, optimizer and DeepSpeed engine."""
         from trainer.runtime_env import set_runtime_defaults
 
@@ -106,8 +116,7 @@ class TrainerWorker:
 
         self.param_access = DeepSpeedParamAccess(self.module, self.optimizer)
         _seed_everything(self.cfg.seed + 1000 * (self.rank + 1))  # per-rank stream (dropout, sampling)
-        return {"rank": self.rank, "device": self.device, "node_ip": node_ip(), "node_id": node_id(),
-                "parameters": sum(p.numel() for p in self.module.parameters())}
+        return RankInfo(self.rank, self.device, node_ip(), node_id(), sum(p.numel() for p in self.module.parameters()))
 
     def _ds_config(self) -> dict:
         c = self.cfg

@@ -15,6 +15,8 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from models.checks import check_settings
+
 
 @dataclass
 class ClusterConfig:
@@ -57,12 +59,13 @@ def trainer_bundle(cfg: ClusterConfig) -> dict[str, float]:
 
 
 def validate_cluster_config(cfg: ClusterConfig) -> None:
-    if cfg.trainers < 1:
-        raise ClusterResourceError(f"cluster.trainers={cfg.trainers}: expected >= 1")
-    if cfg.placement_strategy not in STRATEGIES:
-        raise ClusterResourceError(f"cluster.placement_strategy={cfg.placement_strategy!r}: expected one of {STRATEGIES}")
-    if cfg.cpus_per_trainer < 0 or (cfg.gpus_per_trainer or 0) < 0:
-        raise ClusterResourceError("cluster.cpus_per_trainer and cluster.gpus_per_trainer must be >= 0")
+    check_settings(ClusterResourceError, [
+        (cfg.trainers >= 1, f"cluster.trainers={cfg.trainers}: expected >= 1"),
+        (cfg.placement_strategy in STRATEGIES,
+         f"cluster.placement_strategy={cfg.placement_strategy!r}: expected one of {STRATEGIES}"),
+        (cfg.cpus_per_trainer >= 0 and (cfg.gpus_per_trainer or 0) >= 0,
+         "cluster.cpus_per_trainer and cluster.gpus_per_trainer must be >= 0"),
+    ])
 
 
 @contextmanager

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from models.checks import check_settings
+
 if TYPE_CHECKING:
     from tqdm import tqdm
 
@@ -52,10 +54,10 @@ def wandb_mode(mode: str) -> WandbMode:
 
 def validate_logger_config(cfg: LoggerConfig) -> None:
     wandb_mode(cfg.mode)
-    if not cfg.summary_file:
-        raise LoggerConfigError("logger.summary_file must name a file")
-    if cfg.samples_every < 0:
-        raise LoggerConfigError(f"logger.samples_every={cfg.samples_every}: expected >= 0 (0: no samples table)")
+    check_settings(LoggerConfigError, [
+        (bool(cfg.summary_file), "logger.summary_file must name a file"),
+        (cfg.samples_every >= 0, f"logger.samples_every={cfg.samples_every}: expected >= 0 (0: no samples table)"),
+    ])
 
 
 def run_name(job: str, overrides: list[str], limit: int = 120) -> str:

@@ -14,6 +14,7 @@ from launch.cluster import ClusterConfig, ClusterResourceError, validate_cluster
 from launch.config import compose_job_config, to_typed_config
 from launch.loggers import LoggerConfig, validate_logger_config
 from models import ModelConfig
+from models.checks import check_settings
 from rollout.config import RolloutConfig, validate_rollout_config
 from rollout.tasks import TaskConfig
 from sync.config import SyncConfig
@@ -106,33 +107,25 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
     from trainer.sparsity import module_shapes, validate_sparsity_config
 
     rl = cfg.rl
-    if rl.mode not in ("sync", "async"):
-        raise RLConfigError(f"rl.mode={rl.mode!r}: expected sync or async")
-    if rl.max_staleness < 0:
-        raise RLConfigError(f"rl.max_staleness={rl.max_staleness}: expected >= 0 (versions a sample may lag the trainer)")
-    if rl.steps < 1:
-        raise RLConfigError(f"rl.steps={rl.steps}: expected >= 1")
-    if rl.sft_warmup_steps < 0:
-        raise RLConfigError(f"rl.sft_warmup_steps={rl.sft_warmup_steps}: expected >= 0")
-    if rl.checkpoint_every < 0:
-        raise RLConfigError(f"rl.checkpoint_every={rl.checkpoint_every}: expected >= 0")
-    if rl.resume not in (None, "auto") and not Path(rl.resume).exists():
-        raise RLConfigError(f"rl.resume={rl.resume!r}: no such checkpoint directory (use null, auto or a path)")
-    if rl.max_trainer_restarts < 0:
-        raise RLConfigError(f"rl.max_trainer_restarts={rl.max_trainer_restarts}: expected >= 0")
-    if rl.lr_warmup_steps < 0:
-        raise RLConfigError(f"rl.lr_warmup_steps={rl.lr_warmup_steps}: expected >= 0")
-    if rl.sft_lr <= 0:
-        raise RLConfigError(f"rl.sft_lr={rl.sft_lr}: expected > 0")
-    if rl.eval_every < 0:
-        raise RLConfigError(f"rl.eval_every={rl.eval_every}: expected >= 0")
-    if rl.eval_samples < 1:
-        raise RLConfigError(f"rl.eval_samples={rl.eval_samples}: expected >= 1 (k of pass@k)")
-    if rl.export_dtype not in ("published", "float32"):
-        raise RLConfigError(f"rl.export_dtype={rl.export_dtype!r}: expected published or float32")
-    if cfg.model.sparse_ift != "none":
-        raise RLConfigError(f"model.sparse_ift={cfg.model.sparse_ift!r}: Sparse-IFT transforms a model for pretraining "
-                            f"(launch.pretrain sparse_ift=...); RL fine-tunes the model as it is")
+    check_settings(RLConfigError, [
+        (rl.mode in ("sync", "async"), f"rl.mode={rl.mode!r}: expected sync or async"),
+        (rl.max_staleness >= 0, f"rl.max_staleness={rl.max_staleness}: expected >= 0 (versions a sample may lag the trainer)"),
+        (rl.steps >= 1, f"rl.steps={rl.steps}: expected >= 1"),
+        (rl.sft_warmup_steps >= 0, f"rl.sft_warmup_steps={rl.sft_warmup_steps}: expected >= 0"),
+        (rl.checkpoint_every >= 0, f"rl.checkpoint_every={rl.checkpoint_every}: expected >= 0"),
+        (rl.resume in (None, "auto") or Path(rl.resume).exists(),
+         f"rl.resume={rl.resume!r}: no such checkpoint directory (use null, auto or a path)"),
+        (rl.max_trainer_restarts >= 0, f"rl.max_trainer_restarts={rl.max_trainer_restarts}: expected >= 0"),
+        (rl.lr_warmup_steps >= 0, f"rl.lr_warmup_steps={rl.lr_warmup_steps}: expected >= 0"),
+        (rl.sft_lr > 0, f"rl.sft_lr={rl.sft_lr}: expected > 0"),
+        (rl.eval_every >= 0, f"rl.eval_every={rl.eval_every}: expected >= 0"),
+        (rl.eval_samples >= 1, f"rl.eval_samples={rl.eval_samples}: expected >= 1 (k of pass@k)"),
+        (rl.export_dtype in ("published", "float32"), f"rl.export_dtype={rl.export_dtype!r}: expected published or float32"),
+        (cfg.model.sparse_ift == "none", f"model.sparse_ift={cfg.model.sparse_ift!r}: Sparse-IFT transforms a model for "
+                                         f"pretraining (launch.pretrain sparse_ift=...); RL fine-tunes the model as it is"),
+        (cfg.sync.verify_every >= 0, f"sync.verify_every={cfg.sync.verify_every}: expected >= 0 (0: only at the end)"),
+        (cfg.trainer.grad_accum >= 1, f"trainer.grad_accum={cfg.trainer.grad_accum}: expected >= 1"),
+    ])
     validate_rollout_config(cfg.rollout)
     if cfg.rollout.engine == "vllm":
         if cfg.model.kind != "hf":
@@ -147,15 +140,11 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
             check_architecture(cfg.model.path)
         except EngineStartError as e:
             raise RLConfigError(str(e)) from None
-    if cfg.sync.verify_every < 0:
-        raise RLConfigError(f"sync.verify_every={cfg.sync.verify_every}: expected >= 0 (0: only at the end)")
     build_objective(cfg.algo)
-    if cfg.sync.published_dtype != cfg.rollout.dtype:
-        raise RLConfigError(f"sync.published_dtype={cfg.sync.published_dtype!r} must equal "
-                            f"rollout.dtype={cfg.rollout.dtype!r}: workers receive weights in place")
+    check_settings(RLConfigError, [(cfg.sync.published_dtype == cfg.rollout.dtype,
+                                    f"sync.published_dtype={cfg.sync.published_dtype!r} must equal rollout.dtype="
+                                    f"{cfg.rollout.dtype!r}: workers receive weights in place")])
     validate_cluster_config(cfg.cluster)  # cluster.trainers >= 1 before it divides anything
-    if cfg.trainer.grad_accum < 1:
-        raise RLConfigError(f"trainer.grad_accum={cfg.trainer.grad_accum}: expected >= 1")
     rows, world = rows_per_step(cfg), cfg.cluster.trainers
     if rows % (world * cfg.trainer.grad_accum):
         raise RLConfigError(f"rollout.prompts_per_step x rollout.samples_per_prompt = {rows} rows do not split "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.checks import check_settings
+
 
 @dataclass
 class VLLMConfig:
@@ -48,8 +50,7 @@ class RolloutConfigError(ValueError):
 
 
 def validate_rollout_config(cfg: RolloutConfig) -> None:
-    if cfg.workers < 1:
-        raise RolloutConfigError(f"rollout.workers={cfg.workers}: expected >= 1")
+    check_settings(RolloutConfigError, [(cfg.workers >= 1, f"rollout.workers={cfg.workers}: expected >= 1")])
     checks = [
         (cfg.prompts_per_step >= cfg.workers,
          f"rollout.prompts_per_step={cfg.prompts_per_step}: expected >= rollout.workers={cfg.workers}"),
@@ -84,9 +85,7 @@ def validate_rollout_config(cfg: RolloutConfig) -> None:
          f"rollout.top_p={cfg.top_p} with rollout.engine=vllm: vLLM's logprobs would be those of the "
          f"truncated distribution, not the ones the trainer recomputes; use rollout.top_p=1.0 or rollout.engine=torch"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise RolloutConfigError(message)
+    check_settings(RolloutConfigError, checks)
     if cfg.engine == "vllm":
         check_vllm_installed()
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.checks import check_settings
+
 
 @dataclass
 class TrainerConfig:
@@ -61,6 +63,4 @@ def validate_trainer_config(cfg: TrainerConfig, opt: OptimizerConfig) -> None:
         (opt.warmup_steps >= 0, f"optimizer.warmup_steps={opt.warmup_steps}: expected >= 0"),
         (opt.weight_decay >= 0, f"optimizer.weight_decay={opt.weight_decay}: expected >= 0"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise TrainerConfigError(message)
+    check_settings(TrainerConfigError, checks)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.checks import check_settings
+
 ALGOS = ("grpo", "ppo", "ema_baseline")
 
 
@@ -33,24 +35,22 @@ def build_objective(cfg: AlgoConfig):
     from trainer.algos.grpo import GRPO, EMABaselinePG
     from trainer.algos.ppo import PPO
 
-    if not 0 < cfg.clip_eps < 1:
-        raise AlgoConfigError(f"algo.clip_eps={cfg.clip_eps} must be in (0, 1)")
-    if cfg.kl_coef < 0:
-        raise AlgoConfigError(f"algo.kl_coef={cfg.kl_coef} must be >= 0")
-    if cfg.tis_cap is not None and cfg.tis_cap < 0:
-        raise AlgoConfigError(f"algo.tis_cap={cfg.tis_cap} must be null, 0 (off) or > 0 (the cap, e.g. 2)")
+    check_settings(AlgoConfigError, [
+        (0 < cfg.clip_eps < 1, f"algo.clip_eps={cfg.clip_eps} must be in (0, 1)"),
+        (cfg.kl_coef >= 0, f"algo.kl_coef={cfg.kl_coef} must be >= 0"),
+        (cfg.tis_cap is None or cfg.tis_cap >= 0, f"algo.tis_cap={cfg.tis_cap} must be null, 0 (off) or > 0 (the cap, e.g. 2)"),
+    ])
     if cfg.name == "grpo":
         return GRPO(cfg)
     if cfg.name == "ema_baseline":
         return EMABaselinePG(cfg)
     if cfg.name == "ppo":
-        checks = [(0 <= cfg.gamma <= 1, f"algo.gamma={cfg.gamma} must be in [0, 1]"),
-                  (0 <= cfg.lam <= 1, f"algo.lam={cfg.lam} must be in [0, 1]"),
-                  (cfg.value_lr > 0, f"algo.value_lr={cfg.value_lr} must be > 0"),
-                  (cfg.value_clip > 0, f"algo.value_clip={cfg.value_clip} must be > 0"),
-                  (cfg.value_epochs >= 1, f"algo.value_epochs={cfg.value_epochs} must be >= 1")]
-        for ok, message in checks:
-            if not ok:
-                raise AlgoConfigError(message)
+        check_settings(AlgoConfigError, [
+            (0 <= cfg.gamma <= 1, f"algo.gamma={cfg.gamma} must be in [0, 1]"),
+            (0 <= cfg.lam <= 1, f"algo.lam={cfg.lam} must be in [0, 1]"),
+            (cfg.value_lr > 0, f"algo.value_lr={cfg.value_lr} must be > 0"),
+            (cfg.value_clip > 0, f"algo.value_clip={cfg.value_clip} must be > 0"),
+            (cfg.value_epochs >= 1, f"algo.value_epochs={cfg.value_epochs} must be >= 1"),
+        ])
         return PPO(cfg)
     raise AlgoConfigError(f"algo.name={cfg.name!r} is unknown; expected one of {list(ALGOS)}")

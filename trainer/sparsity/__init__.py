@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 import torch.nn as nn
 
+from models.checks import check_settings
 from models.sparsity_targets import projection_weight
 
 from trainer.sparsity.base import ParamAccess, Sparsifier, TorchParamAccess
@@ -96,16 +97,14 @@ def validate_sparsity_config(
         )
     if cfg.method == "dense":
         return
-    for key in ("mask_interval", "update_interval", "prune_interval", "backward_permutation_interval"):
-        if int(getattr(cfg, key)) < 1:
-            raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected an integer >= 1")
-    for key in ("sr_ste_lambda", "decay_coef", "erk_power_scale"):
-        if getattr(cfg, key) < 0:
-            raise SparsityConfigError(f"sparsity.{key}={getattr(cfg, key)!r}; expected a value >= 0")
-    if int(cfg.backward_permutations) < 0:
-        raise SparsityConfigError(
-            f"sparsity.backward_permutations={cfg.backward_permutations!r}; expected an integer >= 0"
-        )
+    check_settings(SparsityConfigError, [
+        *[(int(getattr(cfg, key)) >= 1, f"sparsity.{key}={getattr(cfg, key)!r}; expected an integer >= 1")
+          for key in ("mask_interval", "update_interval", "prune_interval", "backward_permutation_interval")],
+        *[(getattr(cfg, key) >= 0, f"sparsity.{key}={getattr(cfg, key)!r}; expected a value >= 0")
+          for key in ("sr_ste_lambda", "decay_coef", "erk_power_scale")],
+        (int(cfg.backward_permutations) >= 0,
+         f"sparsity.backward_permutations={cfg.backward_permutations!r}; expected an integer >= 0"),
+    ])
     if cfg.backward != "exact" and cfg.gradient_flow != "none":
         raise SparsityConfigError(
             f"sparsity.backward={cfg.backward!r} with gradient_flow={cfg.gradient_flow!r}: the backward-pass "

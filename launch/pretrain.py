@@ -109,8 +109,8 @@ def restore(group, plan: RunPlan) -> dict:
         return {"step": 0, "first_eval_loss": None, "last_eval_loss": None, "train_loss_final": None,
                 "tokens_per_s": [], "sparsity": {}}
     extra = group.load_checkpoint(str(plan.resume_from))
-    plan.sampler.load_state_dict(extra["data"])
-    return extra["driver"]
+    plan.sampler.load_state_dict(extra.data)
+    return extra.driver
 
 
 def train(group, plan: RunPlan, state: dict, logger) -> None:
@@ -207,7 +207,7 @@ def save_checkpoint(group, plan: RunPlan, state: dict) -> Path:
     from trainer import checkpoint as ckpt
 
     return ckpt.save_checkpoint(group, plan.checkpoint_root, state["step"], plan.fingerprint,
-                                {"data": plan.sampler.state_dict(), "driver": dict(state)},
+                                ckpt.CheckpointExtra(driver=dict(state), data=plan.sampler.state_dict()),
                                 keep=plan.cfg.trainer.keep_checkpoints)
 
 

@@ -309,7 +309,7 @@ def recover_trainer(job: RLJob, reason: str) -> None:
 def restore(job: RLJob, path: Path, keep_totals: bool = False) -> int:
     """Load checkpoint `path` into the trainers and roll the driver back to it; returns the weight
     version it was saved at."""
-    driver = job.trainers.group.load_checkpoint(str(path))["driver"]
+    driver = job.trainers.group.load_checkpoint(str(path)).driver
     job.state.load_state_dict(driver, keep_totals)
     steps_file = job.plan.run_dir / "steps.jsonl"  # drop the rows written after the checkpoint
     if steps_file.exists():
@@ -322,7 +322,7 @@ def checkpoint(job: RLJob) -> Path:
     from trainer import checkpoint as ckpt
 
     return ckpt.save_checkpoint(job.trainers.group, job.plan.checkpoint_root, job.state.version, job.plan.fingerprint,
-                                {"driver": job.state.state_dict()}, keep=job.plan.trainer_cfg.keep_checkpoints)
+                                ckpt.CheckpointExtra(driver=job.state.state_dict()), keep=job.plan.trainer_cfg.keep_checkpoints)
 
 
 def finish(job: RLJob, **times: float) -> dict:

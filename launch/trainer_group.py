@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from launch.cluster import ClusterConfig, reserve, trainer_bundle
 from models import ModelConfig
+from trainer.checkpoint import CheckpointExtra
 from trainer.config import OptimizerConfig, TrainerConfig
 from trainer.objectives import Objective
 from trainer.worker import RankInfo, TrainerWorker
@@ -92,10 +93,10 @@ class TrainerGroup:
         """`batches[r]` is rank r's list of eval batches; metrics averaged over ranks."""
         return merge_metrics(self.call_per_rank("evaluate", batches))
 
-    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
-        self.call("save_checkpoint", str(path), extra or {})
+    def save_checkpoint(self, path: str, extra: CheckpointExtra | None = None) -> None:
+        self.call("save_checkpoint", str(path), extra or CheckpointExtra())
 
-    def load_checkpoint(self, path: str) -> dict:
+    def load_checkpoint(self, path: str) -> CheckpointExtra:
         return self.call("load_checkpoint", str(path))[0]
 
     def published_state(self, dtype: str = "bfloat16") -> dict[str, Any]:

@@ -33,8 +33,9 @@ import re
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +52,27 @@ _READ_CHUNK = 8 << 20
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, incomplete, or does not fit this run."""
+
+
+@dataclass
+class CheckpointExtra:
+    """The job's own sections of a checkpoint, beside the ranks' model, optimizer, sparsity and
+    RNG state (every rank's state file holds them as `extra`)."""
+
+    driver: dict[str, Any] = field(default_factory=dict)  # the job loop's state (launch/rl_job.py DriverState, pretraining's)
+    data: dict[str, Any] = field(default_factory=dict)  # where the data stream is (pretraining's sampler)
+    algo_state: dict[str, Any] = field(default_factory=dict)  # the RL algorithm's own (PPO's value head)
+
+    def to_state(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: Any, where: str) -> CheckpointExtra:
+        names = {f.name for f in fields(cls)}
+        if not isinstance(state, dict) or not set(state) <= names:
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"{where}: its extra section holds {found}, expected some of {sorted(names)}")
+        return cls(**state)
 
 
 class ResumeError(CheckpointError):
@@ -121,7 +143,7 @@ def prune(root: str | Path, keep: int) -> list[Path]:
     return old
 
 
-def save_checkpoint(group, root: str | Path, step: int, fingerprint: dict, extra: dict, *, keep: int) -> Path:
+def save_checkpoint(group, root: str | Path, step: int, fingerprint: dict, extra: CheckpointExtra, *, keep: int) -> Path:
     """The one save path of both jobs: every rank of `group` (anything with
     `save_checkpoint(path, extra)`, e.g. launch/trainer_group.py's TrainerGroup) writes into a
     fresh staging directory, the manifest and an atomic rename commit it, then leftovers of

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from models import ModelConfig, build_model
-from trainer.checkpoint import (CheckpointError, deepspeed_safe_globals, files_for_rank, load_rank_state, rank_file,
+from trainer.checkpoint import (CheckpointError, CheckpointExtra, deepspeed_safe_globals, files_for_rank, load_rank_state, rank_file,
                                 read_manifest, rng_state, save_rank_state, set_rng_state, verify_files,
                                 weights_only_torch_load)
 from trainer.config import OptimizerConfig, TrainerConfig
@@ -239,15 +239,16 @@ class TrainerWorker:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
+    def save_checkpoint(self, path: str, extra: CheckpointExtra | None = None) -> None:
         """Write this rank's part of a checkpoint into `path` (a staging directory; see
         trainer/checkpoint.py for the atomic commit). Collective."""
         self.engine.save_checkpoint(path, tag=DS_TAG, save_latest=False)
         save_rank_state(path, self.rank, {
             "step": self.step, "rank": self.rank, "world_size": self.world_size, "rng": rng_state(),
-            "sparsity": None if self.sparsifier is None else self.sparsifier.state_dict(), "extra": extra or {}})
+            "sparsity": None if self.sparsifier is None else self.sparsifier.state_dict(),
+            "extra": (extra or CheckpointExtra()).to_state()})
 
-    def load_checkpoint(self, path: str) -> dict:
+    def load_checkpoint(self, path: str) -> CheckpointExtra:
         """Restore model, optimizer, sparsity state, RNG and step from committed checkpoint
         `path`; return `extra`. The files this rank reads are checked against the manifest's
         sizes and digests first, and nothing is loaded in a way that can run code from it.
@@ -276,7 +277,7 @@ class TrainerWorker:
             self.sparsifier.load_state_dict(state["sparsity"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
-        return state["extra"]
+        return CheckpointExtra.from_state(state["extra"], f"checkpoint {path}: {rank_file(path, self.rank).name}")
 
     def get_step(self) -> int:
         return self.step

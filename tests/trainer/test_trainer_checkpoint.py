@@ -95,22 +95,22 @@ class _Group:
     def save_checkpoint(self, path, extra):
         from pathlib import Path
 
-        (Path(path) / "rank_00000.safetensors").write_bytes(json.dumps(extra).encode())
+        (Path(path) / "rank_00000.safetensors").write_bytes(json.dumps(extra.to_state()).encode())
         if self.fail:
             raise RuntimeError("rank 1 died")
 
 
 def test_save_checkpoint_commits_prunes_and_cleans_its_staging_on_failure(tmp_path):
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(_Group(), tmp_path, step, {"world_size": 1}, {"step": step}, keep=2)
+        ckpt.save_checkpoint(_Group(), tmp_path, step, {"world_size": 1}, ckpt.CheckpointExtra(driver={"step": step}), keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(RuntimeError, match="rank 1 died"):
-        ckpt.save_checkpoint(_Group(fail=True), tmp_path, 4, {"world_size": 1}, {}, keep=2)
+        ckpt.save_checkpoint(_Group(fail=True), tmp_path, 4, {"world_size": 1}, ckpt.CheckpointExtra(), keep=2)
     assert not list(tmp_path.glob(".staging-*"))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     with pytest.raises(ckpt.CheckpointError, match="already exists"):  # and its staging is gone too
-        ckpt.save_checkpoint(_Group(), tmp_path, 3, {}, {}, keep=2)
+        ckpt.save_checkpoint(_Group(), tmp_path, 3, {}, ckpt.CheckpointExtra(), keep=2)
     assert not list(tmp_path.glob(".staging-*"))
 
 
@@ -135,3 +135,13 @@ def test_find_resume_checkpoint(tmp_path):
     with pytest.raises(ckpt.ResumeError, match="newer checkpoints"):
         ckpt.find_resume_checkpoint(str(other / "step_00000006"), root)
     assert ckpt.find_resume_checkpoint(str(other / "step_00000006"), tmp_path / "fresh") == other / "step_00000006"
+
+
+def test_checkpoint_extra_round_trips_and_refuses_sections_it_does_not_know():
+    extra = ckpt.CheckpointExtra(driver={"rl_step": 3}, data={"epoch": 1}, algo_state={})
+    assert ckpt.CheckpointExtra.from_state(json.loads(json.dumps(extra.to_state())), "x") == extra
+    assert ckpt.CheckpointExtra.from_state({"driver": {"step": 2}}, "x") == ckpt.CheckpointExtra(driver={"step": 2})
+    with pytest.raises(ckpt.CheckpointError, match=r"rank_00001.safetensors: its extra section holds \['drivr'\]"):
+        ckpt.CheckpointExtra.from_state({"drivr": {}}, "checkpoint c: rank_00001.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="holds list"):
+        ckpt.CheckpointExtra.from_state([], "x")

@@ -106,14 +106,14 @@ def test_checkpoint_round_trip_continues_identically(tmp_path):
     w = make_worker(sp)
     for s in range(3):
         w.train_step(batch(s))
-    path = committed(w, tmp_path, {"data": {"epoch": 1}, "rng": random.Random(5).getstate(), "k": {3: (1.5, None)}})
+    extra = ckpt.CheckpointExtra(driver={"rng": random.Random(5).getstate(), "k": {3: (1.5, None)}}, data={"epoch": 1})
+    path = committed(w, tmp_path, extra)
     rng_after_save = torch.rand(3)
     later = [w.train_step(batch(s))["loss"] for s in (3, 4)]
     final = w.published_state("float32")
 
     fresh = make_worker(sp)
-    assert fresh.load_checkpoint(str(path)) == {"data": {"epoch": 1}, "rng": random.Random(5).getstate(),
-                                                "k": {3: (1.5, None)}}
+    assert fresh.load_checkpoint(str(path)) == extra
     assert fresh.step == 3
     torch.testing.assert_close(torch.rand(3), rng_after_save)  # RNG restored
     resumed = [fresh.train_step(batch(s))["loss"] for s in (3, 4)]
@@ -122,7 +122,7 @@ def test_checkpoint_round_trip_continues_identically(tmp_path):
         torch.testing.assert_close(value, final[name], atol=1e-6, rtol=1e-6)
 
 
-def committed(w: TrainerWorker, root, extra: dict):
+def committed(w: TrainerWorker, root, extra: ckpt.CheckpointExtra | None = None):
     """Save `w` the way the jobs do: a staging directory, then the manifest and the rename."""
     staging = ckpt.new_staging_dir(root, w.step)
     w.save_checkpoint(str(staging), extra)
@@ -132,7 +132,7 @@ def committed(w: TrainerWorker, root, extra: dict):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     w = make_worker()
     w.train_step(batch(0))
-    path = committed(w, tmp_path, {})
+    path = committed(w, tmp_path)
     rank_file(path, 0).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="rank_00000.safetensors"):
         make_worker().load_checkpoint(str(path))
@@ -163,7 +163,7 @@ def _forge_manifest_entry(path, rel):
 def test_poisoned_checkpoint_runs_no_code(tmp_path, victim, message):
     w = make_worker(SparsityConfig(method="nm", n=2, m=4))
     w.train_step(batch(0))
-    path = committed(w, tmp_path / "ck", {})
+    path = committed(w, tmp_path / "ck")
     assert victim in json.loads((path / "manifest.json").read_text())["files"]
     marker = tmp_path / "marker"
     # The poison is real: an unrestricted torch.load of it runs the payload.
@@ -182,7 +182,7 @@ def test_poisoned_checkpoint_runs_no_code(tmp_path, victim, message):
 def test_same_size_bit_flip_in_any_file_fails_before_loading(tmp_path):
     w = make_worker(SparsityConfig(method="nm", n=2, m=4))
     w.train_step(batch(0))
-    path = committed(w, tmp_path, {})
+    path = committed(w, tmp_path)
     files = json.loads((path / "manifest.json").read_text())["files"]
     assert len(files) >= 3
     fresh = make_worker(SparsityConfig(method="nm", n=2, m=4))

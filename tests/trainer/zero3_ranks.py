@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from models import ModelConfig
-from trainer.checkpoint import commit, step_dir_name
+from trainer.checkpoint import CheckpointExtra, commit, step_dir_name
 from trainer.config import OptimizerConfig, TrainerConfig
 from trainer.sparsity import SparsityConfig
 from trainer.worker import TrainerWorker
@@ -127,7 +127,7 @@ def rank_main(rank: int, port: int, cases: list[dict], out_dir: str) -> None:
             if step == resume_at:  # both ranks write into one staging dir; rank 0 commits it (with its manifest)
                 staging = Path(out_dir) / f".staging_{i}"
                 staging.mkdir(exist_ok=True)
-                worker.save_checkpoint(str(staging), {"case": i})
+                worker.save_checkpoint(str(staging), CheckpointExtra(driver={"case": i}))
                 dist.barrier()
                 if rank == 0:
                     (Path(out_dir) / f"checkpoints_{i}").mkdir(exist_ok=True)
@@ -138,7 +138,7 @@ def rank_main(rank: int, port: int, cases: list[dict], out_dir: str) -> None:
         result = _result(worker, losses)
         if resume_at is not None:
             fresh = make_worker(case, rank, 2, 3, port)
-            assert fresh.load_checkpoint(str(checkpoint)) == {"case": i}
+            assert fresh.load_checkpoint(str(checkpoint)) == CheckpointExtra(driver={"case": i})
             resumed = [fresh.train_step(rank_batch(step, rank))["loss"] for step in range(resume_at, case["steps"])]
             result["resumed"] = _result(fresh, resumed)
         if case.get("frozen_copy"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from trainer.algos.batch import TrainBatch
+from trainer.checkpoint import CheckpointExtra
 from trainer.algos.config import AlgoConfig, build_objective
 from trainer.algos.distill import with_distillation
 from trainer.algos.sft import SFT
@@ -87,13 +88,13 @@ class RLTrainerWorker(TrainerWorker):
             self.opt_cfg = constant_lr(self.rl_opt, self.rl_lr * min(1.0, (k + 1) / self.rl_warmup_steps))
         return super().train_step(batch.tensors())
 
-    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
+    def save_checkpoint(self, path: str, extra: CheckpointExtra | None = None) -> None:
         """The TrainerWorker checkpoint plus the algorithm's own state (PPO's value head)."""
-        super().save_checkpoint(path, {**(extra or {}), "algo_state": self.algo.state_dict()})
+        super().save_checkpoint(path, replace(extra or CheckpointExtra(), algo_state=self.algo.state_dict()))
 
-    def load_checkpoint(self, path: str) -> dict:
-        extra = dict(super().load_checkpoint(path))
-        self.algo.load_state_dict(extra.pop("algo_state", {}))
+    def load_checkpoint(self, path: str) -> CheckpointExtra:
+        extra = super().load_checkpoint(path)
+        self.algo.load_state_dict(extra.algo_state)
         return extra
 
     def set_version_floor(self, min_version: int) -> None:

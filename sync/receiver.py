@@ -1,6 +1,6 @@
 """The receiving end of weight sync, in a rollout worker: fetch, verify, then commit.
 
-An update (sync/transport.py's WeightUpdate) is one or more versions ("steps"), each the parts of
+An update (sync/payloads.py WeightUpdate) is one or more versions ("steps"), each the parts of
 every trainer rank. fetch() downloads the parts one after another, the next one in a background
 thread while the current one is decoded (so transfer overlaps decode, and only about two parts'
 payloads are in memory at once), and stages each against the committed weights, which it only

@@ -12,5 +12,4 @@ class GRPO(ClippedPolicyGradient):
 
 class EMABaselinePG(ClippedPolicyGradient):
     """`algo=ema_baseline`: the clipped policy loss with A = reward - EMA of past mean rewards
-    (advantages.EMABaseline, computed by the driver); no value model. (Called `ppo` before the
-    real PPO of trainer/algos/ppo.py.)"""
+    (advantages.EMABaseline, computed by the driver); no value model (PPO's is trainer/algos/ppo.py)."""

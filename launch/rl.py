@@ -341,6 +341,7 @@ def finish(job: RLJob, **times: float) -> dict:
     summary = make_summary(job.cfg, s.history, s.totals, version, final_versions, job.rollouts.restarts,
                            job.trainers.restarts, **times)
     summary["rollout.engine_failures"] = job.rollouts.engine_failures
+    summary["rollout.corrupt_resyncs"] = job.rollouts.corrupt_resyncs  # workers whose weights were found altered
     summary["export"] = str(job.plan.run_dir / "model.safetensors") if job.cfg.rl.export else None
     job.logger.summary(summary)
     from launch.curves import RL_PANELS

@@ -41,7 +41,7 @@ def test_sync_mode_two_nodes_survives_a_killed_rollout_worker(ray_cluster, tmp_p
     assert summary["rollout.worker_restarts"] >= 1
     assert summary["trainer.final_version"] == 3 + 6  # warm-up steps count as versions
     assert summary["rollout.final_versions"] == [9, 9]
-    assert summary["sync.checksum_mismatches"] == 0
+    assert summary["sync.checksum_mismatches"] == 0 and summary["rollout.corrupt_resyncs"] == 0
     assert 0 < summary["sync.payload_bytes"] < summary["sync.dense_bytes"]
     assert summary["sync.snapshot_payload_bytes"] > 0
     rows = steps_of(tmp_path)

@@ -260,7 +260,7 @@ def load_hf_model(cfg: ModelConfig):
     tokenizer = load_tokenizer(path, config.vocab_size)  # cheap checks before the weights
     set_dropout(config, cfg.dropout)
     if cfg.from_scratch:
-        model = _build_from_config(cfg, config, path)
+        model = _build_from_config(cfg, config, path).eval()  # the mode from_pretrained returns
     else:
         model = load_hf_weights(path, cfg.dtype, config)
     return follow_call_convention(model), tokenizer

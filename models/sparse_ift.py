@@ -22,7 +22,7 @@ For a linear layer x -> W x with W [d_out, d_in] (d_in d_out multiply-adds per t
 parallel, factorized and doped transform all four block linears (attention c_attn and c_proj,
 MLP c_fc and c_proj). The sparse parts are trained by sparsity=rigl or sparsity=static at density
 1-s, uniform across them (launch/config.py sets sparsity.density, distribution and include from
-`sparse_parameter_patterns`), as the reference does (RigL: update every 100 steps, drop fraction
+`sparse_module_patterns`), as the reference does (RigL: update every 100 steps, drop fraction
 0.3, cosine, uniform, random init).
 
 model=hf: a Llama-family causal LM (model_type in `HF_FAMILIES`: Llama, Mistral, Qwen2) trained

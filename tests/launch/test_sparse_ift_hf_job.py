@@ -58,3 +58,35 @@ def test_wide_rigl_pretraining_on_a_llama_from_scratch(ray_cluster, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(run_dir), local_files_only=True)
     assert model.config.intermediate_size == 4 * I
     assert torch.isfinite(model(torch.randint(0, V, (1, 8))).logits).all()
+
+
+def test_doped_static_pretraining_exports_the_projects_layout(ray_cluster, tmp_path):
+    """parallel/factorized/doped are no transformers architecture: the job's export is
+    export_sparse_ift_hf_directory's layout, and loads back with the trained weights."""
+    from safetensors.torch import load_file
+
+    from launch.config import compose_pretrain_config
+    from launch.pretrain import run_pretrain
+    from models.export import load_sparse_ift_hf_directory
+
+    source = save_tiny_llama(tmp_path / "llama")
+    run_dir = tmp_path / "run"
+    cfg = compose_pretrain_config([
+        "model=hf", f"model.path={source}", "model.from_scratch=true", "sparse_ift=doped", f"sparse_ift.sparsity={S}",
+        "sparsity=static", "trainer.max_steps=2", f"trainer.seq_len={T}", "trainer.micro_batch_size=2",
+        "trainer.eval_batches=1", "trainer.eval_every=0", "trainer.checkpoint_every=0", "data.max_bytes=60000",
+        "optimizer.warmup_steps=1", "cluster.cpus_per_trainer=1", "logger=console", "logger.console=false",
+    ])
+    summary = run_pretrain(cfg, run_dir)
+    assert summary["sparse_ift"] == "doped" and summary["steps"] == 2
+    assert json.loads((run_dir / "config.json").read_text())["model_type"] == "sparsetrain-sparse-ift-hf"
+    state = load_file(str(run_dir / "model.safetensors"))
+    sparse = [n for n in state if n.endswith(".sparse.weight")]
+    assert len(sparse) == 7 * L
+    for name in sparse:
+        assert float((state[name] != 0).float().mean()) == pytest.approx(1 - S, abs=2e-3), name
+    for name in (n for n in state if ".lowrank_" in n):
+        assert float((state[name] != 0).float().mean()) > 0.99, name
+    model = load_sparse_ift_hf_directory(run_dir)
+    assert torch.equal(model.get_parameter(sparse[0]), state[sparse[0]])
+    assert torch.isfinite(model(torch.randint(0, V, (1, 8))).logits).all()

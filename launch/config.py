@@ -76,7 +76,8 @@ def resolve_sparse_ift(cfg: PretrainConfig) -> PretrainConfig:
     (model.sparse_ift*), and the sparsity method trains exactly its sparse parts at density
     1 - sparse_ift.sparsity, uniform across them (sparsity.density, distribution and include are
     set here, as the reference trains them). Refuses what cannot work: an unknown kind, s outside
-    (0, 1), a method other than rigl/static, model=hf, sparsity.overrides/exclude (the
+    (0, 1), a method other than rigl/static, model=hf without model.from_scratch (a Llama-family
+    config.json, checked when the model is built), sparsity.overrides/exclude (the
     transformation decides which layers are sparse). Idempotent."""
     ift = cfg.sparse_ift
     validate_sparse_ift(ift)
@@ -86,10 +87,10 @@ def resolve_sparse_ift(cfg: PretrainConfig) -> PretrainConfig:
                 f"model.sparse_ift={cfg.model.sparse_ift!r} is set from the top-level group; use sparse_ift=<kind>"
             )
         return cfg
-    if cfg.model.kind != "gpt":
+    if cfg.model.kind == "hf" and not cfg.model.from_scratch:
         raise SparseIFTConfigError(
-            f"sparse_ift={ift.kind} is built for the built-in GPT (model.kind=gpt) only in this build; "
-            f"this job has model.kind={cfg.model.kind!r}"
+            f"sparse_ift={ift.kind} with model=hf needs model.from_scratch=true: Sparse-IFT trains the transformed "
+            f"architecture from random init, it does not transform the pretrained weights in model.path"
         )
     if cfg.sparsity.method not in SPARSE_IFT_METHODS:
         raise SparseIFTConfigError(
@@ -103,7 +104,7 @@ def resolve_sparse_ift(cfg: PretrainConfig) -> PretrainConfig:
         )
     model = replace(cfg.model, sparse_ift=ift.kind, sparse_ift_sparsity=float(ift.sparsity))
     sparsity = replace(cfg.sparsity, density=1.0 - float(ift.sparsity), distribution="uniform",
-                       include=sparse_module_patterns(ift.kind))
+                       include=sparse_module_patterns(ift.kind, cfg.model.kind))
     return replace(cfg, model=model, sparsity=sparsity)
 
 
@@ -129,7 +130,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> dict[str, list[int]]:
         raise TrainerConfigError("trainer.device=cuda needs a GPU per trainer rank: set cluster.gpus_per_trainer=1 "
                                  "(or cluster=local_gpu)")
     validate_sparsity_config(cfg.sparsity, module_shapes(model))
-    check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.kind == "hf" or cfg.resume is not None,
+    check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.pretrained or cfg.resume is not None,
                            peak_lr=cfg.optimizer.lr)
     from trainer.distill import validate_distill_config
 

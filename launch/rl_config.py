@@ -158,7 +158,7 @@ def validate_rl_config(cfg: RLJobConfig) -> None:
     validate_sparsity_config(cfg.sparsity, module_shapes(model))
     from trainer.sparsity import check_sparsity_for_job  # init=magnitude needs pretrained weights
 
-    check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.kind == "hf" or rl.resume is not None,
+    check_sparsity_for_job(cfg.sparsity, pretrained=cfg.model.pretrained or rl.resume is not None,
                            peak_lr=cfg.optimizer.lr)
     validate_rl_distill_config(cfg.distill, cfg.model, model)
 

@@ -26,11 +26,6 @@ def build_model(cfg: ModelConfig):
         )
         return GPT(gpt_cfg), tok
     if cfg.kind == "hf":
-        if cfg.sparse_ift != "none":
-            raise ModelConfigError(
-                f"sparse_ift={cfg.sparse_ift!r} is built for model.kind=gpt only in this build; "
-                f"model=hf (Llama from scratch) is not transformed yet"
-            )
         try:
             from models.hf import load_hf_model
         except ImportError as e:  # pragma: no cover - until models/hf.py lands

@@ -24,3 +24,11 @@ class ModelConfig:
     # Hugging Face
     path: str | None = None
     dtype: str = "float32"  # dtype the trainer's master weights start in
+    # true: build config.json's architecture with fresh random weights (transformers' init) and
+    # train it from scratch; the directory's weights, if any, are not read. Sparse-IFT needs it.
+    from_scratch: bool = False
+
+    @property
+    def pretrained(self) -> bool:
+        """The model starts from trained weights (an HF checkpoint, not built from scratch)."""
+        return self.kind == "hf" and not self.from_scratch

@@ -6,7 +6,11 @@
   `AutoModelForCausalLM.from_pretrained(out_dir)` loads.
 - `export_gpt_directory` / `load_gpt_directory`: the built-in GPT as model.safetensors plus a
   config.json holding its GPTConfig.
-- `export_state`: a state dict by the model config's kind (one of the two above).
+- `export_sparse_ift_hf_directory` / `load_sparse_ift_hf_directory`: a Llama-family model under
+  sparse_ift=parallel|factorized|doped (models/sparse_ift.py; not a transformers architecture) as
+  model.safetensors plus a config.json holding its transformers config and the transformation,
+  tokenizer files copied; sparse_ift=wide is an ordinary Llama and exports with export_hf_directory.
+- `export_state`: a state dict by the model config's kind (one of the above).
 
 Both write `sparsity.json` when given sparsity info:
 
@@ -46,6 +50,11 @@ if TYPE_CHECKING:
 SPARSITY_FILE = "sparsity.json"
 SPARSITY_FORMAT = "sparsetrain-sparsity/1"
 GPT_MODEL_TYPE = "sparsetrain-gpt"
+# Not a transformers model_type: a vanilla from_pretrained fails instead of initialising the
+# Llama weights it cannot find at random.
+SPARSE_IFT_HF_MODEL_TYPE = "sparsetrain-sparse-ift-hf"
+# sparse_ift kinds whose model=hf export is not a transformers architecture
+HF_TRANSFORMED_KINDS = ("parallel", "factorized", "doped")
 # Tokenizer files copied beside an HF export (whatever of these the source directory has).
 TOKENIZER_FILE_GLOBS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
@@ -228,19 +237,97 @@ def export_hf_directory(
         cfg["dtype"] = str(dtype).removeprefix("torch.")
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if tokenizer_source_dir is not None:
-        src = Path(tokenizer_source_dir)
-        if not src.is_dir():
-            raise ExportError(f"tokenizer source {str(src)!r} is not a directory")
-        copied = [f for g in TOKENIZER_FILE_GLOBS for f in src.glob(g) if f.is_file()]
-        for f in copied:
-            shutil.copy2(f, out / f.name)
-        if not copied:  # the model ran on the byte tokenizer (models/hf_tokenizer.py): write it out
-            from models.hf_tokenizer import save_byte_tokenizer_as_hf
-
-            save_byte_tokenizer_as_hf(out)
+        _copy_tokenizer_files(Path(tokenizer_source_dir), out)
     _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
     _weights_readable_like_the_rest(out)
     return out
+
+
+def _copy_tokenizer_files(src: Path, out: Path) -> None:
+    """Tokenizer files of the model's own directory `src` into `out`; none there: the model ran
+    on the byte tokenizer (models/hf_tokenizer.py), written out as HF tokenizer files."""
+    if not src.is_dir():
+        raise ExportError(f"tokenizer source {str(src)!r} is not a directory")
+    copied = [f for g in TOKENIZER_FILE_GLOBS for f in src.glob(g) if f.is_file()]
+    for f in copied:
+        shutil.copy2(f, out / f.name)
+    if not copied:
+        from models.hf_tokenizer import save_byte_tokenizer_as_hf
+
+        save_byte_tokenizer_as_hf(out)
+
+
+def export_sparse_ift_hf_directory(
+    model: nn.Module,
+    kind: str,
+    sparsity: float,
+    tokenizer_source_dir: str | Path | None,
+    out_dir: str | Path,
+    state: dict[str, torch.Tensor] | None = None,
+    sparsity_info: dict[str, dict] | None = None,
+    sparsity_meta: dict | None = None,
+) -> Path:
+    """Write a Llama-family model transformed by sparse_ift=`kind` (parallel|factorized|doped) as
+    model.safetensors (its own parameter names, tied weights once) + config.json
+    ({"model_type": "sparsetrain-sparse-ift-hf", "hf_config": the transformers config,
+    "sparse_ift": {"kind", "sparsity"}}), tokenizer files as export_hf_directory copies them."""
+    from safetensors.torch import save_file
+
+    if kind not in HF_TRANSFORMED_KINDS:
+        raise ExportError(f"sparse_ift={kind!r}: expected one of {list(HF_TRANSFORMED_KINDS)} "
+                          f"(none and wide export with export_hf_directory)")
+    hf_model = _as_hf_model(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _canonical_state(hf_model, state)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {"model_type": SPARSE_IFT_HF_MODEL_TYPE, "hf_config": hf_model.config.to_dict(),
+              "sparse_ift": {"kind": kind, "sparsity": float(sparsity)}}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer_source_dir is not None:
+        _copy_tokenizer_files(Path(tokenizer_source_dir), out)
+    _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
+    _weights_readable_like_the_rest(out)
+    return out
+
+
+def load_sparse_ift_hf_directory(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a directory written by export_sparse_ift_hf_directory back into the transformed
+    transformers model (strict: every tensor present with its shape, nothing unknown), following
+    the models/gpt.py call convention."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from models.hf import follow_call_convention
+    from models.sparse_ift import transform_hf_decoder
+
+    p = Path(path)
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{str(p)!r}: config.json could not be read: {e}") from e
+    if config.get("model_type") != SPARSE_IFT_HF_MODEL_TYPE:
+        raise ExportError(f"{str(p)!r}: config.json model_type={config.get('model_type')!r}, "
+                          f"expected {SPARSE_IFT_HF_MODEL_TYPE!r}")
+    hf_fields = dict(config["hf_config"])
+    hf_config = AutoConfig.for_model(hf_fields.pop("model_type"), **hf_fields)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    transform_hf_decoder(model, config["sparse_ift"]["kind"], float(config["sparse_ift"]["sparsity"]))
+    try:
+        tensors = load_file(str(p / "model.safetensors"), device=str(device))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{str(p)!r}: model.safetensors could not be read: {e}") from e
+    expected = set(model.state_dict()) - set(tied_aliases(model))
+    if set(tensors) != expected:
+        raise ExportError(
+            f"{str(p)!r}: weights do not match hf_config and sparse_ift: missing {sorted(expected - set(tensors))[:6]}, "
+            f"unexpected {sorted(set(tensors) - expected)[:6]}"
+        )
+    try:
+        model.load_state_dict(tensors, strict=False)  # tied aliases are absent: they share storage
+    except RuntimeError as e:  # shape mismatches
+        raise ExportError(f"{str(p)!r}: weights do not match hf_config and sparse_ift: {e}") from e
+    return follow_call_convention(model.to(device).eval())
 
 
 def export_gpt_directory(
@@ -267,11 +354,15 @@ def export_gpt_directory(
 
 def export_state(model_cfg: ModelConfig, out_dir: str | Path, state: dict[str, torch.Tensor]) -> Path:
     """`state` (the model's parameter names) written the way `model_cfg`'s kind exports: a
-    save_pretrained directory for model=hf, export_gpt_directory's layout for the built-in GPT."""
+    save_pretrained directory for model=hf (export_sparse_ift_hf_directory's layout under
+    sparse_ift=parallel|factorized|doped), export_gpt_directory's layout for the built-in GPT."""
     from models.build import build_model
 
     with torch.device("meta"):
         skeleton, _ = build_model(model_cfg)
+    if model_cfg.kind == "hf" and model_cfg.sparse_ift in HF_TRANSFORMED_KINDS:
+        return export_sparse_ift_hf_directory(skeleton, model_cfg.sparse_ift, model_cfg.sparse_ift_sparsity,
+                                              model_cfg.path, out_dir, state)
     if model_cfg.kind == "hf":
         return export_hf_directory(skeleton, model_cfg.path, out_dir, state)
     return export_gpt_directory(skeleton, out_dir, state)

@@ -4,7 +4,10 @@
 multiply-add: each nn.Linear (transformers' Conv1D too) at its weight's nonzero fraction
 (`densities`, parameter name -> density; absent: dense), and the attention-score GEMMs, QK^T and
 the attention-weighted sum of V, each 2 * d_attn * context per layer, with the causal context
-averaged over a training window of `seq_len` tokens, (seq_len + 1) / 2. The head is a linear
+averaged over a training window of `seq_len` tokens, (seq_len + 1) / 2; d_attn is query heads x
+head dim (grouped-query attention shares keys and values between query heads, not the score
+products; its smaller k_proj / v_proj are counted at their own shapes). Sparse-IFT's modules
+(models/sparse_ift.py) are built of nn.Linear parts, each counted at its density. The head is a linear
 layer and counted as one (a tied head too). Embedding lookups, norms, activations, softmax and
 biases are not matmuls and not counted. The backward pass costs about twice the forward for the
 same matmuls, so ratios between models are the same for training.

@@ -1,7 +1,10 @@
 """Hugging Face causal LMs behind the models/gpt.py call convention (model.kind=hf).
 
 `load_hf_model(cfg)` loads a local `save_pretrained` directory (config.json + safetensors,
-tokenizer files when present) with no hub access, and returns `(model, tokenizer)`.
+tokenizer files when present) with no hub access, and returns `(model, tokenizer)`. With
+`model.from_scratch=true` it builds config.json's architecture with fresh weights instead
+(transformers' init; the weights in the directory are not read), Sparse-IFT applied when
+`model.sparse_ift` is set (models/sparse_ift.py; only from scratch).
 
 Contract of the returned module. It IS the transformers model (e.g. LlamaForCausalLM), not a
 wrapper, so `named_parameters()` / `state_dict()` names are exactly the checkpoint's names
@@ -192,31 +195,57 @@ def follow_call_convention(model: nn.Module) -> nn.Module:
     return model
 
 
+def _build_from_config(cfg: ModelConfig, config, path: Path) -> nn.Module:
+    """config's architecture with fresh weights (on the default device: meta for a skeleton),
+    transformed by model.sparse_ift."""
+    from transformers import AutoModelForCausalLM
+
+    from models.sparse_ift import hf_wide_config, transform_hf_decoder
+
+    if cfg.sparse_ift == "wide":
+        config = hf_wide_config(config, cfg.sparse_ift_sparsity)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(cfg.dtype), trust_remote_code=False)
+    except Exception as e:  # inconsistent config values (e.g. heads not dividing hidden size)
+        raise ModelConfigError(f"model.path={str(path)!r}: config.json does not build a model: {e}") from e
+    if cfg.sparse_ift != "none":
+        transform_hf_decoder(model, cfg.sparse_ift, cfg.sparse_ift_sparsity)
+    return model
+
+
+def _check_sparse_ift_from_scratch(cfg: ModelConfig) -> None:
+    if cfg.sparse_ift != "none" and not cfg.from_scratch:
+        from models.sparse_ift import SparseIFTConfigError
+
+        raise SparseIFTConfigError(
+            f"sparse_ift={cfg.sparse_ift!r} with model=hf needs model.from_scratch=true: Sparse-IFT trains the "
+            f"transformed architecture from random init, it does not transform the pretrained weights in model.path"
+        )
+
+
 def load_hf_skeleton(cfg: ModelConfig):
     """(model on the meta device, Tokenizer): every check of load_hf_model except reading the
     weights, in well under a second even for a large model. For drivers: validate the path,
     config, tokenizer, sparsity patterns and N:M shapes before any actor starts. Module and
-    parameter names are those of the loaded model."""
-    from transformers import AutoModelForCausalLM
-
+    parameter names are those of the loaded (or, from scratch, built) model."""
     from models.hf_tokenizer import load_tokenizer
 
-    dtype = torch_dtype(cfg.dtype)
+    _check_sparse_ift_from_scratch(cfg)
+    torch_dtype(cfg.dtype)
     path = check_hf_directory(cfg.path)
     config = load_hf_config(path)
     tokenizer = load_tokenizer(path, config.vocab_size)
     set_dropout(config, cfg.dropout)
     with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-        except Exception as e:  # inconsistent config values (e.g. heads not dividing hidden size)
-            raise ModelConfigError(f"model.path={str(path)!r}: config.json does not build a model: {e}") from e
+        model = _build_from_config(cfg, config, path)
     return model, tokenizer
 
 
 def load_hf_model(cfg: ModelConfig):
     """Return (transformers causal LM following the call convention, Tokenizer) for a local
-    save_pretrained directory `cfg.path`, in `cfg.dtype`. Raises ModelConfigError on bad input.
+    save_pretrained directory `cfg.path`, in `cfg.dtype`: its weights, or with cfg.from_scratch
+    its architecture freshly initialised (under the caller's torch seed). Raises
+    ModelConfigError on bad input, SparseIFTConfigError for sparse_ift on pretrained weights.
     Under a meta default device (`with torch.device("meta"): build_model(cfg)`, as drivers do
     to check shapes) it returns the weightless skeleton, like the built-in GPT would."""
     from models.hf_tokenizer import load_tokenizer
@@ -224,10 +253,14 @@ def load_hf_model(cfg: ModelConfig):
     if torch.empty(0).device.type == "meta":
         model, tokenizer = load_hf_skeleton(cfg)
         return follow_call_convention(model), tokenizer
+    _check_sparse_ift_from_scratch(cfg)
     torch_dtype(cfg.dtype)  # fail on a bad dtype before reading anything
     path = check_hf_directory(cfg.path)
     config = load_hf_config(path)
     tokenizer = load_tokenizer(path, config.vocab_size)  # cheap checks before the weights
     set_dropout(config, cfg.dropout)
-    model = load_hf_weights(path, cfg.dtype, config)
+    if cfg.from_scratch:
+        model = _build_from_config(cfg, config, path).eval()  # the mode from_pretrained returns
+    else:
+        model = load_hf_weights(path, cfg.dtype, config)
     return follow_call_convention(model), tokenizer

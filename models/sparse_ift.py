@@ -22,8 +22,29 @@ For a linear layer x -> W x with W [d_out, d_in] (d_in d_out multiply-adds per t
 parallel, factorized and doped transform all four block linears (attention c_attn and c_proj,
 MLP c_fc and c_proj). The sparse parts are trained by sparsity=rigl or sparsity=static at density
 1-s, uniform across them (launch/config.py sets sparsity.density, distribution and include from
-`sparse_parameter_patterns`), as the reference does (RigL: update every 100 steps, drop fraction
+`sparse_module_patterns`), as the reference does (RigL: update every 100 steps, drop fraction
 0.3, cosine, uniform, random init).
+
+model=hf: a Llama-family causal LM (model_type in `HF_FAMILIES`: Llama, Mistral, Qwen2) trained
+from scratch (model.from_scratch=true: config.json's architecture, fresh weights; models/hf.py).
+A pretrained checkpoint is refused: Sparse-IFT is a different architecture trained from random
+init, not a transformation of trained weights. The constructions are the GPT's, on the Llama
+block's seven linears (`HF_BLOCK_LINEARS`):
+- wide: intermediate_size -> round(intermediate_size k) (`wide_width`); gate_proj, up_proj and
+  down_proj are sparse; attention stays dense and unwidened (the same reasoning as above). The
+  model is an ordinary Llama of that intermediate_size (`hf_wide_config`).
+- parallel, factorized, doped: each of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and
+  down_proj is replaced in place by block_linear's module (`transform_hf_decoder`), so parameter
+  names are the Llama's plus the construction's part: model.layers.0.self_attn.q_proj.branches.1.weight,
+  ....mlp.down_proj.u.weight, ....sparse.weight. New weights start as transformers' Llama init
+  (normal, std initializer_range; biases zero), factorized U and V scaled so V U has that std.
+Export: `wide` exports as a normal save_pretrained Llama of the widened intermediate_size
+(AutoModelForCausalLM loads it). parallel/factorized/doped are not a transformers architecture:
+they export in the project's own layout, as the built-in GPT does (models/export.py
+export_sparse_ift_hf_directory: config.json {"model_type": "sparsetrain-sparse-ift-hf",
+"hf_config", "sparse_ift"}, model.safetensors under the names above, tokenizer files;
+load_sparse_ift_hf_directory loads it back); its model_type makes a vanilla from_pretrained fail
+loudly instead of initialising the missing Llama weights at random.
 """
 from __future__ import annotations
 
@@ -35,6 +56,9 @@ import torch.nn as nn
 
 SPARSE_IFT_KINDS = ("none", "wide", "parallel", "factorized", "doped")
 SPARSE_IFT_METHODS = ("rigl", "static")  # what trains the sparse parts (the reference's choices)
+# model=hf: the config.json model types whose decoder layers have the Llama block's linears
+HF_FAMILIES = ("llama", "mistral", "qwen2")
+HF_BLOCK_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
 class SparseIFTConfigError(ValueError):
@@ -68,9 +92,14 @@ def scale(sparsity: float) -> float:
     return 1.0 / (1.0 - sparsity)
 
 
+def wide_width(inner: int, sparsity: float) -> int:
+    """An MLP inner width under `wide`: round(inner k)."""
+    return int(round(inner * scale(sparsity)))
+
+
 def wide_mlp_hidden(n_embd: int, sparsity: float) -> int:
-    """The MLP's inner width under `wide`: round(4 d k)."""
-    return int(round(4 * n_embd * scale(sparsity)))
+    """The built-in GPT's MLP inner width under `wide`: round(4 d k)."""
+    return wide_width(4 * n_embd, sparsity)
 
 
 def parallel_branches(sparsity: float) -> int:
@@ -138,12 +167,83 @@ def block_linear(kind: str, sparsity: float, d_in: int, d_out: int, bias: bool, 
     raise SparseIFTConfigError(f"sparse_ift={kind!r} is unknown; expected one of {list(SPARSE_IFT_KINDS)}")
 
 
-def sparse_module_patterns(kind: str) -> list[str]:
-    """fnmatch patterns of the module names of the built-in GPT's sparse parts under `kind`
-    (what sparsity.include becomes)."""
+def sparse_module_patterns(kind: str, model_kind: str = "gpt") -> list[str]:
+    """fnmatch patterns of the module names of the sparse parts under `kind` (what
+    sparsity.include becomes): the built-in GPT's (model_kind gpt) or a Llama-family model's (hf)."""
+    if model_kind == "hf":
+        return {
+            "wide": [f"model.layers.*.mlp.{name}" for name in HF_BLOCK_LINEARS["mlp"]],
+            "parallel": ["model.layers.*.branches.*"],
+            "factorized": ["model.layers.*.u", "model.layers.*.v"],
+            "doped": ["model.layers.*.sparse"],
+        }[kind]
     return {
         "wide": ["h.*.mlp.c_fc", "h.*.mlp.c_proj"],
         "parallel": ["h.*.branches.*"],
         "factorized": ["h.*.u", "h.*.v"],
         "doped": ["h.*.sparse"],
     }[kind]
+
+
+def check_hf_family(config) -> None:
+    """Refuse a transformers config whose decoder is not Llama-family (SparseIFTConfigError)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in HF_FAMILIES:
+        raise SparseIFTConfigError(
+            f"sparse_ift with model=hf is built for Llama-family decoders (config model_type in {list(HF_FAMILIES)}); "
+            f"this model.path has model_type={model_type!r}"
+        )
+
+
+def hf_wide_config(config, sparsity: float):
+    """A copy of a Llama-family transformers config with intermediate_size widened k-fold."""
+    import copy
+
+    check_hf_family(config)
+    widened = copy.deepcopy(config)
+    widened.intermediate_size = wide_width(int(config.intermediate_size), sparsity)
+    return widened
+
+
+def init_transformed(module: nn.Module, std: float) -> None:
+    """Initialise a block_linear module like a dense linear of init std `std`: every weight
+    normal(0, std), biases zero; a FactorizedLinear's U and V at sqrt(std / sqrt(rank)) each, so
+    the entries of V U have std `std`."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+    if isinstance(module, FactorizedLinear):
+        factor_std = math.sqrt(std / math.sqrt(module.u.out_features))
+        nn.init.normal_(module.u.weight, mean=0.0, std=factor_std)
+        nn.init.normal_(module.v.weight, mean=0.0, std=factor_std)
+
+
+def transform_hf_decoder(model: nn.Module, kind: str, sparsity: float) -> nn.Module:
+    """Apply `kind` to a Llama-family transformers causal LM built from its config (in place;
+    returns it). wide: the config was widened before the build (hf_wide_config), so this only
+    checks the structure; parallel/factorized/doped: every HF_BLOCK_LINEARS linear becomes
+    block_linear's module under the same name, in the old weight's dtype and device."""
+    config = getattr(model, "config", None)
+    check_hf_family(config)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise SparseIFTConfigError(f"sparse_ift={kind}: {type(model).__name__} has no model.layers to transform")
+    std = float(getattr(config, "initializer_range", 0.02))
+    for i, layer in enumerate(layers):
+        for parent_name, names in HF_BLOCK_LINEARS.items():
+            parent = getattr(layer, parent_name, None)
+            for name in names:
+                old = getattr(parent, name, None)
+                if not isinstance(old, nn.Linear):
+                    raise SparseIFTConfigError(
+                        f"sparse_ift={kind}: model.layers.{i}.{parent_name}.{name} is {type(old).__name__}, "
+                        f"expected an nn.Linear (a Llama-family decoder layer)"
+                    )
+                if kind in ("none", "wide"):
+                    continue
+                new = block_linear(kind, sparsity, old.in_features, old.out_features, old.bias is not None, True)
+                init_transformed(new, std)
+                setattr(parent, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
+    return model

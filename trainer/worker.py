@@ -99,7 +99,7 @@ class TrainerWorker:
 
             # pretrained: an HF model's loaded weights rank the starting masks (sparsity.init=auto)
             self.sparsifier = build_sparsifier(model, self.sparsity_cfg, self.cfg.max_steps,
-                                               pretrained=self.model_cfg.kind == "hf")
+                                               pretrained=self.model_cfg.pretrained)
             self.sparsifier.attach()
         self.optimizer = torch.optim.AdamW(  # a torch optimizer: DeepSpeed's fused ones JIT-compile on CPU
             _param_groups(model, self.opt_cfg.weight_decay), lr=lr_at(0, self.opt_cfg, self.cfg.max_steps),
@@ -218,9 +218,12 @@ class TrainerWorker:
         """Write the final weights (the fp32 masters, masked, cast to `dtype`: "float32" keeps
         them whole, the published dtype gives exactly what rollout workers ran) into `path` with
         models/export.py: the built-in GPT as model.safetensors + config.json, an HF model as a
-        save_pretrained directory (tokenizer files copied); `sparsity.json` beside them when sparse. Collective;
+        save_pretrained directory (tokenizer files copied; under sparse_ift=parallel|factorized|doped
+        export_sparse_ift_hf_directory's layout); `sparsity.json` beside them when sparse. Collective;
         rank 0 writes and returns the directory."""
-        from models.export import export_gpt_directory, export_hf_directory
+        from models.export import (
+            HF_TRANSFORMED_KINDS, export_gpt_directory, export_hf_directory, export_sparse_ift_hf_directory,
+        )
 
         state = self.published_state(dtype=dtype)
         if self.rank != 0:
@@ -231,8 +234,12 @@ class TrainerWorker:
             info = self.sparsifier.sparsified
             meta = {"method": self.sparsity_cfg.method, "config": _plain(self.sparsity_cfg),
                     **_plain(self.sparsifier.describe())}  # estimator, stage in force, init...
-        if self.model_cfg.kind == "hf":
-            out = export_hf_directory(self.module, self.model_cfg.path, path, state, info, meta)
+        mc = self.model_cfg
+        if mc.kind == "hf" and mc.sparse_ift in HF_TRANSFORMED_KINDS:  # not a transformers architecture
+            out = export_sparse_ift_hf_directory(self.module, mc.sparse_ift, mc.sparse_ift_sparsity, mc.path,
+                                                 path, state, info, meta)
+        elif mc.kind == "hf":
+            out = export_hf_directory(self.module, mc.path, path, state, info, meta)
         else:
             out = export_gpt_directory(self.module, path, state, info, meta)
         return str(out)

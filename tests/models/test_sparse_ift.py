@@ -102,7 +102,7 @@ def test_wide_job_config_trains_exactly_the_mlp_at_the_uniform_density():
     (["sparse_ift=wide", "sparsity=rigl", "sparse_ift.sparsity=1.5"], r"expected a value in \(0, 1\)"),
     (["sparse_ift=parallel", "sparsity=rigl", "sparse_ift.sparsity=0.6"], "not an integer"),
     (["sparse_ift=doped", "sparsity=static", "sparsity.exclude=[h.0.*]"], "remove sparsity.overrides"),
-    (["sparse_ift=wide", "sparsity=rigl", "model=hf"], "model.kind=gpt"),
+    (["sparse_ift=wide", "sparsity=rigl", "model=hf"], "needs model.from_scratch=true"),
 ])
 def test_bad_sparse_ift_configs_are_named_errors(overrides, message):
     with pytest.raises(SparseIFTConfigError, match=message):

@@ -154,7 +154,6 @@ class RLJob:
                        f"staleness {metrics['staleness/mean']:.2f} sync x{metrics['sync/ratio']:.1f} "
                        f"step {metrics['step_s']:.2f}s")
 
-
     def log_samples(self, shares: list[RolloutBatch]) -> None:
         """Every logger.samples_every steps: the completions of each worker's first prompt as a
         `samples` table (prompt, completion, reward, each reward function's reward, version)."""

@@ -9,7 +9,7 @@ A worker that dies (any RayActorError), does not answer within its bound, or who
 to take an update (rollout/engine.py EngineUpdateError: it may hold a mix of two versions and
 refuses to generate), is replaced by a fresh actor with the same id, brought to the newest
 version by a full snapshot (`replace`); every call goes through one path that does this
-(`_settle`). `restarts` counts replacements (`engine_failures` the second kind) and more than
+(`_settle`: at most one replacement per call, then RolloutWorkerLost). `restarts` counts replacements (`engine_failures` the second kind) and more than
 `rollout.max_restarts` of them stop the job with an error.
 """
 from __future__ import annotations
@@ -239,7 +239,10 @@ class RolloutGroup:
                         "update by itself", i, self.apply_timeout_s)
         except EngineUpdateError:
             return self.replace(i, ENGINE_FAILED)
-        return self.resync(i)
+        try:
+            return self.resync(i)
+        except CorruptTargetError as e:  # found while fetching by itself: its own weights were altered
+            return self._after_corrupt_target(i, e)
 
     def _after_corrupt_target(self, i: int, e: CorruptTargetError) -> SyncStats:
         """Worker i's update failed on committed weights found altered, its own (it dropped its
@@ -266,7 +269,8 @@ class RolloutGroup:
         self.corrupt_resyncs += 1
         log.warning("rollout worker %d: committed weights found altered (%s); resyncing it by snapshot (%d so far)",
                     i, reason, self.corrupt_resyncs)
-        stats = self._call(i, "apply_update", self.update_for(None), timeout_s=self.apply_timeout_s)
+        stats = self._settle(i, self.workers[i].apply_update.remote(self.update_for(None)), "apply_update",
+                             timeout_s=self.apply_timeout_s, retry=False)  # a replacement gets its snapshot anyway
         self.versions[i] = stats.version
         return stats
 

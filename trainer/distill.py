@@ -83,6 +83,11 @@ def validate_distill_config(cfg: DistillConfig, model_cfg, student: torch.nn.Mod
             f"distill={cfg.name} distils from the pretrained dense model, but model.kind={model_cfg.kind!r} "
             f"starts from a random initialisation and does not expose hidden states; use model=hf"
         )
+    if model_cfg.from_scratch and cfg.teacher_path is None:
+        raise DistillConfigError(
+            f"distill={cfg.name} with model.from_scratch=true has no pretrained starting model to distil from; "
+            f"set distill.teacher_path to a pretrained checkpoint of the same architecture"
+        )
     if cfg.name == "squarehead" and student is not None and not exposes_hidden_states(student):
         raise DistillConfigError(
             f"distill=squarehead needs the model's per-layer hidden states, but {type(student).__name__} "
@@ -113,7 +118,9 @@ def load_teacher(cfg: DistillConfig, model_cfg, device: torch.device) -> torch.n
     from models import build_model
     from models.hf import cast_parameters, torch_dtype
 
-    teacher_cfg = replace(model_cfg, path=cfg.teacher_path or model_cfg.path, dropout=0.0, dtype="float32")
+    # the teacher is a trained, untransformed checkpoint even when the student is built from scratch
+    teacher_cfg = replace(model_cfg, path=cfg.teacher_path or model_cfg.path, dropout=0.0, dtype="float32",
+                          from_scratch=False, sparse_ift="none", sparse_ift_sparsity=0.0)
     teacher, _ = build_model(teacher_cfg)
     teacher = cast_parameters(teacher, torch_dtype(cfg.teacher_dtype))
     return teacher.to(device).eval().requires_grad_(False)

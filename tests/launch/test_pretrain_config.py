@@ -65,3 +65,12 @@ def test_cli_rejects_an_unknown_key_before_starting_anything(tmp_path):
     assert out.returncode != 0
     assert "bogus" in out.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_distillation_from_scratch_needs_a_teacher_path(tmp_path):
+    """A model built from scratch has no pretrained starting model to distil from."""
+    from models import ModelConfig
+    from trainer.distill import DistillConfig, DistillConfigError, validate_distill_config
+
+    with pytest.raises(DistillConfigError, match="model.from_scratch=true has no pretrained starting model"):
+        validate_distill_config(DistillConfig(name="kl"), ModelConfig(kind="hf", path=str(tmp_path), from_scratch=True))

@@ -222,7 +222,7 @@ def check_sparsity_for_job(cfg: SparsityConfig, *, pretrained: bool, peak_lr: fl
         if cfg.init_scale == "fan_in" and pretrained:
             raise SparsityConfigError(
                 "sparsity.init_scale=fan_in rescales a fresh initialisation; this job starts from "
-                "pretrained weights (model=hf or resume), which it would distort; use init_scale=none"
+                "pretrained weights (model=hf without from_scratch, or resume), which it would distort; use init_scale=none"
             )
     if cfg.method == "nm" and effective_estimator(cfg) == "sr_ste" and cfg.sr_ste_form == "decoupled":
         per_step = peak_lr * sr_ste_decay(cfg)

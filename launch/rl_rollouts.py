@@ -175,14 +175,14 @@ class RolloutGroup:
         """Worker i's `method(*args)`, through `_settle`."""
         return self._settle(i, getattr(self.workers[i], method).remote(*args), method, args, timeout_s)
 
-    def _call_all(self, method: str, args: list[tuple], timeout_s: float | None = None) -> list:
+    def _call_all(self, method: str, args: list[tuple], timeout_s: float) -> list:
         """`method(*args[i])` on every worker i in parallel, each through `_settle`."""
         refs = [getattr(w, method).remote(*args[i]) for i, w in enumerate(self.workers)]
         return [self._settle(i, ref, method, args[i], timeout_s) for i, ref in enumerate(refs)]
 
     def generate_one(self, i: int, prompts, samples_per_prompt: int) -> RolloutBatch:
         """Blocking generate on worker i."""
-        result = self._call(i, "generate", prompts, samples_per_prompt)
+        result = self._call(i, "generate", prompts, samples_per_prompt, timeout_s=self.cfg.call_timeout_s)
         self.versions[i] = result.version
         return result
 
@@ -294,8 +294,10 @@ class RolloutGroup:
         import ray
 
         if self.pending:
-            ray.wait(list(self.pending.values()), num_returns=len(self.pending))
-        return self._call_all("evaluate", [(shares[i], samples, pass_threshold) for i in range(len(self.workers))])
+            # bounded: a generate still running past the bound is left for `collect`, which replaces its worker
+            ray.wait(list(self.pending.values()), num_returns=len(self.pending), timeout=self.cfg.call_timeout_s)
+        return self._call_all("evaluate", [(shares[i], samples, pass_threshold) for i in range(len(self.workers))],
+                              timeout_s=self.cfg.call_timeout_s)
 
     # -- async mode ------------------------------------------------------------------------------
 
@@ -307,7 +309,7 @@ class RolloutGroup:
         ref = self.pending.pop(i, None)
         if ref is None:  # the worker was replaced since the launch (e.g. during an evaluation)
             ref = self.workers[i].generate.remote(prompts, samples_per_prompt)
-        result = self._settle(i, ref, "generate", (prompts, samples_per_prompt))
+        result = self._settle(i, ref, "generate", (prompts, samples_per_prompt), timeout_s=self.cfg.call_timeout_s)
         self.versions[i] = result.version
         return result
 
@@ -330,7 +332,7 @@ class RolloutGroup:
         dropped = 0
         for i in list(self.pending):
             try:
-                result = self._settle(i, self.pending.pop(i), "generate", retry=False)
+                result = self._settle(i, self.pending.pop(i), "generate", timeout_s=self.cfg.call_timeout_s, retry=False)
             except ray.exceptions.RayTaskError as e:
                 if not trainer_lost:
                     raise
@@ -349,7 +351,8 @@ class RolloutGroup:
 
     def export_final(self, run_dir: str) -> list[str]:
         """Every worker writes the weights it handed its engine to <run_dir>/rollout_final/worker_<i>/."""
-        return self._call_all("export_final", [(f"{run_dir}/rollout_final/worker_{i}",) for i in range(len(self.workers))])
+        return self._call_all("export_final", [(f"{run_dir}/rollout_final/worker_{i}",) for i in range(len(self.workers))],
+                              timeout_s=self.cfg.call_timeout_s)
 
     def shutdown(self) -> None:
         import ray

@@ -38,6 +38,9 @@ class RolloutConfig:
     nice: int = 0  # OS priority offset of worker processes (>0: the trainer, on the critical path, runs first)
     max_restarts: int = 3  # dead workers replaced during one job before it gives up
     start_timeout_s: float = 600.0  # a worker's start (its engine loaded and warmed up) before the job fails
+    # a generate, evaluation or export that has not answered by then: the worker is replaced (a
+    # hung worker, or one behind a link that never came back, must not hang the job)
+    call_timeout_s: float = 1800.0
     seed: int = 0
     # each worker writes the weights it handed its engine, read back from its committed state, to
     # <run dir>/rollout_final/worker_<i>/ at the end of the job (the trainer export's layout)
@@ -68,6 +71,7 @@ def validate_rollout_config(cfg: RolloutConfig) -> None:
         (0 <= cfg.nice <= 19, f"rollout.nice={cfg.nice}: expected 0..19"),
         (cfg.max_restarts >= 0, f"rollout.max_restarts={cfg.max_restarts}: expected >= 0"),
         (cfg.start_timeout_s > 0, f"rollout.start_timeout_s={cfg.start_timeout_s}: expected > 0"),
+        (cfg.call_timeout_s > 0, f"rollout.call_timeout_s={cfg.call_timeout_s}: expected > 0"),
     ]
     v = cfg.vllm
     checks += [

@@ -11,7 +11,6 @@ from cluster_nodes import SECOND_NODE
 pytestmark = pytest.mark.ray
 
 
-
 def test_a_follower_with_an_altered_target_is_caught_and_resynced_by_snapshot(ray_cluster):
     import ray
 

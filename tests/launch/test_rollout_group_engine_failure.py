@@ -9,7 +9,6 @@ import torch
 pytestmark = pytest.mark.ray
 
 
-
 def test_a_worker_whose_engine_fails_an_update_is_rebuilt_from_a_snapshot(ray_cluster):
     import ray
 
@@ -65,3 +64,41 @@ def test_a_worker_whose_engine_cannot_start_is_a_named_error_before_training(ray
                         vllm=VLLMConfig(kv_cache_memory_bytes=4096))
     with pytest.raises(RolloutStartError, match="rollout.vllm.kv_cache_memory_bytes"):
         RolloutGroup(ModelConfig(kind="hf", path=str(path)), cfg, TaskConfig(name="reverse", length=3), None, 60.0)
+
+
+def test_a_worker_whose_generate_hangs_is_replaced_after_rollout_call_timeout_s(ray_cluster):
+    """Every wait on a worker has a bound: a generate that does not answer within
+    rollout.call_timeout_s gets its worker replaced (brought to the newest weights by snapshot)
+    and the share generated again on the fresh one, instead of hanging the job."""
+    import time
+
+    import ray
+
+    from launch.rl_rollouts import RolloutGroup
+    from models import ModelConfig, build_model
+    from rollout.config import RolloutConfig
+    from rollout.tasks import TaskConfig
+    from sync.config import SyncConfig
+    from sync.transport import WeightPublisher
+
+    def hang_generate(worker) -> None:  # runs inside the actor: its engine's sampling never returns in time
+        worker.engine.generate = lambda *args, **kwargs: time.sleep(3600)
+
+    mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
+    torch.manual_seed(0)
+    model, _ = build_model(mc)
+    state = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.named_parameters()}
+    pub = WeightPublisher(SyncConfig(mode="sparse"))
+    pub.publish(state, 1)
+    cfg = RolloutConfig(workers=2, num_cpus=0.25, max_restarts=1, call_timeout_s=5.0)
+    group = RolloutGroup(mc, cfg, TaskConfig(name="reverse", length=3), pub, pub.cfg.apply_timeout_s)
+    try:
+        group.apply_all()
+        ray.get(group.workers[1].__ray_call__.remote(hang_generate))
+        started = time.monotonic()
+        batches = group.generate_all([2, 2], 2)
+        assert time.monotonic() - started < 60  # the bound, a restart and one more generate; not the hour
+        assert [b.version for b in batches] == [1, 1] and all(b.size == 4 for b in batches)
+        assert group.restarts == 1 and group.versions == [1, 1]
+    finally:
+        group.shutdown()

@@ -271,23 +271,15 @@ def export_sparse_ift_hf_directory(
     model.safetensors (its own parameter names, tied weights once) + config.json
     ({"model_type": "sparsetrain-sparse-ift-hf", "hf_config": the transformers config,
     "sparse_ift": {"kind", "sparsity"}}), tokenizer files as export_hf_directory copies them."""
-    from safetensors.torch import save_file
-
     if kind not in HF_TRANSFORMED_KINDS:
         raise ExportError(f"sparse_ift={kind!r}: expected one of {list(HF_TRANSFORMED_KINDS)} "
                           f"(none and wide export with export_hf_directory)")
     hf_model = _as_hf_model(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = _canonical_state(hf_model, state)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = {"model_type": SPARSE_IFT_HF_MODEL_TYPE, "hf_config": hf_model.config.to_dict(),
               "sparse_ift": {"kind": kind, "sparsity": float(sparsity)}}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    out = _write_own_layout(hf_model, out_dir, config, state, sparsity_info, sparsity_meta)
     if tokenizer_source_dir is not None:
         _copy_tokenizer_files(Path(tokenizer_source_dir), out)
-    _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
-    _weights_readable_like_the_rest(out)
     return out
 
 
@@ -295,38 +287,18 @@ def load_sparse_ift_hf_directory(path: str | Path, device: str | torch.device = 
     """Load a directory written by export_sparse_ift_hf_directory back into the transformed
     transformers model (strict: every tensor present with its shape, nothing unknown), following
     the models/gpt.py call convention."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from models.hf import follow_call_convention
     from models.sparse_ift import transform_hf_decoder
 
     p = Path(path)
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{str(p)!r}: config.json could not be read: {e}") from e
-    if config.get("model_type") != SPARSE_IFT_HF_MODEL_TYPE:
-        raise ExportError(f"{str(p)!r}: config.json model_type={config.get('model_type')!r}, "
-                          f"expected {SPARSE_IFT_HF_MODEL_TYPE!r}")
+    config = _read_own_config(p, SPARSE_IFT_HF_MODEL_TYPE)
     hf_fields = dict(config["hf_config"])
     hf_config = AutoConfig.for_model(hf_fields.pop("model_type"), **hf_fields)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     transform_hf_decoder(model, config["sparse_ift"]["kind"], float(config["sparse_ift"]["sparsity"]))
-    try:
-        tensors = load_file(str(p / "model.safetensors"), device=str(device))
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{str(p)!r}: model.safetensors could not be read: {e}") from e
-    expected = set(model.state_dict()) - set(tied_aliases(model))
-    if set(tensors) != expected:
-        raise ExportError(
-            f"{str(p)!r}: weights do not match hf_config and sparse_ift: missing {sorted(expected - set(tensors))[:6]}, "
-            f"unexpected {sorted(set(tensors) - expected)[:6]}"
-        )
-    try:
-        model.load_state_dict(tensors, strict=False)  # tied aliases are absent: they share storage
-    except RuntimeError as e:  # shape mismatches
-        raise ExportError(f"{str(p)!r}: weights do not match hf_config and sparse_ift: {e}") from e
+    _load_own_weights(model, p, device, "hf_config and sparse_ift")
     return follow_call_convention(model.to(device).eval())
 
 
@@ -339,13 +311,20 @@ def export_gpt_directory(
 ) -> Path:
     """Write the built-in GPT as model.safetensors + config.json ({"model_type": "sparsetrain-gpt",
     "gpt_config": GPTConfig}); a tied lm_head is stored once (as wte.weight)."""
+    config = {"model_type": GPT_MODEL_TYPE, "gpt_config": asdict(_as_gpt(model).config)}
+    return _write_own_layout(model, out_dir, config, state, sparsity_info, sparsity_meta)
+
+
+def _write_own_layout(model: nn.Module, out_dir: str | Path, config: dict, state: dict[str, torch.Tensor] | None,
+                      sparsity_info: dict[str, dict] | None, sparsity_meta: dict | None) -> Path:
+    """The project's own layout (the built-in GPT, transformed Sparse-IFT models): the canonical
+    state as model.safetensors, `config` as config.json, sparsity.json when sparse."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = _canonical_state(model, state)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = {"model_type": GPT_MODEL_TYPE, "gpt_config": asdict(_as_gpt(model).config)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_sparsity(out, tensors, sparsity_info, sparsity_meta)
     _weights_readable_like_the_rest(out)
@@ -371,18 +350,31 @@ def export_state(model_cfg: ModelConfig, out_dir: str | Path, state: dict[str, t
 def load_gpt_directory(path: str | Path, device: str | torch.device = "cpu"):
     """Load a directory written by export_gpt_directory back into a GPT (strict: every
     parameter present with its shape, nothing unknown)."""
-    from safetensors.torch import load_file
-
     from models.gpt import GPT, GPTConfig
 
     p = Path(path)
+    config = _read_own_config(p, GPT_MODEL_TYPE)
+    model = GPT(GPTConfig(**config["gpt_config"]))
+    _load_own_weights(model, p, device, "gpt_config")
+    return model.to(device)
+
+
+def _read_own_config(p: Path, model_type: str) -> dict:
+    """config.json of a directory in the project's own layout, which must be `model_type`."""
     try:
         config = json.loads((p / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ExportError(f"{str(p)!r}: config.json could not be read: {e}") from e
-    if config.get("model_type") != GPT_MODEL_TYPE:
-        raise ExportError(f"{str(p)!r}: config.json model_type={config.get('model_type')!r}, expected {GPT_MODEL_TYPE!r}")
-    model = GPT(GPTConfig(**config["gpt_config"]))
+    if config.get("model_type") != model_type:
+        raise ExportError(f"{str(p)!r}: config.json model_type={config.get('model_type')!r}, expected {model_type!r}")
+    return config
+
+
+def _load_own_weights(model: nn.Module, p: Path, device: str | torch.device, config_name: str) -> None:
+    """model.safetensors into `model`, strictly: every tensor present with its shape, nothing
+    unknown (tied aliases are stored once); ExportError naming `config_name` otherwise."""
+    from safetensors.torch import load_file
+
     try:
         tensors = load_file(str(p / "model.safetensors"), device=str(device))
     except (OSError, ValueError) as e:
@@ -390,14 +382,13 @@ def load_gpt_directory(path: str | Path, device: str | torch.device = "cpu"):
     expected = set(model.state_dict()) - set(tied_aliases(model))
     if set(tensors) != expected:
         raise ExportError(
-            f"{str(p)!r}: weights do not match gpt_config: missing {sorted(expected - set(tensors))[:6]}, "
+            f"{str(p)!r}: weights do not match {config_name}: missing {sorted(expected - set(tensors))[:6]}, "
             f"unexpected {sorted(set(tensors) - expected)[:6]}"
         )
     try:
         model.load_state_dict(tensors, strict=False)  # tied aliases are absent: they share storage
     except RuntimeError as e:  # shape mismatches
-        raise ExportError(f"{str(p)!r}: weights do not match gpt_config: {e}") from e
-    return model.to(device)
+        raise ExportError(f"{str(p)!r}: weights do not match {config_name}: {e}") from e
 
 
 def gpt_to_gpt2_config(cfg):

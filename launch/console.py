@@ -123,9 +123,14 @@ def rl_summary(summary: dict, run_dir: Path) -> list[str]:
                  f"(x{_fmt(summary.get('sync.ratio'), '.1f')}), checksum mismatches "
                  f"{summary.get('sync.checksum_mismatches')}, weights re-read and verified "
                  f"{summary.get('sync.verify_checks')} times")
-    if summary.get("export"):
-        lines.append(f"  weights: {summary['export']}")
-    return [*lines, *wandb_lines(run_dir), f"  summary: {run_dir / 'summary.json'}, curves: {run_dir / 'curves.png'}"]
+    return lines + _footer(summary, run_dir)
+
+
+def _footer(summary: dict, run_dir: Path, after_weights: list[str] | None = None) -> list[str]:
+    """Where a job's outputs are: its weights, `after_weights`, the wandb run, summary and curves."""
+    weights = [f"  weights: {summary['export']}"] if summary.get("export") else []
+    return [*weights, *(after_weights or []), *wandb_lines(run_dir),
+            f"  summary: {run_dir / 'summary.json'}, curves: {run_dir / 'curves.png'}"]
 
 
 def pretrain_summary(summary: dict, run_dir: Path) -> list[str]:
@@ -136,8 +141,5 @@ def pretrain_summary(summary: dict, run_dir: Path) -> list[str]:
              f"train loss {_fmt(summary.get('train/loss_final'))}, {_fmt(summary.get('tokens_per_s_mean'), '.0f')} tokens/s"]
     if summary.get("sparsity/density") is not None:
         lines.append(f"  density: {summary['sparsity/density']:.4f}")
-    if summary.get("export"):
-        lines.append(f"  weights: {summary['export']}")
-    if summary.get("checkpoint"):
-        lines.append(f"  checkpoint: {summary['checkpoint']}")
-    return [*lines, *wandb_lines(run_dir), f"  summary: {run_dir / 'summary.json'}, curves: {run_dir / 'curves.png'}"]
+    checkpoint = [f"  checkpoint: {summary['checkpoint']}"] if summary.get("checkpoint") else []
+    return lines + _footer(summary, run_dir, checkpoint)

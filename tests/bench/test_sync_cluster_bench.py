@@ -10,6 +10,7 @@ import pytest
 
 from bench import netlab, sync_cluster
 from bench.netlab import NetLab, NetLabUnavailable
+from tiny_policy import published_tiny_policy
 
 
 def test_without_root_the_benchmark_skips_with_the_reason(monkeypatch, capsys, tmp_path):
@@ -55,19 +56,10 @@ def test_the_benchmarks_check_rereads_every_receivers_weights_and_catches_an_alt
     commit: one bit flipped behind a receiver's back makes that receiver fail the check while
     its cached checksum still says it matches."""
     import ray
-    import torch
 
-    from models import ModelConfig, build_model
-    from sync.config import SyncConfig
     from sync.checksum import state_checksum
-    from sync.transport import WeightPublisher
 
-    mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
-    torch.manual_seed(1)
-    model, _ = build_model(mc)
-    state = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.named_parameters()}
-    pub = WeightPublisher(SyncConfig(mode="sparse"))
-    pub.publish(state, 1)
+    mc, state, pub = published_tiny_policy(1)
     receivers = [ray.remote(sync_cluster.BenchReceiver).options(num_cpus=0.1).remote(mc) for _ in range(3)]
     try:
         ray.get([r.apply.remote(pub.update_for(None)) for r in receivers])

@@ -8,6 +8,8 @@ import torch
 
 from cluster_nodes import SECOND_NODE
 
+from tiny_policy import published_tiny_policy
+
 pytestmark = pytest.mark.ray
 
 
@@ -15,23 +17,15 @@ def test_a_follower_with_an_altered_target_is_caught_and_resynced_by_snapshot(ra
     import ray
 
     from launch.rl_rollouts import RolloutGroup
-    from models import ModelConfig, build_model
     from rollout.config import RolloutConfig
     from rollout.tasks import TaskConfig
-    from sync.config import SyncConfig
     from sync.checksum import state_checksum
-    from sync.transport import WeightPublisher
 
     def alter(worker) -> None:  # runs inside the actor: one bit of a tensor the next delta leaves alone
         with torch.no_grad():
             worker.slot.receiver.target["h.0.mlp.c_fc.weight"].data.view(-1).view(torch.int16)[3] ^= 1
 
-    mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
-    torch.manual_seed(0)
-    model, _ = build_model(mc)
-    state = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.named_parameters()}
-    pub = WeightPublisher(SyncConfig(mode="sparse"))
-    pub.publish(state, 1)
+    mc, state, pub = published_tiny_policy()
     # three workers on one node: the first stages each update, the other two adopt its staging
     cfg = RolloutConfig(workers=3, num_cpus=0.25, max_restarts=0, resources={SECOND_NODE: 0.01})
     group = RolloutGroup(mc, cfg, TaskConfig(name="reverse", length=3), pub, pub.cfg.apply_timeout_s)
@@ -62,12 +56,10 @@ def test_a_shared_staging_that_never_arrives_does_not_hang_the_group(ray_cluster
     import ray
 
     from launch.rl_rollouts import RolloutGroup
-    from models import ModelConfig, build_model
     from rollout.config import RolloutConfig
     from rollout.tasks import TaskConfig
     from sync.config import SyncConfig
     from sync.checksum import state_checksum
-    from sync.transport import WeightPublisher
 
     def stall_staging(worker) -> None:  # runs inside the actor: its next fetch stalls for 60 s
         original = worker.slot.receiver.fetch
@@ -78,12 +70,7 @@ def test_a_shared_staging_that_never_arrives_does_not_hang_the_group(ray_cluster
 
         worker.slot.receiver.fetch = slow
 
-    mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
-    torch.manual_seed(0)
-    model, _ = build_model(mc)
-    state = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.named_parameters()}
-    pub = WeightPublisher(SyncConfig(mode="sparse", apply_timeout_s=4.0))
-    pub.publish(state, 1)
+    mc, state, pub = published_tiny_policy(sync_cfg=SyncConfig(mode="sparse", apply_timeout_s=4.0))
     cfg = RolloutConfig(workers=3, num_cpus=0.25, max_restarts=1, resources={SECOND_NODE: 0.01})
     group = RolloutGroup(mc, cfg, TaskConfig(name="reverse", length=3), pub, pub.cfg.apply_timeout_s)
     try:

@@ -4,7 +4,8 @@ load_weights broken inside the actor."""
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tiny_policy import published_tiny_policy
 
 pytestmark = pytest.mark.ray
 
@@ -13,12 +14,9 @@ def test_a_worker_whose_engine_fails_an_update_is_rebuilt_from_a_snapshot(ray_cl
     import ray
 
     from launch.rl_rollouts import RolloutGroup
-    from models import ModelConfig, build_model
     from rollout.config import RolloutConfig
     from rollout.tasks import TaskConfig
-    from sync.config import SyncConfig
     from sync.checksum import state_checksum
-    from sync.transport import WeightPublisher
 
     def break_engine(worker) -> None:  # runs inside the actor (pickled by value: a local function)
         def broken(names):
@@ -26,12 +24,7 @@ def test_a_worker_whose_engine_fails_an_update_is_rebuilt_from_a_snapshot(ray_cl
 
         worker.engine.load_weights = broken
 
-    mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
-    torch.manual_seed(0)
-    model, _ = build_model(mc)
-    state = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.named_parameters()}
-    pub = WeightPublisher(SyncConfig(mode="sparse"))
-    pub.publish(state, 1)
+    mc, state, pub = published_tiny_policy()
     group = RolloutGroup(mc, RolloutConfig(workers=2, num_cpus=0.25, max_restarts=2), TaskConfig(name="reverse", length=3),
                          pub, pub.cfg.apply_timeout_s)
     try:
@@ -75,21 +68,13 @@ def test_a_worker_whose_generate_hangs_is_replaced_after_rollout_call_timeout_s(
     import ray
 
     from launch.rl_rollouts import RolloutGroup
-    from models import ModelConfig, build_model
     from rollout.config import RolloutConfig
     from rollout.tasks import TaskConfig
-    from sync.config import SyncConfig
-    from sync.transport import WeightPublisher
 
     def hang_generate(worker) -> None:  # runs inside the actor: its engine's sampling never returns in time
         worker.engine.generate = lambda *args, **kwargs: time.sleep(3600)
 
-    mc = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
-    torch.manual_seed(0)
-    model, _ = build_model(mc)
-    state = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.named_parameters()}
-    pub = WeightPublisher(SyncConfig(mode="sparse"))
-    pub.publish(state, 1)
+    mc, state, pub = published_tiny_policy()
     cfg = RolloutConfig(workers=2, num_cpus=0.25, max_restarts=1, call_timeout_s=5.0)
     group = RolloutGroup(mc, cfg, TaskConfig(name="reverse", length=3), pub, pub.cfg.apply_timeout_s)
     try:

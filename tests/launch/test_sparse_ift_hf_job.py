@@ -5,6 +5,7 @@ attention dense."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,23 +20,28 @@ D, L, H, KV, HD, I, V, T = 64, 2, 4, 2, 16, 128, 384, 32
 S = 0.75
 
 
-def test_wide_rigl_pretraining_on_a_llama_from_scratch(ray_cluster, tmp_path):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
+def _pretrain_tiny_llama(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
+    """A few pretraining steps of a tiny Llama from scratch at sparse_ift.sparsity=S; (summary, run dir)."""
     from launch.config import compose_pretrain_config
     from launch.pretrain import run_pretrain
 
     source = save_tiny_llama(tmp_path / "llama")
     run_dir = tmp_path / "run"
     cfg = compose_pretrain_config([
-        "model=hf", f"model.path={source}", "model.from_scratch=true", "sparse_ift=wide", f"sparse_ift.sparsity={S}",
-        "sparsity=rigl", "trainer.max_steps=4", f"trainer.seq_len={T}", "trainer.micro_batch_size=4",
-        "trainer.eval_batches=1", "trainer.eval_every=0", "trainer.checkpoint_every=0", "data.max_bytes=60000",
-        "optimizer.warmup_steps=1", "optimizer.lr=3e-3", "cluster.cpus_per_trainer=1",
+        "model=hf", f"model.path={source}", "model.from_scratch=true", *overrides, f"sparse_ift.sparsity={S}",
+        f"trainer.seq_len={T}", "trainer.eval_batches=1", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+        "data.max_bytes=60000", "optimizer.warmup_steps=1", "cluster.cpus_per_trainer=1",
         "logger=console", "logger.console=false",
     ])
-    summary = run_pretrain(cfg, run_dir)
+    return run_pretrain(cfg, run_dir), run_dir
+
+
+def test_wide_rigl_pretraining_on_a_llama_from_scratch(ray_cluster, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    summary, run_dir = _pretrain_tiny_llama(tmp_path, "sparse_ift=wide", "sparsity=rigl", "trainer.max_steps=4",
+                                            "trainer.micro_batch_size=4", "optimizer.lr=3e-3")
     assert json.loads((run_dir / "summary.json").read_text())["model.flops_per_token"] == summary["model.flops_per_token"]
     assert summary["steps"] == 4 and summary["sparsity_method"] == "rigl" and summary["sparse_ift"] == "wide"
     # 2 FLOPs per multiply-add: per layer q, o d^2, k, v d (KV HD), the widened MLP 3 d (4 I) at
@@ -65,19 +71,10 @@ def test_doped_static_pretraining_exports_the_projects_layout(ray_cluster, tmp_p
     export_sparse_ift_hf_directory's layout, and loads back with the trained weights."""
     from safetensors.torch import load_file
 
-    from launch.config import compose_pretrain_config
-    from launch.pretrain import run_pretrain
     from models.export import load_sparse_ift_hf_directory
 
-    source = save_tiny_llama(tmp_path / "llama")
-    run_dir = tmp_path / "run"
-    cfg = compose_pretrain_config([
-        "model=hf", f"model.path={source}", "model.from_scratch=true", "sparse_ift=doped", f"sparse_ift.sparsity={S}",
-        "sparsity=static", "trainer.max_steps=2", f"trainer.seq_len={T}", "trainer.micro_batch_size=2",
-        "trainer.eval_batches=1", "trainer.eval_every=0", "trainer.checkpoint_every=0", "data.max_bytes=60000",
-        "optimizer.warmup_steps=1", "cluster.cpus_per_trainer=1", "logger=console", "logger.console=false",
-    ])
-    summary = run_pretrain(cfg, run_dir)
+    summary, run_dir = _pretrain_tiny_llama(tmp_path, "sparse_ift=doped", "sparsity=static", "trainer.max_steps=2",
+                                            "trainer.micro_batch_size=2")
     assert summary["sparse_ift"] == "doped" and summary["steps"] == 2
     assert json.loads((run_dir / "config.json").read_text())["model_type"] == "sparsetrain-sparse-ift-hf"
     state = load_file(str(run_dir / "model.safetensors"))

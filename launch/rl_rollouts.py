@@ -251,13 +251,14 @@ class RolloutGroup:
         version = self._call(i, "version", timeout_s=self.apply_timeout_s)
         if version is None:
             return self.resync_snapshot(i, str(e).splitlines()[0])
-        self.versions[i] = version
-        return self.resync(i)
+        return self.resync(i, version)
 
-    def resync(self, i: int) -> SyncStats:
-        """Blocking update of worker i from the version it holds to the newest one (a sample was
-        too stale, or a shared update did not reach it); a worker lost meanwhile is replaced."""
-        version = self._call(i, "version", timeout_s=self.apply_timeout_s)
+    def resync(self, i: int, version: int | None = None) -> SyncStats:
+        """Blocking update of worker i from the version it holds (`version`, asked of the worker
+        when not given) to the newest one (a sample was too stale, or a shared update did not
+        reach it); a worker lost meanwhile is replaced."""
+        if version is None:
+            version = self._call(i, "version", timeout_s=self.apply_timeout_s)
         stats = self._settle(i, self.workers[i].apply_update.remote(self.update_for(version)), "apply_update",
                              timeout_s=self.apply_timeout_s, retry=False)
         self.versions[i] = stats.version

@@ -97,7 +97,8 @@ def run_rl(cfg: RLJobConfig, run_dir: str | Path, on_step: Callable | None = Non
             publisher = ShardedPublisher(trainers.channels(), cfg.sync)
             rollouts = None
             try:
-                rollouts = RolloutGroup(cfg.model, cfg.rollout, cfg.task, publisher, cfg.sync.apply_timeout_s)
+                rollouts = RolloutGroup(cfg.model, cfg.rollout, cfg.task, publisher, cfg.sync.apply_timeout_s,
+                                        cfg.sync.relay_fanout)
                 job = RLJob(plan, trainers, publisher, rollouts, logger, state)
                 times = {"sft_s": warm_up(job)}
                 times["rl_s"] = train(job, on_step)
@@ -182,6 +183,8 @@ def rl_step(job: RLJob) -> None:
     job.count_mismatches(sync_stats)
     s.step = step
     metrics = step_metrics(rollout_numbers, train_metrics, pub, sync_stats, times, s.version, job.trainers.restarts)
+    if not job.async_mode:
+        metrics["sync/relayed_nodes"] = job.rollouts.relayed_nodes  # nodes served by another rollout node
     if job.cfg.sync.verify_every and step % job.cfg.sync.verify_every == 0:
         metrics["sync/verify_mismatches"] = job.verify_workers()[0]
     if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
@@ -342,6 +345,7 @@ def finish(job: RLJob, **times: float) -> dict:
                            job.trainers.restarts, **times)
     summary["rollout.engine_failures"] = job.rollouts.engine_failures
     summary["rollout.corrupt_resyncs"] = job.rollouts.corrupt_resyncs  # workers whose weights were found altered
+    summary["rollout.refetches"] = job.rollouts.refetches  # updates fetched again after a part did not arrive
     summary["export"] = str(job.plan.run_dir / "model.safetensors") if job.cfg.rl.export else None
     job.logger.summary(summary)
     from launch.curves import RL_PANELS

@@ -24,8 +24,9 @@ from rollout.engine import EngineUpdateError
 from rollout.results import EvalResult, RolloutBatch, WeightCheck
 from rollout.tasks import TaskConfig
 from rollout.worker import RolloutWorker
-from sync.errors import CorruptTargetError
+from sync.errors import CorruptTargetError, UpdateUnavailableError
 from sync.payloads import SyncStats, WeightUpdate
+from sync.relay import relay_parents, relay_update
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ def _reason(e: BaseException) -> str:
 
 class RolloutGroup:
     def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, task_cfg: TaskConfig,
-                 updates: UpdateSource, apply_timeout_s: float):
-        """`apply_timeout_s` (sync.apply_timeout_s) bounds every wait for a worker's update."""
+                 updates: UpdateSource, apply_timeout_s: float, relay_fanout: int = 0):
+        """`apply_timeout_s` (sync.apply_timeout_s) bounds every wait for a worker's update;
+        `relay_fanout` (sync.relay_fanout) shapes the tree in which rollout nodes relay updates."""
         import ray
 
         self.model_cfg, self.cfg, self.task_cfg = model_cfg, rollout_cfg, task_cfg
@@ -82,6 +84,9 @@ class RolloutGroup:
         self.restarts = 0
         self.engine_failures = 0  # replacements because an engine failed to take an update
         self.corrupt_resyncs = 0  # workers resynced by snapshot because their weights were found altered
+        self.refetches = 0  # updates a worker fetched again from the trainer nodes after a part did not arrive
+        self.relay_fanout = relay_fanout
+        self.relayed_nodes = 0  # nodes that got the last apply_all's update from another rollout node
         self.incarnations = [0] * rollout_cfg.workers
         self.workers = [self._start(i) for i in range(rollout_cfg.workers)]
         self._wait_started()
@@ -195,25 +200,36 @@ class RolloutGroup:
         update (a delta, a chain or a full snapshot), the others commit what it staged
         (sync/receiver.py SharedUpdate) after verifying it on their own weights, so a node
         decodes each update once however many workers it holds."""
-        groups: dict = {}
+        nodes_at: dict[int | None, dict[str, list[int]]] = {}  # version -> node -> its workers
         for i in range(len(self.workers)):
-            groups.setdefault((self._node_of(i), self.versions[i]), []).append(i)
+            nodes_at.setdefault(self.versions[i], {}).setdefault(self._node_of(i), []).append(i)
         refs: dict[int, Any] = {}
-        for (_, version), members in groups.items():
-            update = self.update_for(version)
-            if len(members) == 1 or update.kind == "none":
-                refs.update({i: self.workers[i].apply_update.remote(update) for i in members})
-                continue
-            lead, *rest = members
-            shared = self.workers[lead].stage_shared.remote(update)
-            refs[lead] = self.workers[lead].commit_shared.remote(shared)
-            refs.update({i: self.workers[i].apply_shared.remote(shared, update) for i in rest})
+        self.relayed_nodes = 0
+        for version, nodes in nodes_at.items():
+            for members, update in zip(nodes.values(), self._relayed(self.update_for(version), list(nodes))):
+                if len(members) == 1 or update.kind == "none":
+                    refs.update({i: self.workers[i].apply_update.remote(update) for i in members})
+                    continue
+                lead, *rest = members
+                shared = self.workers[lead].stage_shared.remote(update)
+                refs[lead] = self.workers[lead].commit_shared.remote(shared)
+                refs.update({i: self.workers[i].apply_shared.remote(shared, update) for i in rest})
         out = []
         for i in range(len(self.workers)):
             stats = self._settle_update(i, refs[i])
             self.versions[i] = stats.version
             out.append(stats)
         return out
+
+    def _relayed(self, update: WeightUpdate, nodes: list[str]) -> list[WeightUpdate]:
+        """The update each of `nodes` fetches: the first from the trainer nodes, every other one
+        relayed by its parent in a tree of fan-out sync.relay_fanout (sync/relay.py), so the
+        trainer nodes send it once."""
+        updates: list[WeightUpdate] = []
+        for parent in relay_parents(len(nodes), self.relay_fanout if update.kind != "none" else 0):
+            updates.append(update if parent is None else relay_update(updates[parent], nodes[parent]))
+            self.relayed_nodes += parent is not None
+        return updates
 
     def _settle_update(self, i: int, ref: Any) -> SyncStats:
         """Worker i's update stats, waited for at most sync.apply_timeout_s. Besides `_settle`'s
@@ -239,6 +255,12 @@ class RolloutGroup:
                         "update by itself", i, self.apply_timeout_s)
         except EngineUpdateError:
             return self.replace(i, ENGINE_FAILED)
+        except UpdateUnavailableError as e:
+            # a part that did not arrive: from a relay node that died or stalled, or behind a link
+            # that stayed down past every fetch attempt; nothing was committed
+            self.refetches += 1
+            log.warning("rollout worker %d: update unavailable (%s); it fetches it from the trainer nodes by itself",
+                        i, str(e).splitlines()[0])
         try:
             return self.resync(i)
         except CorruptTargetError as e:  # found while fetching by itself: its own weights were altered

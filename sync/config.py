@@ -34,6 +34,10 @@ class SyncConfig:
     # Every this many publishes (and at the end of a job) each receiver re-reads its committed
     # weights and digests them against the publisher's checksum (0: only at the end).
     verify_every: int = 10
+    # Rollout nodes relay each update onward (sync/relay.py) in a tree of this fan-out, so the
+    # trainer nodes send it once whatever the number of nodes: 0 = every node fetches from the
+    # trainer nodes, 1 = a chain, k = a tree in which each node serves k others.
+    relay_fanout: int = 2
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -50,5 +54,7 @@ class SyncConfig:
             raise ValueError(f"sync.fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
         if not (isinstance(self.fetch_attempts, int) and self.fetch_attempts >= 1):
             raise ValueError(f"sync.fetch_attempts must be an integer >= 1, got {self.fetch_attempts!r}")
+        if not (isinstance(self.relay_fanout, int) and self.relay_fanout >= 0):
+            raise ValueError(f"sync.relay_fanout must be an integer >= 0 (0: no relay), got {self.relay_fanout!r}")
         if not self.apply_timeout_s > 0:
             raise ValueError(f"sync.apply_timeout_s must be > 0, got {self.apply_timeout_s}")

@@ -5,7 +5,12 @@
 Two Ray nodes run in their own network namespaces joined by a veth pair (bench/netlab.py): the
 trainer node (a trainer group of 2 DeepSpeed ranks, ZeRO-1, fp32 AdamW masters, lr 1e-6) and the
 rollout node (3 receivers, each a bf16 copy of the model with a WeightReceiver; one stages each
-update and the other two commit its staging, as the RL job's rollout group does). Per link rate
+update and the other two commit its staging, as the RL job's rollout group does). With
+`--receiver-nodes K` (up to 4) the 3 receivers spread over K rollout nodes, each host on its own
+shaped link to a switch; one receiver per node stages, and every node after the first gets the
+update relayed by its parent node (sync/relay.py, `--relay-fanout`, default 2 as
+sync.relay_fanout), so `trainer_egress_bytes` (the trainer node's link counter) stays about one
+payload whatever K is; `sparse_node_egress_bytes` has every host's. Per link rate
 (100 Mbit/s, 1 Gbit/s, 10 Gbit/s and unlimited, set with `tc`), after real optimizer steps
 (`--updates train`, the full run's default) or `--change-fraction` (1 %) of the weights moved by
 +-1 ulp (`--updates synthetic`, --quick's default: how almost every real change at a small lr
@@ -47,6 +52,11 @@ from trainer.algos.rl_worker import RLTrainerWorker
 
 LINKS = [100, 1000, 10000, None]  # Mbit/s; None = no limit
 TRAINER_RES, ROLLOUT_RES = "stb_trainer_node", "stb_rollout_node"
+
+
+def rollout_resource(node: int) -> str:
+    """The custom resource that pins receivers to rollout node `node` (0-based)."""
+    return ROLLOUT_RES if node == 0 else f"{ROLLOUT_RES}_{node}"
 PORT = 6390
 
 
@@ -230,12 +240,15 @@ def drive(args) -> dict:
     from trainer.sparsity import SparsityConfig
     from bench.netlab import NetLab
 
-    lab = NetLab(args.lab)
+    from sync.relay import relay_parents, relay_update
+
+    lab = NetLab(args.lab, hosts=1 + args.receiver_nodes)
     ray.init(address=args.address, logging_level=logging.ERROR)
-    deadline = time.time() + 600  # the second node registers once its raylet is up (slow on a busy machine)
-    while not {TRAINER_RES, ROLLOUT_RES} <= set(ray.cluster_resources()):
+    deadline = time.time() + 600  # the other nodes register once their raylets are up (slow on a busy machine)
+    wanted = {TRAINER_RES} | {rollout_resource(k) for k in range(args.receiver_nodes)}
+    while not wanted <= set(ray.cluster_resources()):
         if time.time() > deadline:
-            raise SystemExit(f"the rollout node did not join the cluster within 600 s: {ray.cluster_resources()}")
+            raise SystemExit(f"the rollout nodes did not join the cluster within 600 s: {ray.cluster_resources()}")
         time.sleep(1)
     model_cfg = ModelConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.embd, block_size=64)
     trainer_cfg = TrainerConfig(max_steps=10_000, micro_batch_size=1, seq_len=32, zero_stage=args.zero_stage, num_threads=1)
@@ -248,8 +261,11 @@ def drive(args) -> dict:
     group.call("configure_rl", AlgoConfig(), sync_cfg, 1e-6, 1e-6)
     publisher = ShardedPublisher([ActorChannel(w) for w in group.workers], sync_cfg)
     # Actor handles: their methods resolve at run time (Ray's ActorHandle types every attribute as Never).
-    receivers: list[Any] = [ray.remote(BenchReceiver).options(num_cpus=0.5, resources={ROLLOUT_RES: 1}).remote(model_cfg)
-                 for _ in range(3)]
+    # 3 receivers over the rollout nodes, round robin (one per node with 3 nodes)
+    receiver_node = [k % args.receiver_nodes for k in range(max(3, args.receiver_nodes))]
+    receivers: list[Any] = [ray.remote(BenchReceiver).options(num_cpus=0.5, resources={rollout_resource(node): 1}).remote(model_cfg)
+                            for node in receiver_node]
+    node_ids = ray.get([r.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()) for r in receivers])
     params = group.info[0].parameters
     slice_bytes = group.call("slice_bytes")
     gen = torch.Generator().manual_seed(0)
@@ -273,9 +289,20 @@ def drive(args) -> dict:
         handle = publisher.begin()
         begin_s = time.perf_counter() - t0
         update = publisher.update_for(versions[0])
-        if len(set(versions)) == 1 and update.kind != "none":  # one version: the node decodes once (full sends too)
-            shared = receivers[0].stage_shared.remote(update)
-            applied = ray.get([receivers[0].commit_shared.remote(shared)] + [r.apply_shared.remote(shared) for r in receivers[1:]])
+        if len(set(versions)) == 1 and update.kind != "none":
+            # one version: each node decodes once (full sends too), nodes after the first get it
+            # relayed by their parent node (sync/relay.py), as launch/rl_rollouts.py does
+            refs: dict[int, Any] = {}
+            nodes = list(dict.fromkeys(receiver_node))
+            node_updates: list = []
+            for parent in relay_parents(len(nodes), args.relay_fanout):
+                node_updates.append(update if parent is None else relay_update(node_updates[parent], node_ids[receiver_node.index(nodes[parent])]))
+            for node, node_update in zip(nodes, node_updates):
+                lead, *rest = [i for i, n in enumerate(receiver_node) if n == node]
+                shared = receivers[lead].stage_shared.remote(node_update)
+                refs[lead] = receivers[lead].commit_shared.remote(shared)
+                refs.update({i: receivers[i].apply_shared.remote(shared) for i in rest})
+            applied = ray.get([refs[i] for i in range(len(receivers))])
         else:
             applied = ray.get([r.apply.remote(publisher.update_for(versions[i])) for i, r in enumerate(receivers)])
         seconds = time.perf_counter() - t0
@@ -294,7 +321,9 @@ def drive(args) -> dict:
         return {"mode": mode, "dense": handle.dense, "seconds": seconds, "payload_bytes": stats.payload_bytes,
                 "verified": all(ok), "pinned_bytes": pinned,
                 "dense_bytes": stats.dense_bytes, "changed": stats.changed, "encode_s": stats.encode_s,
-                "wire_bytes": tx1["a"] - tx0["a"], "wire_bytes_back": tx1["b"] - tx0["b"],
+                "wire_bytes": tx1["a"] - tx0["a"],
+                "wire_bytes_back": sum(tx1[side] - tx0[side] for side in tx1 if side != "a"),
+                "node_egress_bytes": {side: tx1[side] - tx0[side] for side in tx1},
                 "rank_extra_rss": rank_rss, "receiver_extra_rss": max(a.extra_rss for a in applied),
                 "receiver_decode_s": max(a.stats.decode_s for a in applied),
                 "receiver_wait_s": max(a.stats.transfer_s for a in applied), "begin_s": begin_s,
@@ -338,6 +367,13 @@ def drive(args) -> dict:
             "sparse_payload_bytes": int(med(runs["sparse"], "payload_bytes")),
             "sparse_wire_bytes": int(med(runs["sparse"], "wire_bytes")),
             "full_wire_bytes": int(med(runs["dense"], "wire_bytes")),
+            # what the trainer node sent for a sparse publish (its link's counter): with relaying,
+            # about one payload whatever the number of rollout nodes
+            "trainer_egress_bytes": int(med(runs["sparse"], "wire_bytes")),
+            "full_trainer_egress_bytes": int(med(runs["dense"], "wire_bytes")),
+            # per host (a = the trainer node, b, c, ... the rollout nodes), sparse publishes
+            "sparse_node_egress_bytes": {side: int(statistics.median(r["node_egress_bytes"][side] for r in runs["sparse"]))
+                                         for side in runs["sparse"][0]["node_egress_bytes"]},
             "full_payload_bytes": int(med(runs["dense"], "payload_bytes")),
             "sparse_encode_s": med(runs["sparse"], "encode_s"),
             "sparse_receiver_decode_s": med(runs["sparse"], "receiver_decode_s"),
@@ -357,6 +393,7 @@ def drive(args) -> dict:
     numel = params
     result = {
         "model_params": params, "trainer_ranks": len(group.workers), "receivers": len(receivers),
+        "receiver_nodes": args.receiver_nodes, "relay_fanout": args.relay_fanout,
         "change_fraction": statistics.median(r["changed"] / numel for r in all_sparse),
         "published_bytes_total": first["dense_bytes"], "published_bytes_per_rank": slice_bytes,
         "sparsity": args.sparsity,
@@ -484,6 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", choices=("none", "nm", "rigl"), default="none",
                    help="the trainer ranks' sparsifier (its defaults: 2:4 for nm, density 0.1 for rigl); "
                         "published weights are masked by it")
+    p.add_argument("--receiver-nodes", type=int, default=1,
+                   help="rollout nodes (1-4), each a Ray node in its own namespace behind its own link; "
+                        "3 receivers spread over them, round robin")
+    p.add_argument("--relay-fanout", type=int, default=2,
+                   help="sync.relay_fanout: rollout nodes relay updates in a tree of this fan-out (0: no relay)")
     p.add_argument("--links", default=_links_arg(LINKS),
                    help="link rates to measure, Mbit/s, comma-separated (0 = unlimited)")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
@@ -497,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         args.links = [int(r) or None for r in str(args.links).split(",")]
     except ValueError:
         p.error(f"--links must be comma-separated integers (Mbit/s, 0 = unlimited), got {args.links!r}")
+    if not 1 <= args.receiver_nodes <= 4:
+        p.error(f"--receiver-nodes must be 1 to 4, got {args.receiver_nodes}")
+    if args.relay_fanout < 0:
+        p.error(f"--relay-fanout must be >= 0, got {args.relay_fanout}")
     if args.layers is None:
         args.layers = 8 if args.quick else 24  # 12 * L * 1024^2: ~101M / ~302M parameters
     if args.updates is None:  # --quick measures the bar's setting (~1 % changed); the full run real steps
@@ -526,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     procs = []
-    with NetLab(args.lab) as lab, tempfile.TemporaryDirectory(prefix="stb") as tmp_name:
+    with NetLab(args.lab, hosts=1 + args.receiver_nodes) as lab, tempfile.TemporaryDirectory(prefix="stb") as tmp_name:
         tmp = Path(tmp_name)
         head = f"{lab.ip['a']}:{PORT}"
         common = ["--num-cpus=4", "--disable-usage-stats",
@@ -537,27 +583,30 @@ def main(argv: list[str] | None = None) -> int:
                                                "--include-dashboard=false", f"--temp-dir={tmp / 'ray'}", f"--resources={json.dumps({TRAINER_RES: 4})}",
                                                *common], tmp / "head.log", env))
             time.sleep(5)  # the worker node's `ray start` retries until the head's GCS answers
-            for attempt in range(3):  # on a busy machine a node's raylet can time out waiting for its agents
-                node = _start_ray(lab, "b", [f"--address={head}", f"--node-ip-address={lab.ip['b']}",
-                                             f"--resources={json.dumps({ROLLOUT_RES: 4})}", *common], tmp / "node.log", env)
-                procs.append(node)
-                if _wait_started(node, tmp / "node.log", procs[0], timeout_s=300):
-                    break
-                _stop(procs.pop())
-            else:
-                for log in ("head.log", "node.log"):
-                    print(f"--- {log}\n" + (tmp / log).read_text()[-2000:])
-                print("bench.sync_cluster: the Ray nodes did not start (see the logs above)")
-                return 1
+            for k, side in enumerate(lab.sides[1:]):
+                for attempt in range(3):  # on a busy machine a node's raylet can time out waiting for its agents
+                    node = _start_ray(lab, side, [f"--address={head}", f"--node-ip-address={lab.ip[side]}",
+                                                  f"--resources={json.dumps({rollout_resource(k): 4})}", *common],
+                                      tmp / f"node_{side}.log", env)
+                    procs.append(node)
+                    if _wait_started(node, tmp / f"node_{side}.log", procs[0], timeout_s=300):
+                        break
+                    _stop(procs.pop())
+                else:
+                    for log in ("head.log", f"node_{side}.log"):
+                        print(f"--- {log}\n" + (tmp / log).read_text()[-2000:])
+                    print("bench.sync_cluster: the Ray nodes did not start (see the logs above)")
+                    return 1
             raw = tmp / "result.json"
             cmd = [sys.executable, "-m", "bench.sync_cluster", "--driver", f"--address={head}", f"--lab={args.lab}",
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
                    f"--publishes={args.publishes}", f"--full-publishes={args.full_publishes}", f"--part-mb={args.part_mb}", f"--warmup-steps={args.warmup_steps}", f"--updates={args.updates}",
                    f"--change-fraction={args.change_fraction}",
-                   f"--zero-stage={args.zero_stage}", f"--links={_links_arg(args.links)}", f"--sparsity={args.sparsity}"]
+                   f"--zero-stage={args.zero_stage}", f"--links={_links_arg(args.links)}", f"--sparsity={args.sparsity}",
+                   f"--receiver-nodes={args.receiver_nodes}", f"--relay-fanout={args.relay_fanout}"]
             rc = subprocess.run(lab.exec_in("a", cmd), timeout=5400, env=env).returncode
             if rc != 0 or not raw.exists():
-                for log in ("head.log", "node.log"):
+                for log in ["head.log"] + [f"node_{side}.log" for side in lab.sides[1:]]:
                     print(f"--- {log}\n" + (tmp / log).read_text()[-3000:])
                 print(f"bench.sync_cluster: the driver failed (exit {rc})")
                 return 1
@@ -575,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = f"{r['rate_mbit']} Mbit/s" if r["rate_mbit"] else "unlimited"
         print(f"{rate:>14}: sparse {r['sparse_s']:.2f} s, full {r['full_s']:.2f} s ({r['speedup']:.1f}x), "
               f"auto {r['auto_s']:.2f} s ({r['auto_choice']}), wire {r['sparse_wire_bytes'] / 1e6:.1f} MB "
-              f"for a {r['sparse_payload_bytes'] / 1e6:.1f} MB payload x {result['receivers']} receivers")
+              f"for a {r['sparse_payload_bytes'] / 1e6:.1f} MB payload x {result['receivers']} receivers "
+              f"on {result['receiver_nodes']} node(s); trainer egress {r['trainer_egress_bytes'] / 1e6:.1f} MB")
     return 0 if result.get("verified") else 1
 
 

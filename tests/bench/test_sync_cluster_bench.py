@@ -23,12 +23,13 @@ def test_without_root_the_benchmark_skips_with_the_reason(monkeypatch, capsys, t
     assert not out.exists()
 
 
-def test_lab_link_counts_bytes_obeys_the_rate_limit_and_is_removed(tmp_path):
+@pytest.mark.parametrize("hosts", [2, 3])  # 3: each host on its own link to a switch
+def test_lab_link_counts_bytes_obeys_the_rate_limit_and_is_removed(tmp_path, hosts):
     try:
         NetLab.check()
     except NetLabUnavailable as e:
         pytest.skip(str(e))
-    lab = NetLab("stbt", "10.233.0")
+    lab = NetLab("stbt", "10.233.0", hosts=hosts)
     size = 4 << 20
     server = "import socket,sys,time;s=socket.socket();s.bind((sys.argv[1],7001));s.listen();c,_=s.accept();n=0;t=time.time()\n" \
              "while (b:=c.recv(1<<16)): n+=len(b)\nprint(n, time.time()-t)"
@@ -46,8 +47,13 @@ def test_lab_link_counts_bytes_obeys_the_rate_limit_and_is_removed(tmp_path):
         assert int(received) == size
         assert size <= sent < 1.1 * size  # the payload plus TCP/IP headers
         assert float(seconds) > 1.2  # tbf shaped it (an unlimited veth takes milliseconds)
+        if hosts == 3:  # the third host is reachable through the switch as well
+            srv = subprocess.Popen(lab.exec_in("a", [sys.executable, "-c", server, lab.ip["a"]]), stdout=subprocess.PIPE, text=True)
+            time.sleep(1.0)
+            subprocess.run(lab.exec_in("c", [sys.executable, "-c", client, lab.ip["a"]]), check=True, timeout=60)
+            assert int(srv.communicate(timeout=60)[0].split()[0]) == size
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "stbt_a" not in names and "stbt_b" not in names
+    assert not any(f"stbt_{side}" in names for side in ("a", "b", "c", "hub"))
 
 
 @pytest.mark.ray

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.lab_ray import cluster_env, start_cluster, stop_node
 from sync.payloads import SyncStats
 from trainer.algos.rl_worker import RLTrainerWorker
 
@@ -424,54 +425,6 @@ def drive(args) -> dict:
 # ---------------------------------------------------------------- the outer process
 
 
-def cluster_env(environ: dict | None = None) -> dict:
-    """The environment of the benchmark's Ray nodes and driver: one authentication setting for
-    all of them, whatever ~/.ray or the caller's environment holds. Ray 2.60 turns token
-    authentication on in a process that finds ~/.ray/auth_token (any local `ray.init` leaves
-    one) unless RAY_AUTH_MODE is set, so a joining node and the head could disagree; the
-    benchmark's cluster is its own, so every process of it gets token mode and one fresh token
-    (RAY_AUTH_TOKEN, which Ray reads before any token file)."""
-    import secrets
-
-    env = dict(os.environ if environ is None else environ)
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
-    return env
-
-
-def _start_ray(lab, side: str, cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(lab.exec_in(side, [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *cmd]),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
-
-
-def _wait_started(proc: subprocess.Popen, log: Path, head: subprocess.Popen, timeout_s: float) -> bool:
-    """Whether `ray start --block` came up (and stayed up for a few seconds) within the timeout."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None or head.poll() is not None:
-            return False
-        if "Ray runtime started" in log.read_text():
-            time.sleep(10)  # its raylet may still die waiting for its agents
-            return proc.poll() is None
-        time.sleep(1)
-    return False
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process session we started (ray start --block and everything it spawned)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-    # raylet's workers may outlive the group leader: kill whatever is left of the session
-    subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], capture_output=True)
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -575,28 +528,13 @@ def main(argv: list[str] | None = None) -> int:
     with NetLab(args.lab, hosts=1 + args.receiver_nodes) as lab, tempfile.TemporaryDirectory(prefix="stb") as tmp_name:
         tmp = Path(tmp_name)
         head = f"{lab.ip['a']}:{PORT}"
-        common = ["--num-cpus=4", "--disable-usage-stats",
-                  f"--object-store-memory={(3 if args.quick else 6) << 30}"]
         env = cluster_env()
         try:
-            procs.append(_start_ray(lab, "a", ["--head", f"--node-ip-address={lab.ip['a']}", f"--port={PORT}",
-                                               "--include-dashboard=false", f"--temp-dir={tmp / 'ray'}", f"--resources={json.dumps({TRAINER_RES: 4})}",
-                                               *common], tmp / "head.log", env))
-            time.sleep(5)  # the worker node's `ray start` retries until the head's GCS answers
-            for k, side in enumerate(lab.sides[1:]):
-                for attempt in range(3):  # on a busy machine a node's raylet can time out waiting for its agents
-                    node = _start_ray(lab, side, [f"--address={head}", f"--node-ip-address={lab.ip[side]}",
-                                                  f"--resources={json.dumps({rollout_resource(k): 4})}", *common],
-                                      tmp / f"node_{side}.log", env)
-                    procs.append(node)
-                    if _wait_started(node, tmp / f"node_{side}.log", procs[0], timeout_s=300):
-                        break
-                    _stop(procs.pop())
-                else:
-                    for log in ("head.log", f"node_{side}.log"):
-                        print(f"--- {log}\n" + (tmp / log).read_text()[-2000:])
-                    print("bench.sync_cluster: the Ray nodes did not start (see the logs above)")
-                    return 1
+            procs += start_cluster(lab, PORT, {"a": {TRAINER_RES: 4}, **{side: {rollout_resource(k): 4} for k, side in enumerate(lab.sides[1:])}},
+                                   tmp, env, object_store_bytes=(3 if args.quick else 6) << 30)
+            if len(procs) < len(lab.sides):
+                print("bench.sync_cluster: the Ray nodes did not start (see the logs above)")
+                return 1
             raw = tmp / "result.json"
             cmd = [sys.executable, "-m", "bench.sync_cluster", "--driver", f"--address={head}", f"--lab={args.lab}",
                    f"--out={raw}", f"--layers={args.layers}", f"--heads={args.heads}", f"--embd={args.embd}",
@@ -613,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(raw.read_text())
         finally:
             for proc in reversed(procs):
-                _stop(proc)
+                stop_node(proc)
     out.write_text(json.dumps(result, indent=1) + "\n")
     png = out.with_suffix(".png")
     plot(result, png)

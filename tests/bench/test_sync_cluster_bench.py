@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench import netlab, sync_cluster
+from bench import lab_ray, netlab, sync_cluster
 from bench.netlab import NetLab, NetLabUnavailable
 from tiny_policy import published_tiny_policy
 
@@ -98,7 +98,7 @@ def test_the_publish_peak_sees_memory_freed_before_the_block_ends():
 def test_the_benchmark_cluster_has_one_auth_setting_whatever_the_callers_environment():
     """Every Ray process of the benchmark gets token mode and one fresh token, so a token file
     left in ~/.ray (or a caller's RAY_AUTH_* settings) cannot split head and node."""
-    env = sync_cluster.cluster_env({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": "/x/auth_token", "PATH": "/bin"})
+    env = lab_ray.cluster_env({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": "/x/auth_token", "PATH": "/bin"})
     assert env["RAY_AUTH_MODE"] == "token" and len(env["RAY_AUTH_TOKEN"]) == 64
     assert "RAY_AUTH_TOKEN_PATH" not in env and env["PATH"] == "/bin"
-    assert sync_cluster.cluster_env({})["RAY_AUTH_TOKEN"] != env["RAY_AUTH_TOKEN"]
+    assert lab_ray.cluster_env({})["RAY_AUTH_TOKEN"] != env["RAY_AUTH_TOKEN"]

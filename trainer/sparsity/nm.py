@@ -111,6 +111,7 @@ class NMSparsifier(Sparsifier):
         self.estimator = effective_estimator(cfg)
         self.dense_steps = int(cfg.dense_fraction * total_steps)
         self.fine_tune_start = total_steps - int(cfg.fine_tune_fraction * total_steps)
+        self._perm_tensors: dict[str, tuple[list[int], torch.Tensor | None]] = {}
         sparse_steps = self.fine_tune_start - self.dense_steps
         for layer in self.layers.values():
             n, m = layer.extra["target_n"], layer.extra["target_m"]
@@ -190,8 +191,18 @@ class NMSparsifier(Sparsifier):
             perm = best_permutation(weight, forward_mask, n, m, output_dim, self.cfg.backward_permutations, generator)
             layer.extra["backward_perm"] = perm.tolist()
             layer.extra["backward_perm_step"] = step
-        perm = torch.tensor(layer.extra["backward_perm"], dtype=torch.long)
-        return bidirectional_mask(weight, forward_mask, n, m, output_dim, perm)
+        return bidirectional_mask(weight, forward_mask, n, m, output_dim, self._permutation(layer))
+
+    def _permutation(self, layer: SparseLayer) -> torch.Tensor | None:
+        """layer.extra["backward_perm"] (a list: it is checkpointed) as a tensor, built once per
+        search rather than every step; None for the identity (no gather / scatter needed)."""
+        order = layer.extra["backward_perm"]
+        cached = self._perm_tensors.get(layer.name)
+        if cached is None or cached[0] is not order:
+            identity = order == list(range(len(order)))
+            cached = (order, None if identity else torch.tensor(order, dtype=torch.long))
+            self._perm_tensors[layer.name] = cached
+        return cached[1]
 
     def _prepare_masks(self, step: int, weight_of) -> None:
         """Masks and MDGF beta for `step` (into self.next_beta); `weight_of(layer)` gives the

@@ -111,6 +111,15 @@ class NetLab:
                       "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "200ms"])
         self.rate_mbit = rate_mbit
 
+    def cut(self) -> None:
+        """Drop every packet on every link, both ways, until limit() is called again: a token
+        bucket whose burst (32 bytes) is smaller than any frame drops each one (the machine's
+        kernel may lack netem and packet filters). Peers see silence, not a closed connection."""
+        for ns, dev in self._link_ends():
+            _run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+            _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                  "rate", "8bit", "burst", "32", "limit", "1"])
+
     def tx_bytes(self) -> dict[str, int]:
         """Bytes each host's interface has sent so far (the wire, headers included)."""
         out = {}

@@ -10,6 +10,8 @@ line checked before anything exists, clean errors, Ctrl-C, and no empty run dire
   nothing saved yet is removed again, with the parents this job created. `HYDRA_FULL_ERROR=1` shows
   the traceback. Anything else is a bug and keeps its traceback (exit 1).
 - Ctrl-C (SIGINT) stops the job with one line naming the checkpoint to resume from, exit 130.
+- A job that lost what it runs on (rollout workers or trainer ranks past their restarts, their
+  node gone) ends with one line saying what was lost and one naming the checkpoint, exit 1.
 - The job's console output (minus progress-bar frames) is kept in `<run dir>/<job>.log`; the run
   directory is printed first and a summary last (launch/console.py).
 """
@@ -31,6 +33,7 @@ from launch.config import CONF_DIR
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_LOST = 1  # the job lost its workers or nodes (launch/cli.py lost_resource_types)
 
 
 class UnknownConfigKeyError(ValueError):
@@ -171,6 +174,16 @@ def job_error_types() -> tuple[type[BaseException], ...]:
             StateFileError, TrainerSetupTimeout)
 
 
+def lost_resource_types() -> tuple[type[BaseException], ...]:
+    """The job lost what it runs on (rollout workers or trainer ranks past their restarts, a node
+    that died): not the user's input and not a bug; one line naming what was lost and the
+    checkpoint to resume from, exit 1."""
+    from launch.rl_rollouts import RolloutWorkerLost
+    from launch.rl_trainers import TrainerLost
+
+    return (RolloutWorkerLost, TrainerLost)
+
+
 def command_line_error_types() -> tuple[type[BaseException], ...]:
     """What the command line itself can be wrong about (checked before the job: preflight)."""
     from hydra.errors import HydraException
@@ -240,12 +253,17 @@ def resume_command(spec: JobSpec, run_dir: Path, overrides: list[str]) -> str:
 
 
 def interrupted_line(spec: JobSpec, run_dir: Path, overrides: list[str]) -> str:
+    return f"interrupted: {resume_line(spec, run_dir, overrides)}"
+
+
+def resume_line(spec: JobSpec, run_dir: Path, overrides: list[str]) -> str:
+    """Which checkpoint the run saved last and the command that continues from it."""
     from trainer import checkpoint as ckpt
 
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
     if latest is None:
-        return f"interrupted: no checkpoint was saved yet in {run_dir}; nothing to resume"
-    return f"interrupted: saved {latest}; resume with: {resume_command(spec, run_dir, overrides)}"
+        return f"no checkpoint was saved yet in {run_dir}; nothing to resume"
+    return f"saved {latest}; resume with: {resume_command(spec, run_dir, overrides)}"
 
 
 # -- the two halves of an entry point ----------------------------------------------------------------
@@ -309,6 +327,10 @@ def run_job(spec: JobSpec, cfg) -> dict | None:
                 console.final(interrupted_line(spec, run_dir, overrides), error=True)
                 raise SystemExit(EXIT_INTERRUPTED) from None
             except Exception as e:  # noqa: BLE001  (classified right below)
+                lost = user_error(e, lost_resource_types())
+                if lost is not None and not show_traceback():
+                    console.final(f"{one_line(lost)}\n{resume_line(spec, run_dir, overrides)}", error=True)
+                    raise SystemExit(EXIT_LOST) from None
                 err = user_error(e, job_error_types())
                 if err is None or show_traceback():
                     raise

@@ -132,6 +132,7 @@ class RolloutGroup:
                 raise RolloutWorkerLost(f"rollout worker {i} lost ({reason}); {self.restarts} replacements exceed "
                                         f"rollout.max_restarts={self.cfg.max_restarts}")
             self.engine_failures += reason == ENGINE_FAILED
+            self._check_placeable(i, reason)
             log.warning("rollout worker %d lost (%s); replacing it (restart %d)", i, reason, self.restarts)
             try:
                 ray.kill(self.workers[i])
@@ -152,6 +153,20 @@ class RolloutGroup:
                 continue
             self.versions[i] = stats.version
             return stats
+
+    def _check_placeable(self, i: int, reason: str) -> None:
+        """RolloutWorkerLost at once when no live node offers what a worker needs (the custom
+        resources of rollout.resources, GPUs): its node died and took them along, and a
+        replacement would wait for them forever."""
+        import ray
+
+        needed = {k: v for k, v in rollout_bundle(self.cfg).items() if k != "CPU"}
+        offered = ray.cluster_resources()
+        missing = {k: v for k, v in needed.items() if offered.get(k, 0.0) < v}
+        if missing:
+            node = self._nodes.get(i, (None, "unknown"))[1]
+            raise RolloutWorkerLost(f"rollout worker {i} lost ({reason}) and cannot be replaced: no live node offers "
+                                    f"{missing} any more (its node {node} died or left the cluster)")
 
     def _settle(self, i: int, ref: Any, method: str, args: tuple = (), timeout_s: float | None = None,
                 retry: bool = True) -> Any:

@@ -50,3 +50,24 @@ def test_a_second_node_gets_updates_relayed_and_refetches_when_its_relay_fails(r
         assert [c.checksum for c in group.verify_all()] == [state_checksum(state)] * 2
     finally:
         group.shutdown()
+
+
+def test_a_worker_whose_node_resources_are_gone_is_not_replaced_but_named(ray_cluster):
+    """A replacement that needs a custom resource no live node offers (its node died) would wait
+    forever: the group stops at once with RolloutWorkerLost naming the missing resource."""
+    import dataclasses
+
+    from cluster_nodes import HEAD_NODE
+    from launch.rl_rollouts import RolloutGroup, RolloutWorkerLost
+    from rollout.config import RolloutConfig
+    from rollout.tasks import TaskConfig
+
+    mc, state, pub = published_tiny_policy()
+    cfg = RolloutConfig(workers=1, num_cpus=0.25, max_restarts=3, resources={HEAD_NODE: 0.01})
+    group = RolloutGroup(mc, cfg, TaskConfig(name="reverse", length=3), pub, pub.cfg.apply_timeout_s)
+    try:
+        group.cfg = dataclasses.replace(cfg, resources={"node_that_died": 1.0})
+        with pytest.raises(RolloutWorkerLost, match="node_that_died"):
+            group.replace(0, "ActorDiedError")
+    finally:
+        group.shutdown()

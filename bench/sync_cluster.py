@@ -8,7 +8,7 @@ rollout node (3 receivers, each a bf16 copy of the model with a WeightReceiver; 
 update and the other two commit its staging, as the RL job's rollout group does). With
 `--receiver-nodes K` (up to 4) the 3 receivers spread over K rollout nodes, each host on its own
 shaped link to a switch; one receiver per node stages, and every node after the first gets the
-update relayed by its parent node (sync/relay.py, `--relay-fanout`, default 2 as
+update relayed by its parent node (sync/relay.py, `--relay-fanout`, default 1, a chain, as
 sync.relay_fanout), so `trainer_egress_bytes` (the trainer node's link counter) stays about one
 payload whatever K is; `sparse_node_egress_bytes` has every host's. Per link rate
 (100 Mbit/s, 1 Gbit/s, 10 Gbit/s and unlimited, set with `tc`), after real optimizer steps
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--receiver-nodes", type=int, default=1,
                    help="rollout nodes (1-4), each a Ray node in its own namespace behind its own link; "
                         "3 receivers spread over them, round robin")
-    p.add_argument("--relay-fanout", type=int, default=2,
+    p.add_argument("--relay-fanout", type=int, default=1,
                    help="sync.relay_fanout: rollout nodes relay updates in a tree of this fan-out (0: no relay)")
     p.add_argument("--links", default=_links_arg(LINKS),
                    help="link rates to measure, Mbit/s, comma-separated (0 = unlimited)")

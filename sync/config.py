@@ -34,10 +34,11 @@ class SyncConfig:
     # Every this many publishes (and at the end of a job) each receiver re-reads its committed
     # weights and digests them against the publisher's checksum (0: only at the end).
     verify_every: int = 10
-    # Rollout nodes relay each update onward (sync/relay.py) in a tree of this fan-out, so the
-    # trainer nodes send it once whatever the number of nodes: 0 = every node fetches from the
-    # trainer nodes, 1 = a chain, k = a tree in which each node serves k others.
-    relay_fanout: int = 2
+    # Rollout nodes relay each update onward (sync/relay.py), so the trainer nodes send it once
+    # whatever the number of nodes: 1 = a chain (each link carries each byte once: the fastest
+    # where links are the bottleneck), k = a tree in which each node serves k others (shallower,
+    # for many nodes and small updates), 0 = every node fetches from the trainer nodes.
+    relay_fanout: int = 1
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:

@@ -59,6 +59,7 @@ def test_a_relayed_update_is_served_from_the_relay_node_and_commits_exactly(ray_
 
     from sync.checksum import state_checksum
     from sync.errors import UpdateUnavailableError
+    from sync.payloads import Part, WeightUpdate
     from sync.relay import relay_update
     from sync.config import SyncConfig
     from sync.transport import WeightPublisher
@@ -78,6 +79,11 @@ def test_a_relayed_update_is_served_from_the_relay_node_and_commits_exactly(ray_
         ray.wait(refs, num_returns=len(refs), timeout=60)
         locations = ray.experimental.get_object_locations(refs)
         assert all(node in locations[r]["node_ids"] and locations[r]["object_size"] > 200_000 for r in refs)
+    # a small part too (a sparse delta's): stored on the relay node, not handed back to the driver
+    small = WeightUpdate("delta", 1, 2, 10, [[Part(["x"], ray.put([b"\x01" * 1000]))]])
+    small_ref = relay_update(small, second).steps[0][0].ref
+    assert ray.get(small_ref, timeout=60) == [b"\x01" * 1000]
+    assert second in ray.experimental.get_object_locations([small_ref])[small_ref]["node_ids"]
     receiver = ray.remote(num_cpus=0.25, resources={HEAD_NODE: 0.01})(Receiver).remote()
     try:
         stats = ray.get(receiver.apply.remote(back), timeout=120)
